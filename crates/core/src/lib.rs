@@ -1,0 +1,34 @@
+//! npsflow-core: everything npsflow knows about NPS, as pure functions and plain data.
+//!
+//! No I/O, no async runtime, no Kafka and no clock: time is always passed in as a
+//! [`Timestamp`]. The services in `npsflow-runtime` are a thin shell around this crate.
+//!
+//! - [`nps`]: scores, categories, tallies, NPS, margin of error, band.
+//! - [`time`]: timestamps and spans.
+//! - [`response`]: decoding and validating a survey-response message.
+//! - [`segment`]: which segments a response counts in; canonical names; the value cap.
+//! - [`window`]: bucketed rolling windows; too-old and future rules.
+//! - [`dedupe`]: duplicate detection by `response_id`.
+//! - [`intake`]: one outcome per message.
+//! - [`alert`]: detractor alerts, routing, severity.
+//! - [`scoreboard`]: windows for many segments, and their summaries.
+
+pub mod alert;
+pub mod dedupe;
+pub mod intake;
+pub mod nps;
+pub mod response;
+pub mod scoreboard;
+pub mod segment;
+pub mod time;
+pub mod window;
+
+pub use alert::{alert_id, DetractorAlert, Route, Routing, SegmentRoute, Severity};
+pub use dedupe::DuplicateFilter;
+pub use intake::{classify, Outcome};
+pub use nps::{Band, Category, Score, Tally};
+pub use response::{decode, InvalidReason, SurveyResponse};
+pub use scoreboard::{Scoreboard, WindowSummary};
+pub use segment::{SegmentCatalog, SegmentId, SegmentSpec};
+pub use time::{Span, Timestamp};
+pub use window::{Admission, SegmentWindows, WindowSpec, WindowSpecs};

@@ -1,0 +1,142 @@
+//! The counts of many segments: each segment's rolling windows, keyed by whatever names the
+//! segment (a [`SegmentId`](crate::segment::SegmentId) in one process, its canonical name
+//! across processes), plus the NPS summary the API and gauges show.
+
+use std::collections::HashMap;
+use std::hash::Hash;
+
+use crate::nps::{Band, Category, Tally};
+use crate::time::Timestamp;
+use crate::window::{SegmentWindows, WindowSpecs};
+
+/// Rolling windows for a set of segments.
+#[derive(Debug, Clone)]
+pub struct Scoreboard<K> {
+    specs: WindowSpecs,
+    segments: HashMap<K, SegmentWindows>,
+}
+
+/// What one segment's window says at one instant.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct WindowSummary {
+    /// The counts.
+    pub tally: Tally,
+    /// NPS, or `None` with no responses.
+    pub nps: Option<f64>,
+    /// 95 % margin of error in NPS points, or `None` with no responses.
+    pub ci95: Option<f64>,
+    /// Band of the NPS, or `None` with no responses.
+    pub band: Option<Band>,
+}
+
+impl WindowSummary {
+    /// The summary of a tally.
+    pub fn of(tally: Tally) -> WindowSummary {
+        WindowSummary {
+            tally,
+            nps: tally.nps(),
+            ci95: tally.ci95(),
+            band: tally.band(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Scoreboard<K> {
+    /// An empty scoreboard with these windows.
+    pub fn new(specs: WindowSpecs) -> Scoreboard<K> {
+        Scoreboard {
+            specs,
+            segments: HashMap::new(),
+        }
+    }
+
+    /// The windows.
+    pub fn specs(&self) -> &WindowSpecs {
+        &self.specs
+    }
+
+    /// Counts one response at event time `t` in each of `segments`.
+    pub fn record<'k>(
+        &mut self,
+        segments: impl IntoIterator<Item = &'k K>,
+        t: Timestamp,
+        category: Category,
+    ) where
+        K: 'k,
+    {
+        for key in segments {
+            self.add(key, t, Tally::of(category, 1));
+        }
+    }
+
+    /// Adds a tally at event time `t` to one segment.
+    pub fn add(&mut self, segment: &K, t: Timestamp, tally: Tally) {
+        let specs = &self.specs;
+        match self.segments.get_mut(segment) {
+            Some(windows) => windows.add(specs, t, tally),
+            None => {
+                let mut windows = SegmentWindows::new(specs);
+                windows.add(specs, t, tally);
+                self.segments.insert(segment.clone(), windows);
+            }
+        }
+    }
+
+    /// A segment's counts in window number `window` at `now`; `None` for an unknown segment.
+    pub fn tally(&self, segment: &K, window: usize, now: Timestamp) -> Option<Tally> {
+        self.segments
+            .get(segment)
+            .map(|w| w.tally(&self.specs, window, now))
+    }
+
+    /// A segment's summary in window number `window` at `now`.
+    pub fn summary(&self, segment: &K, window: usize, now: Timestamp) -> Option<WindowSummary> {
+        self.tally(segment, window, now).map(WindowSummary::of)
+    }
+
+    /// Every segment known, in no particular order.
+    pub fn segments(&self) -> impl Iterator<Item = &K> {
+        self.segments.keys()
+    }
+
+    /// How many segments are known.
+    pub fn len(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// True when no segment is known.
+    pub fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Forgets a segment (when another process takes it over).
+    pub fn remove(&mut self, segment: &K) -> Option<SegmentWindows> {
+        self.segments.remove(segment)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Span;
+
+    #[test]
+    fn segments_count_independently() {
+        let specs = WindowSpecs::new(&["1h"], 60, Span(0)).expect("valid");
+        let mut board: Scoreboard<&str> = Scoreboard::new(specs);
+        board.record(&["all", "region=east"], Timestamp(0), Category::Promoter);
+        board.record(&["all"], Timestamp(0), Category::Detractor);
+        let all = board.summary(&"all", 0, Timestamp(0)).expect("known");
+        assert_eq!(all.tally.responses(), 2);
+        assert_eq!(all.nps, Some(0.0));
+        let east = board
+            .summary(&"region=east", 0, Timestamp(0))
+            .expect("known");
+        assert_eq!(east.nps, Some(100.0));
+        assert_eq!(east.band, Some(Band::High));
+        assert_eq!(board.summary(&"region=west", 0, Timestamp(0)), None);
+        assert_eq!(board.len(), 2);
+        board.remove(&"all");
+        assert_eq!(board.len(), 1);
+    }
+}

@@ -1,0 +1,411 @@
+//! Customer segments: which segments a response counts in, and their canonical names.
+//!
+//! Every response counts in `all`, in `<dimension>=<value>` for each configured dimension it
+//! carries, and in each configured combination it fully carries
+//! (`product=sedan,region=east`, dimensions sorted by name). In values, `%`, `,` and `=` are
+//! percent-encoded so that names are unambiguous. A cap on distinct values per dimension
+//! keeps the number of segments (and of metric series) bounded: the first `cap` values seen
+//! are kept, later new ones count as `__other__`.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::fmt::Write as _;
+
+use crate::response::SurveyResponse;
+
+/// The segment every response counts in.
+pub const ALL: &str = "all";
+/// The value that stands for every value past a dimension's cap.
+pub const OTHER: &str = "__other__";
+
+/// Which segments to keep: dimensions, combinations of them, and the per-dimension cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentSpec {
+    dimensions: Vec<String>,
+    /// Each combination as indices into `dimensions`, in name order.
+    combinations: Vec<Vec<usize>>,
+    max_values_per_dimension: usize,
+}
+
+/// Why a segment spec is not usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SegmentSpecError {
+    /// A dimension name is empty or has characters other than `A-Za-z0-9_.-`.
+    BadDimensionName(String),
+    /// A dimension is listed twice.
+    RepeatedDimension(String),
+    /// A combination names a dimension that is not configured.
+    UnknownDimension(String),
+    /// A combination has fewer than two distinct dimensions.
+    CombinationTooSmall(String),
+    /// The cap is zero.
+    ZeroCap,
+}
+
+impl fmt::Display for SegmentSpecError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SegmentSpecError::BadDimensionName(name) => write!(
+                f,
+                "dimension name {name:?} must be non-empty and use only A-Z a-z 0-9 _ . -"
+            ),
+            SegmentSpecError::RepeatedDimension(name) => {
+                write!(f, "dimension {name:?} is listed twice")
+            }
+            SegmentSpecError::UnknownDimension(name) => write!(
+                f,
+                "combination uses dimension {name:?}, which is not in segments.dimensions"
+            ),
+            SegmentSpecError::CombinationTooSmall(combo) => write!(
+                f,
+                "combination {combo:?} needs at least two different dimensions"
+            ),
+            SegmentSpecError::ZeroCap => {
+                f.write_str("segments.max_values_per_dimension must be at least 1")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SegmentSpecError {}
+
+impl SegmentSpec {
+    /// A spec from dimension names, combinations (each a list of dimension names) and the cap.
+    pub fn new<S: AsRef<str>>(
+        dimensions: &[S],
+        combinations: &[Vec<S>],
+        max_values_per_dimension: usize,
+    ) -> Result<SegmentSpec, SegmentSpecError> {
+        if max_values_per_dimension == 0 {
+            return Err(SegmentSpecError::ZeroCap);
+        }
+        let mut names: Vec<String> = Vec::new();
+        for name in dimensions.iter().map(AsRef::as_ref) {
+            let valid = !name.is_empty()
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if !valid {
+                return Err(SegmentSpecError::BadDimensionName(name.to_owned()));
+            }
+            if names.iter().any(|n| n == name) {
+                return Err(SegmentSpecError::RepeatedDimension(name.to_owned()));
+            }
+            names.push(name.to_owned());
+        }
+        names.sort();
+        let mut combos: Vec<Vec<usize>> = Vec::new();
+        for combo in combinations {
+            let mut indices = combo
+                .iter()
+                .map(|name| {
+                    let name = name.as_ref();
+                    names
+                        .iter()
+                        .position(|n| n == name)
+                        .ok_or_else(|| SegmentSpecError::UnknownDimension(name.to_owned()))
+                })
+                .collect::<Result<Vec<usize>, _>>()?;
+            indices.sort_unstable();
+            indices.dedup();
+            if indices.len() < 2 {
+                let shown: Vec<&str> = combo.iter().map(AsRef::as_ref).collect();
+                return Err(SegmentSpecError::CombinationTooSmall(shown.join("+")));
+            }
+            if !combos.contains(&indices) {
+                combos.push(indices);
+            }
+        }
+        Ok(SegmentSpec {
+            dimensions: names,
+            combinations: combos,
+            max_values_per_dimension,
+        })
+    }
+
+    /// The configured dimensions, sorted by name.
+    pub fn dimensions(&self) -> &[String] {
+        &self.dimensions
+    }
+
+    /// The most distinct values kept per dimension.
+    pub fn max_values_per_dimension(&self) -> usize {
+        self.max_values_per_dimension
+    }
+}
+
+/// A segment's canonical name as a small number, valid within one [`SegmentCatalog`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SegmentId(pub u32);
+
+/// Assigns responses to segments and remembers every segment name it has made.
+#[derive(Debug, Clone)]
+pub struct SegmentCatalog {
+    spec: SegmentSpec,
+    /// Values admitted so far, per dimension (same order as `spec.dimensions`).
+    admitted: Vec<HashSet<String>>,
+    ids: HashMap<String, SegmentId>,
+    names: Vec<String>,
+    /// The capped value of each dimension for the response being assigned.
+    scratch_values: Vec<Option<String>>,
+    scratch_name: String,
+}
+
+/// What assigning one response found out, beyond its segments.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Assignment {
+    /// How many of the response's dimension values were past the cap and counted as
+    /// `__other__`.
+    pub overflowed_values: u32,
+}
+
+impl SegmentCatalog {
+    /// An empty catalog for a spec; `all` is always segment 0.
+    pub fn new(spec: SegmentSpec) -> SegmentCatalog {
+        let dimensions = spec.dimensions.len();
+        let mut catalog = SegmentCatalog {
+            spec,
+            admitted: vec![HashSet::new(); dimensions],
+            ids: HashMap::new(),
+            names: Vec::new(),
+            scratch_values: vec![None; dimensions],
+            scratch_name: String::new(),
+        };
+        catalog.intern(ALL.to_owned());
+        catalog
+    }
+
+    /// The spec this catalog follows.
+    pub fn spec(&self) -> &SegmentSpec {
+        &self.spec
+    }
+
+    /// Replaces `out` with the segments `response` counts in: `all` first, then single
+    /// dimensions in name order, then combinations in configured order.
+    pub fn assign(
+        &mut self,
+        response: &SurveyResponse<'_>,
+        out: &mut Vec<SegmentId>,
+    ) -> Assignment {
+        out.clear();
+        out.push(SegmentId(0));
+        let mut assignment = Assignment::default();
+        for index in 0..self.spec.dimensions.len() {
+            let capped = response.segment(&self.spec.dimensions[index]).map(|value| {
+                let admitted = &mut self.admitted[index];
+                if admitted.contains(value) {
+                    value
+                } else if admitted.len() < self.spec.max_values_per_dimension {
+                    admitted.insert(value.to_owned());
+                    value
+                } else {
+                    assignment.overflowed_values += 1;
+                    OTHER
+                }
+            });
+            let slot = &mut self.scratch_values[index];
+            match (capped, slot.as_mut()) {
+                (Some(value), Some(buffer)) => {
+                    buffer.clear();
+                    buffer.push_str(value);
+                }
+                (Some(value), None) => *slot = Some(value.to_owned()),
+                (None, _) => *slot = None,
+            }
+            if capped.is_some() {
+                self.scratch_name.clear();
+                self.push_pair(index);
+                out.push(self.intern_scratch());
+            }
+        }
+        for c in 0..self.spec.combinations.len() {
+            let combo = &self.spec.combinations[c];
+            if combo.iter().any(|&d| self.scratch_values[d].is_none()) {
+                continue;
+            }
+            self.scratch_name.clear();
+            for i in 0..combo.len() {
+                if i > 0 {
+                    self.scratch_name.push(',');
+                }
+                self.push_pair(self.spec.combinations[c][i]);
+            }
+            out.push(self.intern_scratch());
+        }
+        assignment
+    }
+
+    /// Appends `dimension=value` of the response being assigned to the scratch name.
+    fn push_pair(&mut self, dimension: usize) {
+        let name = &mut self.scratch_name;
+        name.push_str(&self.spec.dimensions[dimension]);
+        name.push('=');
+        let value = self.scratch_values[dimension]
+            .as_deref()
+            .unwrap_or_default();
+        encode_value(value, name);
+    }
+
+    fn intern_scratch(&mut self) -> SegmentId {
+        match self.ids.get(self.scratch_name.as_str()) {
+            Some(id) => *id,
+            None => self.intern(self.scratch_name.clone()),
+        }
+    }
+
+    fn intern(&mut self, name: String) -> SegmentId {
+        let id = SegmentId(self.names.len() as u32);
+        self.ids.insert(name.clone(), id);
+        self.names.push(name);
+        id
+    }
+
+    /// The canonical name of a segment made by this catalog.
+    pub fn name(&self, id: SegmentId) -> &str {
+        &self.names[id.0 as usize]
+    }
+
+    /// The id of a segment by canonical name, if this catalog has made it.
+    pub fn id(&self, name: &str) -> Option<SegmentId> {
+        self.ids.get(name).copied()
+    }
+
+    /// How many segments the catalog has made.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Always false: `all` exists from the start.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
+
+/// Appends `value` to `out` with `%`, `,` and `=` percent-encoded.
+pub fn encode_value(value: &str, out: &mut String) {
+    for c in value.chars() {
+        match c {
+            '%' | ',' | '=' => {
+                let _ = write!(out, "%{:02X}", c as u32);
+            }
+            _ => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::response::decode;
+
+    fn response_with(segments: &str) -> String {
+        format!(
+            r#"{{"response_id":"r","score":5,"responded_at":"2026-01-01T00:00:00Z","customer_id":"c","segments":{segments}}}"#
+        )
+    }
+
+    fn names(catalog: &mut SegmentCatalog, segments: &str) -> Vec<String> {
+        let text = response_with(segments);
+        let response = decode(text.as_bytes()).expect("valid");
+        let mut ids = Vec::new();
+        catalog.assign(&response, &mut ids);
+        ids.iter().map(|id| catalog.name(*id).to_owned()).collect()
+    }
+
+    fn spec(cap: usize) -> SegmentSpec {
+        SegmentSpec::new(
+            &["region", "product", "tier"],
+            &[vec!["region", "product"]],
+            cap,
+        )
+        .expect("valid spec")
+    }
+
+    #[test]
+    fn responses_count_in_all_dimensions_and_full_combinations() {
+        let mut catalog = SegmentCatalog::new(spec(10));
+        assert_eq!(
+            names(
+                &mut catalog,
+                r#"{"region":"east","product":"sedan","color":"red"}"#
+            ),
+            [
+                "all",
+                "product=sedan",
+                "region=east",
+                "product=sedan,region=east"
+            ]
+        );
+        assert_eq!(
+            names(&mut catalog, r#"{"region":"east"}"#),
+            ["all", "region=east"]
+        );
+        assert_eq!(names(&mut catalog, "{}"), ["all"]);
+    }
+
+    #[test]
+    fn values_are_encoded_unambiguously() {
+        let mut catalog = SegmentCatalog::new(spec(10));
+        assert_eq!(
+            names(&mut catalog, r#"{"region":"a,b=c%d","product":"x"}"#),
+            [
+                "all",
+                "product=x",
+                "region=a%2Cb%3Dc%25d",
+                "product=x,region=a%2Cb%3Dc%25d"
+            ]
+        );
+    }
+
+    #[test]
+    fn values_past_the_cap_count_as_other() {
+        let mut catalog = SegmentCatalog::new(spec(2));
+        names(&mut catalog, r#"{"region":"east"}"#);
+        names(&mut catalog, r#"{"region":"west"}"#);
+        let text = response_with(r#"{"region":"north","product":"van"}"#);
+        let response = decode(text.as_bytes()).expect("valid");
+        let mut ids = Vec::new();
+        let assignment = catalog.assign(&response, &mut ids);
+        assert_eq!(assignment.overflowed_values, 1);
+        let got: Vec<&str> = ids.iter().map(|id| catalog.name(*id)).collect();
+        assert_eq!(
+            got,
+            [
+                "all",
+                "product=van",
+                "region=__other__",
+                "product=van,region=__other__"
+            ]
+        );
+        // Admitted values keep their own segment.
+        assert_eq!(
+            names(&mut catalog, r#"{"region":"east"}"#),
+            ["all", "region=east"]
+        );
+        assert_eq!(catalog.id("region=east"), Some(SegmentId(1)));
+    }
+
+    #[test]
+    fn bad_specs_are_rejected() {
+        assert_eq!(
+            SegmentSpec::new(&["re gion"], &[], 5),
+            Err(SegmentSpecError::BadDimensionName("re gion".into()))
+        );
+        assert_eq!(
+            SegmentSpec::new(&["a", "a"], &[], 5),
+            Err(SegmentSpecError::RepeatedDimension("a".into()))
+        );
+        assert_eq!(
+            SegmentSpec::new(&["a"], &[vec!["a", "b"]], 5),
+            Err(SegmentSpecError::UnknownDimension("b".into()))
+        );
+        assert_eq!(
+            SegmentSpec::new(&["a"], &[vec!["a", "a"]], 5),
+            Err(SegmentSpecError::CombinationTooSmall("a+a".into()))
+        );
+        assert_eq!(
+            SegmentSpec::new::<&str>(&[], &[], 0),
+            Err(SegmentSpecError::ZeroCap)
+        );
+    }
+}
