@@ -6,7 +6,9 @@
 //! same answers. Ids are kept as 64-bit fingerprints (xxh3), so memory per id is fixed; two
 //! different ids collide with odds of about one in 10^13 per check at a million ids.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 
 use crate::time::{Span, Timestamp};
 
@@ -17,7 +19,7 @@ pub struct DuplicateFilter {
     capacity: usize,
     clock: Timestamp,
     /// Fingerprint -> event time of the response that was remembered.
-    seen: HashMap<u64, Timestamp>,
+    seen: FxHashMap<u64, Timestamp>,
     /// Fingerprints in the order they were remembered, for eviction.
     order: VecDeque<(u64, Timestamp)>,
     evicted_early: u64,
@@ -31,7 +33,7 @@ impl DuplicateFilter {
             horizon,
             capacity: capacity.max(1),
             clock: Timestamp(i64::MIN),
-            seen: HashMap::new(),
+            seen: FxHashMap::default(),
             order: VecDeque::new(),
             evicted_early: 0,
         }

@@ -663,6 +663,12 @@ mod tests {
             decode(&[b'{', 0xff, b'}']).expect_err("not utf8"),
             InvalidReason::NotUtf8 { at_byte: 1 }
         );
+        let mut hidden = br#"{"ignored":"x"}"#.to_vec();
+        hidden[12] = 0xC3; // a lone lead byte inside an unknown field's string
+        assert_eq!(
+            decode(&hidden).expect_err("not utf8"),
+            InvalidReason::NotUtf8 { at_byte: 12 }
+        );
         assert_eq!(reason("[1,2]"), InvalidReason::NotObject);
         assert_eq!(reason("\"text\""), InvalidReason::NotObject);
         assert_eq!(reason("null"), InvalidReason::NotObject);

@@ -2,7 +2,7 @@
 //! segment (a [`SegmentId`](crate::segment::SegmentId) in one process, its canonical name
 //! across processes), plus the NPS summary the API and gauges show.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::hash::Hash;
 
 use crate::nps::{Band, Category, Tally};
@@ -13,7 +13,7 @@ use crate::window::{SegmentWindows, WindowSpecs};
 #[derive(Debug, Clone)]
 pub struct Scoreboard<K> {
     specs: WindowSpecs,
-    segments: HashMap<K, SegmentWindows>,
+    segments: FxHashMap<K, SegmentWindows>,
 }
 
 /// What one segment's window says at one instant.
@@ -46,7 +46,7 @@ impl<K: Hash + Eq + Clone> Scoreboard<K> {
     pub fn new(specs: WindowSpecs) -> Scoreboard<K> {
         Scoreboard {
             specs,
-            segments: HashMap::new(),
+            segments: FxHashMap::default(),
         }
     }
 

@@ -7,7 +7,7 @@
 //! keeps the number of segments (and of metric series) bounded: the first `cap` values seen
 //! are kept, later new ones count as `__other__`.
 
-use std::collections::{HashMap, HashSet};
+use rustc_hash::FxHashMap;
 use std::fmt;
 use std::fmt::Write as _;
 
@@ -139,16 +139,31 @@ impl SegmentSpec {
 pub struct SegmentId(pub u32);
 
 /// Assigns responses to segments and remembers every segment name it has made.
+///
+/// Lookups on the hot path hash each dimension's value once; combinations are found by the
+/// small indices of their values, so no name is built for a segment seen before.
 #[derive(Debug, Clone)]
 pub struct SegmentCatalog {
     spec: SegmentSpec,
-    /// Values admitted so far, per dimension (same order as `spec.dimensions`).
-    admitted: Vec<HashSet<String>>,
-    ids: HashMap<String, SegmentId>,
+    /// Per dimension: each admitted value, with its index and its segment.
+    values: Vec<FxHashMap<String, DimensionValue>>,
+    /// Per dimension: `__other__`, once a value past the cap has been seen.
+    other: Vec<Option<DimensionValue>>,
+    /// Per dimension: `dimension=value` of each value index, for naming combinations.
+    pairs: Vec<Vec<String>>,
+    /// Per combination: the value indices of its dimensions -> its segment.
+    combinations: Vec<FxHashMap<Box<[u32]>, SegmentId>>,
+    ids: FxHashMap<String, SegmentId>,
     names: Vec<String>,
-    /// The capped value of each dimension for the response being assigned.
-    scratch_values: Vec<Option<String>>,
-    scratch_name: String,
+    /// The value index of each dimension for the response being assigned.
+    scratch_values: Vec<Option<u32>>,
+    scratch_key: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct DimensionValue {
+    index: u32,
+    segment: SegmentId,
 }
 
 /// What assigning one response found out, beyond its segments.
@@ -164,12 +179,15 @@ impl SegmentCatalog {
     pub fn new(spec: SegmentSpec) -> SegmentCatalog {
         let dimensions = spec.dimensions.len();
         let mut catalog = SegmentCatalog {
-            spec,
-            admitted: vec![HashSet::new(); dimensions],
-            ids: HashMap::new(),
+            values: vec![FxHashMap::default(); dimensions],
+            other: vec![None; dimensions],
+            pairs: vec![Vec::new(); dimensions],
+            combinations: vec![FxHashMap::default(); spec.combinations.len()],
+            ids: FxHashMap::default(),
             names: Vec::new(),
             scratch_values: vec![None; dimensions],
-            scratch_name: String::new(),
+            scratch_key: Vec::new(),
+            spec,
         };
         catalog.intern(ALL.to_owned());
         catalog
@@ -190,70 +208,82 @@ impl SegmentCatalog {
         out.clear();
         out.push(SegmentId(0));
         let mut assignment = Assignment::default();
-        for index in 0..self.spec.dimensions.len() {
-            let capped = response.segment(&self.spec.dimensions[index]).map(|value| {
-                let admitted = &mut self.admitted[index];
-                if admitted.contains(value) {
-                    value
-                } else if admitted.len() < self.spec.max_values_per_dimension {
-                    admitted.insert(value.to_owned());
-                    value
-                } else {
-                    assignment.overflowed_values += 1;
-                    OTHER
-                }
-            });
-            let slot = &mut self.scratch_values[index];
-            match (capped, slot.as_mut()) {
-                (Some(value), Some(buffer)) => {
-                    buffer.clear();
-                    buffer.push_str(value);
-                }
-                (Some(value), None) => *slot = Some(value.to_owned()),
-                (None, _) => *slot = None,
-            }
-            if capped.is_some() {
-                self.scratch_name.clear();
-                self.push_pair(index);
-                out.push(self.intern_scratch());
-            }
+        for dimension in 0..self.spec.dimensions.len() {
+            let value = response
+                .segment(&self.spec.dimensions[dimension])
+                .map(|value| self.value(dimension, value, &mut assignment));
+            self.scratch_values[dimension] = value.map(|v| v.index);
+            out.extend(value.map(|v| v.segment));
         }
-        for c in 0..self.spec.combinations.len() {
-            let combo = &self.spec.combinations[c];
-            if combo.iter().any(|&d| self.scratch_values[d].is_none()) {
-                continue;
+        for combination in 0..self.spec.combinations.len() {
+            let mut key = std::mem::take(&mut self.scratch_key);
+            key.clear();
+            let complete = self.spec.combinations[combination]
+                .iter()
+                .all(|&d| self.scratch_values[d].map(|i| key.push(i)).is_some());
+            if complete {
+                out.push(self.combination(combination, &key));
             }
-            self.scratch_name.clear();
-            for i in 0..combo.len() {
-                if i > 0 {
-                    self.scratch_name.push(',');
-                }
-                self.push_pair(self.spec.combinations[c][i]);
-            }
-            out.push(self.intern_scratch());
+            self.scratch_key = key;
         }
         assignment
     }
 
-    /// Appends `dimension=value` of the response being assigned to the scratch name.
-    fn push_pair(&mut self, dimension: usize) {
-        let name = &mut self.scratch_name;
-        name.push_str(&self.spec.dimensions[dimension]);
-        name.push('=');
-        let value = self.scratch_values[dimension]
-            .as_deref()
-            .unwrap_or_default();
-        encode_value(value, name);
-    }
-
-    fn intern_scratch(&mut self) -> SegmentId {
-        match self.ids.get(self.scratch_name.as_str()) {
-            Some(id) => *id,
-            None => self.intern(self.scratch_name.clone()),
+    /// The value of one dimension, admitting it if the cap allows, else `__other__`.
+    fn value(&mut self, dimension: usize, value: &str, report: &mut Assignment) -> DimensionValue {
+        if let Some(found) = self.values[dimension].get(value) {
+            return *found;
+        }
+        if self.values[dimension].len() < self.spec.max_values_per_dimension {
+            let made = self.new_value(dimension, value);
+            self.values[dimension].insert(value.to_owned(), made);
+            return made;
+        }
+        report.overflowed_values += 1;
+        match self.other[dimension] {
+            Some(other) => other,
+            None => {
+                let made = self.new_value(dimension, OTHER);
+                self.other[dimension] = Some(made);
+                made
+            }
         }
     }
 
+    fn new_value(&mut self, dimension: usize, value: &str) -> DimensionValue {
+        let mut pair = self.spec.dimensions[dimension].clone();
+        pair.push('=');
+        encode_value(value, &mut pair);
+        let segment = self.intern(pair.clone());
+        let pairs = &mut self.pairs[dimension];
+        pairs.push(pair);
+        DimensionValue {
+            index: (pairs.len() - 1) as u32,
+            segment,
+        }
+    }
+
+    fn combination(&mut self, combination: usize, key: &[u32]) -> SegmentId {
+        if let Some(id) = self.combinations[combination].get(key) {
+            return *id;
+        }
+        let dimensions = &self.spec.combinations[combination];
+        let name = dimensions
+            .iter()
+            .zip(key)
+            .map(|(&d, &i)| self.pairs[d][i as usize].as_str())
+            .collect::<Vec<_>>()
+            .join(",");
+        let id = self.intern(name);
+        self.combinations[combination].insert(key.into(), id);
+        id
+    }
+
+    /// The id of a name, made if new.
     fn intern(&mut self, name: String) -> SegmentId {
+        if let Some(id) = self.ids.get(&name) {
+            return *id;
+        }
         let id = SegmentId(self.names.len() as u32);
         self.ids.insert(name.clone(), id);
         self.names.push(name);
