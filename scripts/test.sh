@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command from the README: every test tier that exists, from a fresh machine.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
+
+echo "== unit, property and service tests"
+cargo test --workspace -j2
