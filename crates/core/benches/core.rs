@@ -5,7 +5,7 @@
 
 use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use npsflow_core::{
-    classify, decode, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId, SegmentSpec,
+    classify, decode, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId, SegmentSpec,
     Span, Timestamp, WindowSpecs,
 };
 
@@ -85,7 +85,7 @@ impl Pipeline {
     }
 
     fn process(&mut self, bytes: &[u8]) -> bool {
-        match classify(bytes, Timestamp(NOW), &self.windows, &mut self.seen) {
+        match classify(bytes, Clock::Wall(Timestamp(NOW)), &self.windows, &mut self.seen) {
             Outcome::Accepted(response) => {
                 self.catalog.assign(&response, &mut self.ids);
                 self.board

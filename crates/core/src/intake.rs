@@ -52,10 +52,30 @@ impl Outcome<'_> {
     }
 }
 
-/// Decides the outcome of one message, with the clock at `now`, remembering accepted ids.
+/// What "now" is for one message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Clock {
+    /// The wall clock's reading.
+    Wall(Timestamp),
+    /// Event time: the largest event time accepted so far (`None` before any), or the
+    /// message's own event time if that is larger. Nothing is ever `future` on this clock.
+    EventTime(Option<Timestamp>),
+}
+
+impl Clock {
+    /// "now" for a response at event time `t`.
+    pub fn now_for(self, t: Timestamp) -> Timestamp {
+        match self {
+            Clock::Wall(now) => now,
+            Clock::EventTime(latest) => latest.map_or(t, |latest| latest.max(t)),
+        }
+    }
+}
+
+/// Decides the outcome of one message, remembering accepted ids.
 pub fn classify<'a>(
     bytes: &'a [u8],
-    now: Timestamp,
+    clock: Clock,
     windows: &WindowSpecs,
     seen: &mut DuplicateFilter,
 ) -> Outcome<'a> {
@@ -66,7 +86,7 @@ pub fn classify<'a>(
     if seen.contains(&response.response_id) {
         return Outcome::Duplicate;
     }
-    match windows.admit(response.responded_at, now) {
+    match windows.admit(response.responded_at, clock.now_for(response.responded_at)) {
         Admission::TooOld => Outcome::TooOld,
         Admission::Future => Outcome::Future,
         Admission::Admitted => {
@@ -92,7 +112,7 @@ mod tests {
         let mut seen = DuplicateFilter::new(Span::hours(1), 100);
         let now = Timestamp::parse_rfc3339("2026-11-22T12:00:00Z").expect("ts");
         let outcome =
-            |bytes: &[u8], seen: &mut DuplicateFilter| classify(bytes, now, &windows, seen).label();
+            |bytes: &[u8], seen: &mut DuplicateFilter| classify(bytes, Clock::Wall(now), &windows, seen).label();
         assert_eq!(
             outcome(&message("a", "2026-11-22T11:30:00Z"), &mut seen),
             "accepted"
@@ -115,6 +135,20 @@ mod tests {
             outcome(&message("c", "2026-11-22T11:59:00Z"), &mut seen),
             "accepted"
         );
+    }
+
+    #[test]
+    fn event_time_clock_follows_the_latest_accepted_event() {
+        let windows = WindowSpecs::new(&["1h"], 60, Span::minutes(5)).expect("valid");
+        let mut seen = DuplicateFilter::new(Span::hours(1), 100);
+        let latest = Timestamp::parse_rfc3339("2026-11-22T12:00:00Z");
+        let far_ahead = message("a", "2030-01-01T00:00:00Z");
+        let clock = Clock::EventTime(latest);
+        assert_eq!(classify(&far_ahead, clock, &windows, &mut seen).label(), "accepted");
+        let old = message("b", "2026-11-22T11:00:00Z");
+        assert_eq!(classify(&old, clock, &windows, &mut seen).label(), "too_old");
+        let fresh = Clock::EventTime(None);
+        assert_eq!(classify(&old, fresh, &windows, &mut seen).label(), "accepted");
     }
 
     #[test]

@@ -11,10 +11,14 @@
 //! - [`dedupe`]: duplicate detection by `response_id`.
 //! - [`intake`]: one outcome per message.
 //! - [`alert`]: detractor alerts, routing, severity.
+//! - [`ingest`]: the ingest stage: decisions and per-batch segment deltas.
+//! - [`delta`]: segment deltas and the aggregator's exactly-once apply.
 //! - [`scoreboard`]: windows for many segments, and their summaries.
 
 pub mod alert;
 pub mod dedupe;
+pub mod delta;
+pub mod ingest;
 pub mod intake;
 pub mod nps;
 pub mod response;
@@ -25,7 +29,9 @@ pub mod window;
 
 pub use alert::{alert_id, DetractorAlert, Route, Routing, SegmentRoute, Severity};
 pub use dedupe::DuplicateFilter;
-pub use intake::{classify, Outcome};
+pub use delta::{Applied, SegmentDelta, SegmentStore};
+pub use ingest::{ClockKind, Decision, Ingest, IngestSpec};
+pub use intake::{classify, Clock, Outcome};
 pub use nps::{Band, Category, Score, Tally};
 pub use response::{decode, InvalidReason, SurveyResponse};
 pub use scoreboard::{Scoreboard, WindowSummary};

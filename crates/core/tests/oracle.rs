@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashSet};
 
 use npsflow_core::{
-    classify, decode, Category, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId,
+    classify, decode, Category, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId,
     SegmentSpec, Span, Tally, Timestamp, WindowSpecs,
 };
 use proptest::prelude::*;
@@ -243,8 +243,8 @@ impl Core {
         }
     }
 
-    fn process(&mut self, bytes: &[u8], now: i64) -> &'static str {
-        let outcome = classify(bytes, Timestamp(now), &self.windows, &mut self.seen);
+    fn process(&mut self, bytes: &[u8], clock: Clock) -> &'static str {
+        let outcome = classify(bytes, clock, &self.windows, &mut self.seen);
         if let Outcome::Accepted(response) = &outcome {
             self.catalog.assign(response, &mut self.ids);
             self.board
@@ -310,7 +310,7 @@ proptest! {
             now += step.advance_s * 1_000;
             let (bytes, t) = encode(&step.message, now);
             let expected = oracle.outcome(&step.message, now, t);
-            prop_assert_eq!(core.process(&bytes, now), expected);
+            prop_assert_eq!(core.process(&bytes, Clock::Wall(Timestamp(now))), expected);
         }
         core.check_against(&oracle, now)?;
         // Queried later, as a dashboard would, windows drain exactly as the oracle says.
@@ -325,20 +325,20 @@ proptest! {
         let mut core = Core::new();
         let mut oracle = Oracle::default();
         let mut base = START;
-        let mut clock = i64::MIN;
+        let mut latest: Option<i64> = None;
         for step in &steps {
             base += step.advance_s * 1_000;
             let (bytes, t) = encode(&step.message, base);
-            if matches!(step.message, Message::Valid { .. }) {
-                clock = clock.max(t);
-            }
-            let now = if clock == i64::MIN { base } else { clock };
+            let now = latest.map_or(t, |l| l.max(t));
             let expected = oracle.outcome(&step.message, now, t);
             prop_assert!(expected != "future");
-            prop_assert_eq!(core.process(&bytes, now), expected);
+            let clock = Clock::EventTime(latest.map(Timestamp));
+            prop_assert_eq!(core.process(&bytes, clock), expected);
+            if expected == "accepted" {
+                latest = Some(now);
+            }
         }
-        let now = if clock == i64::MIN { base } else { clock };
-        core.check_against(&oracle, now)?;
+        core.check_against(&oracle, latest.unwrap_or(base))?;
     }
 
     /// Decoding never panics and always gives an answer, whatever the bytes.
@@ -376,7 +376,7 @@ fn worked_example_through_the_pipeline() {
             "responded_at": Timestamp(START).to_rfc3339(), "customer_id": "c",
         });
         let bytes = serde_json::to_vec(&json).expect("serialises");
-        assert_eq!(core.process(&bytes, START), "accepted");
+        assert_eq!(core.process(&bytes, Clock::Wall(Timestamp(START))), "accepted");
     }
     let all = core.catalog.id("all").expect("all exists");
     let summary = core

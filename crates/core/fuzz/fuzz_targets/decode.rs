@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use npsflow_core::{classify, decode, DuplicateFilter, Span, Timestamp, WindowSpecs};
+use npsflow_core::{classify, decode, Clock, DuplicateFilter, Span, Timestamp, WindowSpecs};
 
 fuzz_target!(|bytes: &[u8]| {
     if let Ok(response) = decode(bytes) {
@@ -14,5 +14,5 @@ fuzz_target!(|bytes: &[u8]| {
     }
     let windows = WindowSpecs::new(&["1h", "28d"], 60, Span::minutes(5)).expect("valid");
     let mut seen = DuplicateFilter::new(Span::days(1), 16);
-    let _ = classify(bytes, Timestamp(1_795_348_800_000), &windows, &mut seen);
+    let _ = classify(bytes, Clock::Wall(Timestamp(1_795_348_800_000)), &windows, &mut seen);
 });

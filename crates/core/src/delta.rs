@@ -1,0 +1,179 @@
+//! Segment deltas: what ingest tells the segment-owning aggregators, and how they apply it.
+//!
+//! A delta carries, for one segment and one input partition, every response of an ingest
+//! batch that counts in the segment: its input offset, its event time (rounded down to the
+//! windows' resolution) and its score. Naming each response's source offset lets the
+//! aggregator apply each response at most once: it keeps, per segment and input partition,
+//! the highest offset applied and skips anything at or below it, so replays after a crash,
+//! re-sent batches and zombie producers change nothing.
+//!
+//! Wire format (JSON, keyed by segment):
+//! `{"segment":"region=east","partition":3,"responses":[[1041,1795348800000,9],...]}`.
+
+use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
+
+use crate::nps::{Score, Tally};
+use crate::scoreboard::Scoreboard;
+use crate::time::Timestamp;
+use crate::window::WindowSpecs;
+
+/// One segment's share of an ingest batch from one input partition.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SegmentDelta {
+    /// The segment's canonical name.
+    pub segment: String,
+    /// The input partition the responses came from.
+    pub partition: i32,
+    /// `[offset, event time in ms, score]` per response, in offset order.
+    pub responses: Vec<(i64, i64, u8)>,
+}
+
+/// Why a delta message was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadDelta(pub String);
+
+impl std::fmt::Display for BadDelta {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "bad segment delta: {}", self.0)
+    }
+}
+
+impl std::error::Error for BadDelta {}
+
+impl SegmentDelta {
+    /// The JSON message body.
+    pub fn to_json(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a delta always serialises")
+    }
+
+    /// Parses and checks a delta message.
+    pub fn from_json(bytes: &[u8]) -> Result<SegmentDelta, BadDelta> {
+        let delta: SegmentDelta =
+            serde_json::from_slice(bytes).map_err(|e| BadDelta(e.to_string()))?;
+        if delta.segment.is_empty() {
+            return Err(BadDelta("empty segment".into()));
+        }
+        if delta.responses.iter().any(|r| Score::new(i64::from(r.2)).is_none()) {
+            return Err(BadDelta("score out of range".into()));
+        }
+        if delta.responses.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(BadDelta("offsets not increasing".into()));
+        }
+        Ok(delta)
+    }
+}
+
+/// What applying a delta did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Responses counted.
+    pub counted: u64,
+    /// Responses skipped because their offset was applied before.
+    pub skipped: u64,
+}
+
+/// The aggregator's state: segment windows plus, per segment and input partition, the
+/// highest input offset applied.
+#[derive(Debug, Clone)]
+pub struct SegmentStore {
+    board: Scoreboard<String>,
+    high_water: FxHashMap<String, FxHashMap<i32, i64>>,
+}
+
+impl SegmentStore {
+    /// An empty store with these windows.
+    pub fn new(windows: WindowSpecs) -> SegmentStore {
+        SegmentStore {
+            board: Scoreboard::new(windows),
+            high_water: FxHashMap::default(),
+        }
+    }
+
+    /// Counts the responses of a delta that were not applied before.
+    pub fn apply(&mut self, delta: &SegmentDelta) -> Applied {
+        let marks = self.high_water.entry(delta.segment.clone()).or_default();
+        let mark = marks.entry(delta.partition).or_insert(i64::MIN);
+        let mut applied = Applied::default();
+        for &(offset, at, score) in &delta.responses {
+            let Some(score) = Score::new(i64::from(score)) else {
+                continue;
+            };
+            if offset <= *mark {
+                applied.skipped += 1;
+                continue;
+            }
+            *mark = offset;
+            self.board
+                .add(&delta.segment, Timestamp(at), Tally::of(score.category(), 1));
+            applied.counted += 1;
+        }
+        applied
+    }
+
+    /// The windows of every segment.
+    pub fn board(&self) -> &Scoreboard<String> {
+        &self.board
+    }
+
+    /// The highest input offset applied for a segment and input partition.
+    pub fn high_water(&self, segment: &str, partition: i32) -> Option<i64> {
+        self.high_water.get(segment)?.get(&partition).copied()
+    }
+
+    /// Forgets a segment entirely (it moved to another process).
+    pub fn remove(&mut self, segment: &str) {
+        self.board.remove(&segment.to_owned());
+        self.high_water.remove(segment);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::time::Span;
+
+    fn delta(partition: i32, responses: &[(i64, i64, u8)]) -> SegmentDelta {
+        SegmentDelta {
+            segment: "region=east".into(),
+            partition,
+            responses: responses.to_vec(),
+        }
+    }
+
+    #[test]
+    fn replayed_offsets_are_skipped_per_partition() {
+        let windows = WindowSpecs::new(&["1h"], 60, Span(0)).expect("valid");
+        let mut store = SegmentStore::new(windows);
+        assert_eq!(store.apply(&delta(0, &[(10, 0, 9), (11, 0, 3)])).counted, 2);
+        // A replay overlapping what was applied counts only the new offset.
+        let again = store.apply(&delta(0, &[(10, 0, 9), (11, 0, 3), (12, 0, 7)]));
+        assert_eq!(again, Applied { counted: 1, skipped: 2 });
+        // Another partition has its own offsets.
+        assert_eq!(store.apply(&delta(1, &[(10, 0, 9)])).counted, 1);
+        let tally = store
+            .board()
+            .tally(&"region=east".to_owned(), 0, Timestamp(0))
+            .expect("known");
+        assert_eq!(tally, Tally { promoters: 2, passives: 1, detractors: 1 });
+        assert_eq!(store.high_water("region=east", 0), Some(12));
+        store.remove("region=east");
+        assert_eq!(store.high_water("region=east", 0), None);
+        assert!(store.board().is_empty());
+    }
+
+    #[test]
+    fn deltas_round_trip_and_bad_ones_are_refused() {
+        let d = delta(2, &[(1, 60_000, 10), (5, 120_000, 0)]);
+        let json = d.to_json();
+        assert_eq!(
+            std::str::from_utf8(&json).expect("utf8"),
+            r#"{"segment":"region=east","partition":2,"responses":[[1,60000,10],[5,120000,0]]}"#
+        );
+        assert_eq!(SegmentDelta::from_json(&json), Ok(d));
+        assert!(SegmentDelta::from_json(b"{}").is_err());
+        assert!(SegmentDelta::from_json(&delta(0, &[(1, 0, 11)]).to_json()).is_err());
+        assert!(SegmentDelta::from_json(&delta(0, &[(2, 0, 1), (2, 0, 1)]).to_json()).is_err());
+    }
+}

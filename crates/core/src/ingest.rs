@@ -1,0 +1,267 @@
+//! The ingest stage as a pure function of (input partition, offset, message, config, clock):
+//! each message gets an outcome, detractors get an alert, and accepted responses are
+//! combined into one [`SegmentDelta`] per segment and input partition per batch.
+//!
+//! Duplicate detection and the event-time clock are kept per input partition, so that a
+//! partition's decisions depend only on that partition's messages in offset order: replaying
+//! the same offsets after a crash makes the same decisions.
+
+use std::collections::BTreeMap;
+
+use rustc_hash::FxHashMap;
+
+use crate::alert::{DetractorAlert, Routing};
+use crate::dedupe::DuplicateFilter;
+use crate::delta::SegmentDelta;
+use crate::intake::{classify, Clock, Outcome};
+use crate::segment::{SegmentCatalog, SegmentId, SegmentSpec};
+use crate::time::{Span, Timestamp};
+use crate::window::WindowSpecs;
+
+/// Which clock ingest judges `too_old` and `future` by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClockKind {
+    /// The wall clock passed to [`Ingest::process`].
+    Wall,
+    /// The largest event time accepted from the same partition.
+    EventTime,
+}
+
+/// Everything ingest needs to decide.
+#[derive(Debug, Clone)]
+pub struct IngestSpec {
+    /// Windows and time rules.
+    pub windows: WindowSpecs,
+    /// Segments.
+    pub segments: SegmentSpec,
+    /// Alert routing.
+    pub routing: Routing,
+    /// Dedupe horizon (event time).
+    pub dedupe_horizon: Span,
+    /// Most ids remembered per partition.
+    pub dedupe_capacity: usize,
+    /// The clock.
+    pub clock: ClockKind,
+}
+
+/// What ingest decided about one message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Decision {
+    /// The `outcome` label.
+    pub outcome: &'static str,
+    /// If the message goes to the dead-letter topic: the reason code and a sentence.
+    pub dead_letter: Option<(&'static str, String)>,
+    /// The detractor alert, if any.
+    pub alert: Option<DetractorAlert>,
+    /// Event time of an accepted response.
+    pub event_time: Option<Timestamp>,
+    /// Dimension values that were past the cap and counted as `__other__`.
+    pub overflowed_values: u32,
+}
+
+#[derive(Debug)]
+struct PartitionState {
+    seen: DuplicateFilter,
+    latest: Option<Timestamp>,
+}
+
+/// The ingest stage's state: per-partition dedupe and clocks, the segment catalog, and the
+/// deltas of the batch being built.
+#[derive(Debug)]
+pub struct Ingest {
+    spec: IngestSpec,
+    catalog: SegmentCatalog,
+    partitions: FxHashMap<i32, PartitionState>,
+    resolution: i64,
+    segments_scratch: Vec<SegmentId>,
+    pending: BTreeMap<(SegmentId, i32), Vec<(i64, i64, u8)>>,
+}
+
+impl Ingest {
+    /// A fresh ingest stage.
+    pub fn new(spec: IngestSpec) -> Ingest {
+        Ingest {
+            catalog: SegmentCatalog::new(spec.segments.clone()),
+            resolution: spec.windows.resolution().millis().max(1),
+            spec,
+            partitions: FxHashMap::default(),
+            segments_scratch: Vec::new(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Decides one message at `offset` of input `partition`, with the wall clock at `wall`,
+    /// and adds an accepted response to the pending deltas.
+    pub fn process(&mut self, partition: i32, offset: i64, bytes: &[u8], wall: Timestamp) -> Decision {
+        let spec = &self.spec;
+        let state = self.partitions.entry(partition).or_insert_with(|| PartitionState {
+            seen: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
+            latest: None,
+        });
+        let clock = match spec.clock {
+            ClockKind::Wall => Clock::Wall(wall),
+            ClockKind::EventTime => Clock::EventTime(state.latest),
+        };
+        let outcome = classify(bytes, clock, &spec.windows, &mut state.seen);
+        let mut decision = Decision {
+            outcome: outcome.label(),
+            dead_letter: outcome
+                .dead_letter_reason()
+                .map(|code| (code, dead_letter_detail(&outcome))),
+            alert: None,
+            event_time: None,
+            overflowed_values: 0,
+        };
+        let Outcome::Accepted(response) = outcome else {
+            return decision;
+        };
+        let t = response.responded_at;
+        state.latest = Some(state.latest.map_or(t, |l| l.max(t)));
+        decision.event_time = Some(t);
+        decision.alert = DetractorAlert::for_response(&response, &spec.routing, wall);
+        let assignment = self.catalog.assign(&response, &mut self.segments_scratch);
+        decision.overflowed_values = assignment.overflowed_values;
+        let rounded = t.millis() - t.millis().rem_euclid(self.resolution);
+        for &segment in &self.segments_scratch {
+            self.pending
+                .entry((segment, partition))
+                .or_default()
+                .push((offset, rounded, response.score.value()));
+        }
+        decision
+    }
+
+    /// The deltas of everything processed since the last call, one per segment and input
+    /// partition, in a fixed order.
+    pub fn take_deltas(&mut self) -> Vec<SegmentDelta> {
+        std::mem::take(&mut self.pending)
+            .into_iter()
+            .map(|((segment, partition), responses)| SegmentDelta {
+                segment: self.catalog.name(segment).to_owned(),
+                partition,
+                responses,
+            })
+            .collect()
+    }
+
+    /// Forgets a partition's dedupe memory and clock (it moved to another process).
+    pub fn forget_partition(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    /// Ids forgotten before their horizon because a partition's filter was full.
+    pub fn dedupe_evicted_early(&self) -> u64 {
+        self.partitions.values().map(|p| p.seen.evicted_early()).sum()
+    }
+
+    /// The segment catalog (names of segments made so far).
+    pub fn catalog(&self) -> &SegmentCatalog {
+        &self.catalog
+    }
+}
+
+fn dead_letter_detail(outcome: &Outcome<'_>) -> String {
+    match outcome {
+        Outcome::Invalid(reason) => reason.to_string(),
+        Outcome::TooOld => "responded_at is older than the longest window".into(),
+        Outcome::Future => "responded_at is further ahead of the clock than allowed".into(),
+        Outcome::Accepted(_) | Outcome::Duplicate => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingest(clock: ClockKind) -> Ingest {
+        Ingest::new(IngestSpec {
+            windows: WindowSpecs::new(&["1h", "24h"], 60, Span::minutes(5)).expect("valid"),
+            segments: SegmentSpec::new(&["region"], &[], 10).expect("valid"),
+            routing: Routing::new(Default::default(), vec![], "queue"),
+            dedupe_horizon: Span::days(1),
+            dedupe_capacity: 1000,
+            clock,
+        })
+    }
+
+    fn message(id: &str, score: u8, at: &str) -> Vec<u8> {
+        format!(
+            r#"{{"response_id":"{id}","score":{score},"responded_at":"{at}","customer_id":"c","segments":{{"region":"east"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    const NOW: &str = "2026-11-22T12:00:00Z";
+
+    fn now() -> Timestamp {
+        Timestamp::parse_rfc3339(NOW).expect("ts")
+    }
+
+    #[test]
+    fn batches_become_one_delta_per_segment_and_partition() {
+        let mut ingest = ingest(ClockKind::Wall);
+        let d = ingest.process(0, 10, &message("a", 9, "2026-11-22T11:59:30Z"), now());
+        assert_eq!((d.outcome, d.alert.is_none()), ("accepted", true));
+        let d = ingest.process(0, 11, &message("b", 2, "2026-11-22T11:58:00Z"), now());
+        assert_eq!(d.alert.as_ref().map(|a| a.owner.as_str()), Some("queue"));
+        let d = ingest.process(1, 4, &message("c", 7, NOW), now());
+        assert_eq!(d.outcome, "accepted");
+        let deltas = ingest.take_deltas();
+        let summary: Vec<(String, i32, Vec<i64>)> = deltas
+            .iter()
+            .map(|d| (d.segment.clone(), d.partition, d.responses.iter().map(|r| r.0).collect()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("all".to_owned(), 0, vec![10, 11]),
+                ("all".to_owned(), 1, vec![4]),
+                ("region=east".to_owned(), 0, vec![10, 11]),
+                ("region=east".to_owned(), 1, vec![4]),
+            ]
+        );
+        // Event times are rounded down to the windows' resolution (1 minute here).
+        assert_eq!(deltas[0].responses[0].1, now().millis() - 60_000);
+        assert!(ingest.take_deltas().is_empty());
+    }
+
+    #[test]
+    fn duplicates_are_judged_per_partition_and_replays_decide_the_same() {
+        let mut first = ingest(ClockKind::Wall);
+        let mut replay = ingest(ClockKind::Wall);
+        let stream = [
+            (0, 1, message("a", 9, NOW)),
+            (0, 2, message("a", 9, NOW)),
+            (1, 1, message("a", 9, NOW)),
+            (0, 3, b"not json".to_vec()),
+            (0, 4, message("z", 9, "2026-11-20T00:00:00Z")),
+        ];
+        let outcomes: Vec<&str> = stream
+            .iter()
+            .map(|(p, o, m)| first.process(*p, *o, m, now()).outcome)
+            .collect();
+        assert_eq!(outcomes, ["accepted", "duplicate", "accepted", "invalid", "too_old"]);
+        let replayed: Vec<Decision> = stream
+            .iter()
+            .map(|(p, o, m)| replay.process(*p, *o, m, now()))
+            .collect();
+        let replayed_outcomes: Vec<&str> = replayed.iter().map(|d| d.outcome).collect();
+        assert_eq!(replayed_outcomes, outcomes);
+        assert_eq!(first.take_deltas(), replay.take_deltas());
+        assert_eq!(replayed[3].dead_letter.as_ref().map(|d| d.0), Some("not_json"));
+        assert_eq!(replayed[4].dead_letter.as_ref().map(|d| d.0), Some("too_old"));
+    }
+
+    #[test]
+    fn event_time_clock_is_per_partition() {
+        let mut ingest = ingest(ClockKind::EventTime);
+        let wall = Timestamp(0); // the wall clock plays no part
+        assert_eq!(ingest.process(0, 1, &message("a", 9, NOW), wall).outcome, "accepted");
+        let day_before = message("b", 9, "2026-11-21T11:00:00Z");
+        assert_eq!(ingest.process(0, 2, &day_before, wall).outcome, "too_old");
+        assert_eq!(ingest.process(1, 1, &day_before, wall).outcome, "accepted");
+        ingest.forget_partition(0);
+        let day_before_again = message("c", 9, "2026-11-21T11:00:00Z");
+        assert_eq!(ingest.process(0, 3, &day_before_again, wall).outcome, "accepted");
+    }
+}
