@@ -1,1 +1,147 @@
-fn main() {}
+//! The `npsflow` binary: a thin command line over `npsflow-runtime`.
+//!
+//! - `npsflow run [--roles ingest,aggregate]`: the pipeline against your Kafka.
+//! - `npsflow demo`: everything on an embedded broker with generated traffic.
+//! - `npsflow loadgen`: realistic survey traffic to a real broker.
+//! - `npsflow topics create`: creates the topics.
+//! - `npsflow config check`: prints the effective configuration, secrets redacted.
+
+mod demo;
+mod loadgen;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use npsflow_runtime::{Config, Process, Role};
+use tokio::sync::watch;
+
+/// Real-time Net Promoter Score on Kafka.
+#[derive(Parser)]
+#[command(name = "npsflow", version, about)]
+struct Cli {
+    /// A TOML configuration file; overrides the embedded defaults. `NPSFLOW__SECTION__KEY`
+    /// environment variables override both.
+    #[arg(long, global = true, env = "NPSFLOW_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the pipeline roles against the configured Kafka.
+    Run {
+        /// Roles to run, comma-separated: ingest, aggregate. Default: all.
+        #[arg(long, value_delimiter = ',', default_value = "ingest,aggregate")]
+        roles: Vec<String>,
+    },
+    /// Runs everything on an embedded Kafka-protocol broker with generated traffic and prints
+    /// a live table of segment NPS. No external Kafka needed.
+    Demo(demo::DemoArgs),
+    /// Sends realistic survey traffic to the configured Kafka.
+    Loadgen(loadgen::LoadgenArgs),
+    /// Topic administration.
+    Topics {
+        #[command(subcommand)]
+        action: TopicsAction,
+    },
+    /// Configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsAction {
+    /// Creates npsflow's topics (existing ones are left alone).
+    Create,
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Checks the configuration and prints the effective settings, secrets redacted.
+    Check,
+}
+
+fn load_config(path: Option<&std::path::Path>) -> anyhow::Result<Config> {
+    Ok(Config::load(path, std::env::vars())?)
+}
+
+/// A channel that turns true on Ctrl-C or SIGTERM.
+pub fn shutdown_signal() -> watch::Receiver<bool> {
+    let (sender, receiver) = watch::channel(false);
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler");
+            tokio::select! {
+                _ = ctrl_c => {},
+                _ = term.recv() => {},
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested");
+        let _ = sender.send(true);
+    });
+    receiver
+}
+
+fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
+    let mut roles = Vec::new();
+    for name in names {
+        match Role::parse(name) {
+            Some(role) if !roles.contains(&role) => roles.push(role),
+            Some(_) => {}
+            None => bail!("unknown role {name:?}; roles are ingest, aggregate"),
+        }
+    }
+    Ok(roles)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            action: ConfigAction::Check,
+        } => {
+            let config = load_config(cli.config.as_deref())?;
+            print!("{}", config.redacted_toml());
+            eprintln!("configuration is valid");
+        }
+        Command::Run { roles } => {
+            let roles = parse_roles(&roles)?;
+            let config = Arc::new(load_config(cli.config.as_deref())?);
+            npsflow_runtime::init_logging(&config.settings.log);
+            let process = Process::new(&config, &roles);
+            let (listener, address) = npsflow_runtime::http::bind(&config.settings.http.listen)
+                .await
+                .with_context(|| format!("listening on {}", config.settings.http.listen))?;
+            tracing::info!(%address, roles = ?roles, "npsflow running");
+            npsflow_runtime::run(config, &roles, process, listener, shutdown_signal()).await?;
+        }
+        Command::Demo(args) => demo::run(args, cli.config.as_deref()).await?,
+        Command::Loadgen(args) => {
+            let config = load_config(cli.config.as_deref())?;
+            npsflow_runtime::init_logging(&config.settings.log);
+            loadgen::run(args, &config).await?;
+        }
+        Command::Topics {
+            action: TopicsAction::Create,
+        } => {
+            let config = load_config(cli.config.as_deref())?;
+            npsflow_runtime::init_logging(&config.settings.log);
+            for result in npsflow_runtime::topics::create(&config.settings).await? {
+                println!("{result:?}");
+            }
+        }
+    }
+    Ok(())
+}

@@ -5,8 +5,8 @@
 
 use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use npsflow_core::{
-    classify, decode, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId, SegmentSpec,
-    Span, Timestamp, WindowSpecs,
+    classify, decode, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId,
+    SegmentSpec, Span, Timestamp, WindowSpecs,
 };
 
 const EVENTS: usize = 100_000;
@@ -85,7 +85,12 @@ impl Pipeline {
     }
 
     fn process(&mut self, bytes: &[u8]) -> bool {
-        match classify(bytes, Clock::Wall(Timestamp(NOW)), &self.windows, &mut self.seen) {
+        match classify(
+            bytes,
+            Clock::Wall(Timestamp(NOW)),
+            &self.windows,
+            &mut self.seen,
+        ) {
             Outcome::Accepted(response) => {
                 self.catalog.assign(&response, &mut self.ids);
                 self.board

@@ -18,6 +18,9 @@ use crate::scoreboard::Scoreboard;
 use crate::time::Timestamp;
 use crate::window::WindowSpecs;
 
+/// One response in a delta: `(input offset, event time in ms, score)`.
+pub type DeltaResponse = (i64, i64, u8);
+
 /// One segment's share of an ingest batch from one input partition.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -27,7 +30,7 @@ pub struct SegmentDelta {
     /// The input partition the responses came from.
     pub partition: i32,
     /// `[offset, event time in ms, score]` per response, in offset order.
-    pub responses: Vec<(i64, i64, u8)>,
+    pub responses: Vec<DeltaResponse>,
 }
 
 /// Why a delta message was refused.
@@ -55,7 +58,11 @@ impl SegmentDelta {
         if delta.segment.is_empty() {
             return Err(BadDelta("empty segment".into()));
         }
-        if delta.responses.iter().any(|r| Score::new(i64::from(r.2)).is_none()) {
+        if delta
+            .responses
+            .iter()
+            .any(|r| Score::new(i64::from(r.2)).is_none())
+        {
             return Err(BadDelta("score out of range".into()));
         }
         if delta.responses.windows(2).any(|w| w[0].0 >= w[1].0) {
@@ -105,8 +112,11 @@ impl SegmentStore {
                 continue;
             }
             *mark = offset;
-            self.board
-                .add(&delta.segment, Timestamp(at), Tally::of(score.category(), 1));
+            self.board.add(
+                &delta.segment,
+                Timestamp(at),
+                Tally::of(score.category(), 1),
+            );
             applied.counted += 1;
         }
         applied
@@ -149,14 +159,27 @@ mod tests {
         assert_eq!(store.apply(&delta(0, &[(10, 0, 9), (11, 0, 3)])).counted, 2);
         // A replay overlapping what was applied counts only the new offset.
         let again = store.apply(&delta(0, &[(10, 0, 9), (11, 0, 3), (12, 0, 7)]));
-        assert_eq!(again, Applied { counted: 1, skipped: 2 });
+        assert_eq!(
+            again,
+            Applied {
+                counted: 1,
+                skipped: 2
+            }
+        );
         // Another partition has its own offsets.
         assert_eq!(store.apply(&delta(1, &[(10, 0, 9)])).counted, 1);
         let tally = store
             .board()
             .tally(&"region=east".to_owned(), 0, Timestamp(0))
             .expect("known");
-        assert_eq!(tally, Tally { promoters: 2, passives: 1, detractors: 1 });
+        assert_eq!(
+            tally,
+            Tally {
+                promoters: 2,
+                passives: 1,
+                detractors: 1
+            }
+        );
         assert_eq!(store.high_water("region=east", 0), Some(12));
         store.remove("region=east");
         assert_eq!(store.high_water("region=east", 0), None);

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 
 use crate::alert::{DetractorAlert, Routing};
 use crate::dedupe::DuplicateFilter;
-use crate::delta::SegmentDelta;
+use crate::delta::{DeltaResponse, SegmentDelta};
 use crate::intake::{classify, Clock, Outcome};
 use crate::segment::{SegmentCatalog, SegmentId, SegmentSpec};
 use crate::time::{Span, Timestamp};
@@ -74,7 +74,7 @@ pub struct Ingest {
     partitions: FxHashMap<i32, PartitionState>,
     resolution: i64,
     segments_scratch: Vec<SegmentId>,
-    pending: BTreeMap<(SegmentId, i32), Vec<(i64, i64, u8)>>,
+    pending: BTreeMap<(SegmentId, i32), Vec<DeltaResponse>>,
 }
 
 impl Ingest {
@@ -92,12 +92,21 @@ impl Ingest {
 
     /// Decides one message at `offset` of input `partition`, with the wall clock at `wall`,
     /// and adds an accepted response to the pending deltas.
-    pub fn process(&mut self, partition: i32, offset: i64, bytes: &[u8], wall: Timestamp) -> Decision {
+    pub fn process(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        bytes: &[u8],
+        wall: Timestamp,
+    ) -> Decision {
         let spec = &self.spec;
-        let state = self.partitions.entry(partition).or_insert_with(|| PartitionState {
-            seen: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
-            latest: None,
-        });
+        let state = self
+            .partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionState {
+                seen: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
+                latest: None,
+            });
         let clock = match spec.clock {
             ClockKind::Wall => Clock::Wall(wall),
             ClockKind::EventTime => Clock::EventTime(state.latest),
@@ -123,10 +132,11 @@ impl Ingest {
         decision.overflowed_values = assignment.overflowed_values;
         let rounded = t.millis() - t.millis().rem_euclid(self.resolution);
         for &segment in &self.segments_scratch {
-            self.pending
-                .entry((segment, partition))
-                .or_default()
-                .push((offset, rounded, response.score.value()));
+            self.pending.entry((segment, partition)).or_default().push((
+                offset,
+                rounded,
+                response.score.value(),
+            ));
         }
         decision
     }
@@ -151,7 +161,10 @@ impl Ingest {
 
     /// Ids forgotten before their horizon because a partition's filter was full.
     pub fn dedupe_evicted_early(&self) -> u64 {
-        self.partitions.values().map(|p| p.seen.evicted_early()).sum()
+        self.partitions
+            .values()
+            .map(|p| p.seen.evicted_early())
+            .sum()
     }
 
     /// The segment catalog (names of segments made so far).
@@ -209,7 +222,13 @@ mod tests {
         let deltas = ingest.take_deltas();
         let summary: Vec<(String, i32, Vec<i64>)> = deltas
             .iter()
-            .map(|d| (d.segment.clone(), d.partition, d.responses.iter().map(|r| r.0).collect()))
+            .map(|d| {
+                (
+                    d.segment.clone(),
+                    d.partition,
+                    d.responses.iter().map(|r| r.0).collect(),
+                )
+            })
             .collect();
         assert_eq!(
             summary,
@@ -240,7 +259,10 @@ mod tests {
             .iter()
             .map(|(p, o, m)| first.process(*p, *o, m, now()).outcome)
             .collect();
-        assert_eq!(outcomes, ["accepted", "duplicate", "accepted", "invalid", "too_old"]);
+        assert_eq!(
+            outcomes,
+            ["accepted", "duplicate", "accepted", "invalid", "too_old"]
+        );
         let replayed: Vec<Decision> = stream
             .iter()
             .map(|(p, o, m)| replay.process(*p, *o, m, now()))
@@ -248,20 +270,32 @@ mod tests {
         let replayed_outcomes: Vec<&str> = replayed.iter().map(|d| d.outcome).collect();
         assert_eq!(replayed_outcomes, outcomes);
         assert_eq!(first.take_deltas(), replay.take_deltas());
-        assert_eq!(replayed[3].dead_letter.as_ref().map(|d| d.0), Some("not_json"));
-        assert_eq!(replayed[4].dead_letter.as_ref().map(|d| d.0), Some("too_old"));
+        assert_eq!(
+            replayed[3].dead_letter.as_ref().map(|d| d.0),
+            Some("not_json")
+        );
+        assert_eq!(
+            replayed[4].dead_letter.as_ref().map(|d| d.0),
+            Some("too_old")
+        );
     }
 
     #[test]
     fn event_time_clock_is_per_partition() {
         let mut ingest = ingest(ClockKind::EventTime);
         let wall = Timestamp(0); // the wall clock plays no part
-        assert_eq!(ingest.process(0, 1, &message("a", 9, NOW), wall).outcome, "accepted");
+        assert_eq!(
+            ingest.process(0, 1, &message("a", 9, NOW), wall).outcome,
+            "accepted"
+        );
         let day_before = message("b", 9, "2026-11-21T11:00:00Z");
         assert_eq!(ingest.process(0, 2, &day_before, wall).outcome, "too_old");
         assert_eq!(ingest.process(1, 1, &day_before, wall).outcome, "accepted");
         ingest.forget_partition(0);
         let day_before_again = message("c", 9, "2026-11-21T11:00:00Z");
-        assert_eq!(ingest.process(0, 3, &day_before_again, wall).outcome, "accepted");
+        assert_eq!(
+            ingest.process(0, 3, &day_before_again, wall).outcome,
+            "accepted"
+        );
     }
 }

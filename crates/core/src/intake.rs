@@ -111,8 +111,9 @@ mod tests {
         let windows = WindowSpecs::new(&["1h"], 60, Span::minutes(5)).expect("valid");
         let mut seen = DuplicateFilter::new(Span::hours(1), 100);
         let now = Timestamp::parse_rfc3339("2026-11-22T12:00:00Z").expect("ts");
-        let outcome =
-            |bytes: &[u8], seen: &mut DuplicateFilter| classify(bytes, Clock::Wall(now), &windows, seen).label();
+        let outcome = |bytes: &[u8], seen: &mut DuplicateFilter| {
+            classify(bytes, Clock::Wall(now), &windows, seen).label()
+        };
         assert_eq!(
             outcome(&message("a", "2026-11-22T11:30:00Z"), &mut seen),
             "accepted"
@@ -144,11 +145,20 @@ mod tests {
         let latest = Timestamp::parse_rfc3339("2026-11-22T12:00:00Z");
         let far_ahead = message("a", "2030-01-01T00:00:00Z");
         let clock = Clock::EventTime(latest);
-        assert_eq!(classify(&far_ahead, clock, &windows, &mut seen).label(), "accepted");
+        assert_eq!(
+            classify(&far_ahead, clock, &windows, &mut seen).label(),
+            "accepted"
+        );
         let old = message("b", "2026-11-22T11:00:00Z");
-        assert_eq!(classify(&old, clock, &windows, &mut seen).label(), "too_old");
+        assert_eq!(
+            classify(&old, clock, &windows, &mut seen).label(),
+            "too_old"
+        );
         let fresh = Clock::EventTime(None);
-        assert_eq!(classify(&old, fresh, &windows, &mut seen).label(), "accepted");
+        assert_eq!(
+            classify(&old, fresh, &windows, &mut seen).label(),
+            "accepted"
+        );
     }
 
     #[test]

@@ -6,8 +6,8 @@
 use std::collections::{BTreeSet, HashSet};
 
 use npsflow_core::{
-    classify, decode, Category, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId,
-    SegmentSpec, Span, Tally, Timestamp, WindowSpecs,
+    classify, decode, Category, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog,
+    SegmentId, SegmentSpec, Span, Tally, Timestamp, WindowSpecs,
 };
 use proptest::prelude::*;
 
@@ -376,7 +376,10 @@ fn worked_example_through_the_pipeline() {
             "responded_at": Timestamp(START).to_rfc3339(), "customer_id": "c",
         });
         let bytes = serde_json::to_vec(&json).expect("serialises");
-        assert_eq!(core.process(&bytes, Clock::Wall(Timestamp(START))), "accepted");
+        assert_eq!(
+            core.process(&bytes, Clock::Wall(Timestamp(START))),
+            "accepted"
+        );
     }
     let all = core.catalog.id("all").expect("all exists");
     let summary = core

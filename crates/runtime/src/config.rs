@@ -220,10 +220,8 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigErrors> {
-        let mut builder = config::Config::builder().add_source(config::File::from_str(
-            DEFAULTS,
-            config::FileFormat::Toml,
-        ));
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
             builder = builder.add_source(
                 config::File::from(path)
@@ -365,7 +363,10 @@ impl Config {
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&s.log.level).is_err() {
-            problems.push(format!("log.level: {:?} is not a valid filter", s.log.level));
+            problems.push(format!(
+                "log.level: {:?} is not a valid filter",
+                s.log.level
+            ));
         }
         let routing = Routing::new(
             s.routing.accounts.clone(),
@@ -402,9 +403,11 @@ mod tests {
     use super::*;
 
     fn load(file: Option<&str>, env: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("npsflow-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let path = dir.join(format!("{}.toml", rand::random::<u64>()));
+        let path = dir.join(format!("{n}.toml"));
         if let Some(text) = file {
             std::fs::write(&path, text).expect("write");
         }
@@ -420,7 +423,10 @@ mod tests {
         assert_eq!(config.settings.topics.responses, "survey.responses");
         assert_eq!(config.settings.topics.dead_letters, "npsflow.dlq");
         assert_eq!(config.settings.topics.followups, "npsflow.followups");
-        assert_eq!(config.settings.topics.segment_deltas, "npsflow.segment-deltas");
+        assert_eq!(
+            config.settings.topics.segment_deltas,
+            "npsflow.segment-deltas"
+        );
         assert_eq!(config.dedupe_horizon, Span::days(28));
     }
 
@@ -441,7 +447,10 @@ mod tests {
         assert_eq!(config.settings.kafka.properties["sasl.password"], "hunter2");
         let printed = config.redacted_toml();
         assert!(!printed.contains("hunter2"), "{printed}");
-        assert!(printed.contains("\"sasl.password\" = \"<redacted>\""), "{printed}");
+        assert!(
+            printed.contains("\"sasl.password\" = \"<redacted>\""),
+            "{printed}"
+        );
         assert!(printed.contains("listen = \"127.0.0.1:2\""), "{printed}");
     }
 

@@ -1,0 +1,186 @@
+//! The HTTP server: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and the segment API
+//! `/v1/segments` and `/v1/segments/{segment}?window=7d`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+
+use crate::aggregate::{AggregateView, Row};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::wall_now;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct AppState {
+    /// Metrics registry.
+    pub metrics: Metrics,
+    /// Role health.
+    pub health: Arc<Health>,
+    /// Segment windows, if the aggregate role runs here.
+    pub view: Option<Arc<RwLock<AggregateView>>>,
+}
+
+/// The router with every endpoint.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/v1/segments", get(segments))
+        .route("/v1/segments/{segment}", get(segment))
+        .with_state(state)
+}
+
+/// Serves the router on `listener` until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+/// Binds the listen address.
+pub async fn bind(address: &str) -> std::io::Result<(tokio::net::TcpListener, SocketAddr)> {
+    let listener = tokio::net::TcpListener::bind(address).await?;
+    let local = listener.local_addr()?;
+    Ok((listener, local))
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    let roles: serde_json::Map<String, Value> = state
+        .health
+        .snapshot()
+        .into_iter()
+        .map(|(role, h)| {
+            let value = json!({
+                "ready": h.ready(), "connected": h.connected, "joined": h.joined,
+                "restored": h.restored,
+            });
+            (role.to_owned(), value)
+        })
+        .collect();
+    let ready = state.health.ready();
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "ready": ready, "roles": roles }))).into_response()
+}
+
+/// The JSON form of one segment in one window.
+pub fn row_json(row: &Row) -> Value {
+    let s = &row.summary;
+    json!({
+        "segment": row.segment,
+        "window": row.window,
+        "responses": s.tally.responses(),
+        "promoters": s.tally.promoters,
+        "passives": s.tally.passives,
+        "detractors": s.tally.detractors,
+        "nps": s.nps,
+        "ci95": s.ci95,
+        "band": s.band.map(|b| b.as_str()),
+    })
+}
+
+fn error(status: StatusCode, message: String) -> Response {
+    (status, Json(json!({ "error": message }))).into_response()
+}
+
+/// The `window` query parameter, if given and known; else the 400 message.
+fn check_window(
+    view: &AggregateView,
+    query: &HashMap<String, String>,
+) -> Result<Option<String>, String> {
+    match query.get("window") {
+        None => Ok(None),
+        Some(window) if view.windows().position(window).is_some() => Ok(Some(window.clone())),
+        Some(window) => {
+            let known: Vec<&str> = view.windows().windows().iter().map(|w| w.name()).collect();
+            Err(format!(
+                "unknown window {window:?}; windows are {}",
+                known.join(", ")
+            ))
+        }
+    }
+}
+
+fn no_aggregate() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "the aggregate role does not run in this process".into(),
+    )
+}
+
+async fn segments(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(view) = state.view else {
+        return no_aggregate();
+    };
+    let view = view.read().unwrap_or_else(|e| e.into_inner());
+    let window = match check_window(&view, &query) {
+        Ok(window) => window,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let rows: Vec<Value> = view
+        .rows(wall_now())
+        .iter()
+        .filter(|row| window.as_ref().is_none_or(|w| &row.window == w))
+        .map(row_json)
+        .collect();
+    Json(Value::Array(rows)).into_response()
+}
+
+async fn segment(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let Some(view) = state.view else {
+        return no_aggregate();
+    };
+    let view = view.read().unwrap_or_else(|e| e.into_inner());
+    let window = match check_window(&view, &query) {
+        Ok(window) => window,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let Some(rows) = view.segment(&name, wall_now()) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("segment {name:?} is not owned by this process or has no responses"),
+        );
+    };
+    match window {
+        Some(window) => rows
+            .iter()
+            .find(|row| row.window == window)
+            .map(|row| Json(row_json(row)).into_response())
+            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such window".into())),
+        None => Json(Value::Array(rows.iter().map(row_json).collect())).into_response(),
+    }
+}

@@ -1,0 +1,245 @@
+//! The ingest role: consumes `survey.responses` in batches, lets the core decide each
+//! message, and delivers what the batch caused (dead letters byte-for-byte, detractor alerts,
+//! segment deltas) before storing the batch's offsets. One commit point per batch.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use npsflow_core::{ClockKind, Ingest, IngestSpec};
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::FutureProducer;
+use rdkafka::Message;
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::config::{self, Config};
+use crate::health::Health;
+use crate::kafka::{self, AssignmentChange, Outgoing, RoleContext};
+use crate::metrics::Metrics;
+use crate::{wall_now, RuntimeError};
+
+/// The role's name in logs, metrics and health.
+pub const ROLE: &str = "ingest";
+
+/// Header names on dead letters and alerts.
+pub mod headers {
+    /// Machine-readable reason code.
+    pub const ERROR: &str = "npsflow-error";
+    /// Human-readable reason (never quotes the message).
+    pub const ERROR_DETAIL: &str = "npsflow-error-detail";
+    /// Topic the message came from.
+    pub const SOURCE_TOPIC: &str = "npsflow-source-topic";
+    /// Partition the message came from.
+    pub const SOURCE_PARTITION: &str = "npsflow-source-partition";
+    /// Offset of the message.
+    pub const SOURCE_OFFSET: &str = "npsflow-source-offset";
+}
+
+/// The core's ingest spec from the configuration.
+pub fn spec(config: &Config) -> IngestSpec {
+    IngestSpec {
+        windows: config.windows.clone(),
+        segments: config.segments.clone(),
+        routing: config.routing.clone(),
+        dedupe_horizon: config.dedupe_horizon,
+        dedupe_capacity: config.settings.dedupe.capacity,
+        clock: match config.settings.windows.clock {
+            config::ClockKind::Wall => ClockKind::Wall,
+            config::ClockKind::EventTime => ClockKind::EventTime,
+        },
+    }
+}
+
+fn source_headers(base: OwnedHeaders, message: &OwnedMessage) -> OwnedHeaders {
+    base.insert(Header {
+        key: headers::SOURCE_TOPIC,
+        value: Some(message.topic()),
+    })
+    .insert(Header {
+        key: headers::SOURCE_PARTITION,
+        value: Some(&message.partition().to_string()),
+    })
+    .insert(Header {
+        key: headers::SOURCE_OFFSET,
+        value: Some(&message.offset().to_string()),
+    })
+}
+
+/// Everything one batch of input messages causes, and the offsets it covers.
+struct BatchEffects {
+    records: Vec<Outgoing>,
+    /// (topic, partition, last offset)
+    offsets: Vec<(String, i32, i64)>,
+}
+
+/// Decides a batch and builds its output records. Pure apart from reading the clock.
+fn decide_batch(
+    ingest: &mut Ingest,
+    batch: &[OwnedMessage],
+    config: &Config,
+    metrics: &Metrics,
+) -> BatchEffects {
+    let topics = &config.settings.topics;
+    let now = wall_now();
+    let mut records = Vec::new();
+    let mut offsets: Vec<(String, i32, i64)> = Vec::new();
+    for message in batch {
+        let payload = message.payload().unwrap_or_default();
+        let decision = ingest.process(message.partition(), message.offset(), payload, now);
+        metrics.events.with_label_values(&[decision.outcome]).inc();
+        if let Some((code, detail)) = &decision.dead_letter {
+            metrics.dead_letters.with_label_values(&[code]).inc();
+            let mut headers = OwnedHeaders::new();
+            if let Some(original) = message.headers() {
+                for header in original.iter() {
+                    headers = headers.insert(header);
+                }
+            }
+            let headers = headers
+                .insert(Header {
+                    key: headers::ERROR,
+                    value: Some(*code),
+                })
+                .insert(Header {
+                    key: headers::ERROR_DETAIL,
+                    value: Some(detail.as_str()),
+                });
+            records.push(Outgoing {
+                topic: topics.dead_letters.clone(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+                headers: source_headers(headers, message),
+            });
+        }
+        if let Some(t) = decision.event_time {
+            let lag = (now.millis() - t.millis()) as f64 / 1000.0;
+            metrics.event_time_lag.observe(lag.max(0.0));
+        }
+        if decision.overflowed_values > 0 {
+            metrics
+                .overflowed
+                .inc_by(u64::from(decision.overflowed_values));
+        }
+        if let Some(alert) = decision.alert {
+            metrics
+                .alerts
+                .with_label_values(&["detractor", alert.severity.as_str()])
+                .inc();
+            records.push(Outgoing {
+                topic: topics.followups.clone(),
+                key: Some(alert.customer_id.clone().into_bytes()),
+                payload: Some(alert.to_json()),
+                headers: source_headers(OwnedHeaders::new(), message),
+            });
+        }
+        match offsets
+            .iter_mut()
+            .find(|(t, p, _)| t == message.topic() && *p == message.partition())
+        {
+            Some(entry) => entry.2 = entry.2.max(message.offset()),
+            None => offsets.push((
+                message.topic().to_owned(),
+                message.partition(),
+                message.offset(),
+            )),
+        }
+    }
+    for delta in ingest.take_deltas() {
+        records.push(Outgoing {
+            topic: topics.segment_deltas.clone(),
+            key: Some(delta.segment.clone().into_bytes()),
+            payload: Some(delta.to_json()),
+            headers: OwnedHeaders::new(),
+        });
+    }
+    BatchEffects { records, offsets }
+}
+
+/// Runs the ingest role until `shutdown` turns true: then finishes the batch in flight,
+/// commits and leaves the group.
+pub async fn run(
+    config: Arc<Config>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), RuntimeError> {
+    health.register(ROLE);
+    health.set_restored(ROLE, true);
+    let settings = &config.settings;
+    let context = RoleContext::new(
+        ROLE,
+        &settings.kafka.ingest_group,
+        metrics.clone(),
+        health.clone(),
+    );
+    let consumer: StreamConsumer<RoleContext> = kafka::consumer_config(
+        &settings.kafka,
+        &settings.kafka.ingest_group,
+        "npsflow-ingest",
+    )
+    .create_with_context(context)?;
+    let producer: FutureProducer =
+        kafka::producer_config(&settings.kafka, "npsflow-ingest-producer").create()?;
+    consumer.subscribe(&[settings.topics.responses.as_str()])?;
+    info!(topic = %settings.topics.responses, group = %settings.kafka.ingest_group, "ingest started");
+
+    let mut ingest = Ingest::new(spec(&config));
+    let max_messages = settings.ingest.batch_max_messages;
+    let max_wait = std::time::Duration::from_millis(config.batch_max_wait.millis() as u64);
+    let mut evicted_reported = 0;
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => break,
+            received = consumer.recv() => received,
+        };
+        let started = Instant::now();
+        let mut batch = Vec::with_capacity(max_messages.min(4096));
+        match first {
+            Ok(message) => batch.push(message.detach()),
+            Err(error) => {
+                warn!(%error, "consume error");
+                continue;
+            }
+        }
+        let deadline = tokio::time::Instant::now() + max_wait;
+        while batch.len() < max_messages {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(Ok(message)) => batch.push(message.detach()),
+                Ok(Err(error)) => warn!(%error, "consume error"),
+                Err(_) => break,
+            }
+        }
+        for change in consumer.context().take_changes() {
+            if let AssignmentChange::Revoked(partitions) = change {
+                for (_, partition) in partitions {
+                    ingest.forget_partition(partition);
+                }
+            }
+        }
+        let effects = decide_batch(&mut ingest, &batch, &config, &metrics);
+        kafka::deliver_all(&producer, &effects.records, &metrics).await;
+        for (topic, partition, offset) in &effects.offsets {
+            if let Err(error) = consumer.store_offset(topic, *partition, *offset) {
+                // The partition was revoked meanwhile; its new owner replays from the last
+                // commit and makes the same decisions.
+                debug!(%error, partition, "offset not stored");
+            }
+        }
+        let evicted = ingest.dedupe_evicted_early();
+        if evicted > evicted_reported {
+            metrics.dedupe_evicted.inc_by(evicted - evicted_reported);
+            evicted_reported = evicted;
+        }
+        metrics
+            .batch_seconds
+            .with_label_values(&[ROLE])
+            .observe(started.elapsed().as_secs_f64());
+    }
+    info!("ingest stopping: committing offsets");
+    if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
+        debug!(%error, "final commit");
+    }
+    consumer.unsubscribe();
+    Ok(())
+}
