@@ -1,0 +1,529 @@
+//! Service tests against an in-process Kafka-protocol broker (librdkafka's mock cluster): the
+//! real client and wire protocol, every role end to end, with injectable broker errors.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use npsflow_runtime::{Config, Process, Role};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+/// Long enough for anything on a loaded 2-core machine; tests end as soon as data arrives.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn config(brokers: &str) -> Arc<Config> {
+    let env = [
+        ("NPSFLOW__KAFKA__BROKERS", brokers),
+        ("NPSFLOW__INGEST__BATCH_MAX_WAIT", "20ms"),
+        ("NPSFLOW__HTTP__LISTEN", "127.0.0.1:0"),
+        ("NPSFLOW__TOPICS__PARTITIONS", "3"),
+        ("NPSFLOW__ROUTING__DEFAULT_OWNER", "cx-queue"),
+        ("NPSFLOW__ROUTING__ACCOUNTS__ACME", "acme-owner"),
+    ];
+    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+    Arc::new(Config::load(None, env).expect("valid test config"))
+}
+
+struct Pipeline {
+    process: Process,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), npsflow_runtime::RuntimeError>>,
+}
+
+impl Pipeline {
+    async fn start(config: &Arc<Config>) -> Pipeline {
+        let process = Process::new(config, &Role::ALL);
+        let (listener, _) = npsflow_runtime::http::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(npsflow_runtime::run(
+            config.clone(),
+            &Role::ALL,
+            process.clone(),
+            listener,
+            stopped,
+        ));
+        Pipeline {
+            process,
+            stop,
+            task,
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.send(true).expect("pipeline listening");
+        self.task.await.expect("joined").expect("clean stop");
+    }
+
+    fn events(&self, outcome: &str) -> u64 {
+        self.process
+            .metrics
+            .events
+            .with_label_values(&[outcome])
+            .get()
+    }
+
+    fn total_events(&self) -> u64 {
+        ["accepted", "invalid", "duplicate", "too_old", "future"]
+            .iter()
+            .map(|o| self.events(o))
+            .sum()
+    }
+
+    async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        let response = npsflow_runtime::http::router(self.process.app_state())
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("served");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let text = String::from_utf8(bytes.to_vec()).expect("utf8");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+fn cluster(
+    config_topics: &Config,
+) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = MockCluster::new(1).expect("mock cluster");
+    for (topic, partitions) in npsflow_runtime::topics::planned(&config_topics.settings) {
+        cluster.create_topic(&topic, partitions, 1).expect("topic");
+    }
+    cluster
+}
+
+async fn produce(brokers: &str, topic: &str, messages: &[(Option<&str>, Vec<u8>, OwnedHeaders)]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("producer");
+    for (key, payload, headers) in messages {
+        let mut record = FutureRecord::to(topic)
+            .payload(payload.as_slice())
+            .headers(headers.clone());
+        if let Some(key) = key {
+            record = record.key(*key);
+        }
+        producer
+            .send(record, Timeout::Never)
+            .await
+            .expect("delivered");
+    }
+}
+
+/// Every message of a topic, read from the start until `count` arrived.
+fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}-{}", rand_suffix()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut list = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        list.add_partition_offset(topic, partition.id(), Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&list).expect("assign");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut messages = Vec::new();
+    while messages.len() < count && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            messages.push(message.detach());
+        }
+    }
+    // Anything beyond `count` would be a duplicate: give it a moment to show up.
+    let settle = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < settle {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+            messages.push(message.detach());
+        }
+    }
+    messages
+}
+
+fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn now_rfc3339(offset_s: i64) -> String {
+    npsflow_core::Timestamp(npsflow_runtime::wall_now().millis() + offset_s * 1000).to_rfc3339()
+}
+
+fn response(id: &str, score: u8, extra: &str) -> Vec<u8> {
+    format!(
+        r#"{{"response_id":"{id}","score":{score},"responded_at":"{}","customer_id":"cust-{id}"{extra}}}"#,
+        now_rfc3339(-30)
+    )
+    .into_bytes()
+}
+
+fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    message.headers().and_then(|h| {
+        h.iter()
+            .find(|header| header.key == name)
+            .and_then(|header| header.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
+    let probe = config("unused:9092");
+    let cluster = cluster(&probe);
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers);
+    let topics = &config.settings.topics;
+    let pipeline = Pipeline::start(&config).await;
+
+    let plain = OwnedHeaders::new();
+    let traced = OwnedHeaders::new().insert(Header {
+        key: "trace-id",
+        value: Some("abc"),
+    });
+    let east = r#","segments":{"region":"east","product":"sedan"}"#;
+    let west = r#","segments":{"region":"west"}"#;
+    let invalid: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = vec![
+        (Some("k-bad-score"), br#"{"response_id":"x1","score":11,"responded_at":"2026-11-22T00:00:00Z","customer_id":"c"}"#.to_vec(), traced.clone()),
+        (Some("k-not-utf8"), vec![b'{', 0xff, 0xfe, b'}'], plain.clone()),
+        (None, b"not json at all".to_vec(), plain.clone()),
+        (Some("k-old"), format!(r#"{{"response_id":"old","score":9,"responded_at":"{}","customer_id":"c"}}"#, now_rfc3339(-29 * 86_400)).into_bytes(), plain.clone()),
+        (Some("k-future"), format!(r#"{{"response_id":"fut","score":9,"responded_at":"{}","customer_id":"c"}}"#, now_rfc3339(3_600)).into_bytes(), plain.clone()),
+    ];
+    let mut messages: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = vec![
+        (Some("cust-p1"), response("p1", 10, east), plain.clone()),
+        (Some("cust-p2"), response("p2", 9, east), plain.clone()),
+        (Some("cust-n1"), response("n1", 8, west), plain.clone()),
+        (
+            Some("cust-d1"),
+            response("d1", 2, &format!(r#","account_manager":"ann"{east}"#)),
+            plain.clone(),
+        ),
+        (
+            Some("cust-d2"),
+            response("d2", 5, r#","account_id":"acme""#),
+            plain.clone(),
+        ),
+        (Some("cust-d3"), response("d3", 6, west), plain.clone()),
+    ];
+    messages.push(messages[3].clone()); // an exact re-send: a duplicate
+    messages.extend(invalid.iter().cloned());
+    produce(&brokers, &topics.responses, &messages).await;
+
+    wait_until("every message to be decided", || {
+        pipeline.total_events() == messages.len() as u64
+    })
+    .await;
+    assert_eq!(pipeline.events("accepted"), 6);
+    assert_eq!(pipeline.events("duplicate"), 1);
+    assert_eq!(pipeline.events("invalid"), 3);
+    assert_eq!(pipeline.events("too_old"), 1);
+    assert_eq!(pipeline.events("future"), 1);
+
+    // Dead letters: exactly as received, with the reason and the source in headers.
+    let dead = read_topic(&brokers, &topics.dead_letters, invalid.len());
+    assert_eq!(dead.len(), invalid.len(), "one dead letter per bad message");
+    let mut expected_reasons: BTreeMap<Vec<u8>, &str> = BTreeMap::new();
+    for ((_, payload, _), reason) in invalid.iter().zip([
+        "score_out_of_range",
+        "not_utf8",
+        "not_json",
+        "too_old",
+        "future",
+    ]) {
+        expected_reasons.insert(payload.clone(), reason);
+    }
+    for letter in &dead {
+        let payload = letter.payload().expect("payload").to_vec();
+        let original = invalid
+            .iter()
+            .find(|(_, p, _)| *p == payload)
+            .expect("dead letter is byte-for-byte one of the bad messages");
+        assert_eq!(letter.key(), original.0.map(str::as_bytes));
+        assert_eq!(
+            header(letter, "npsflow-error").as_deref(),
+            Some(expected_reasons[&payload])
+        );
+        assert_eq!(
+            header(letter, "npsflow-source-topic").as_deref(),
+            Some(topics.responses.as_str())
+        );
+        assert!(header(letter, "npsflow-source-offset").is_some());
+        assert!(header(letter, "npsflow-source-partition").is_some());
+        assert!(header(letter, "npsflow-error-detail").is_some());
+        if original.0 == Some("k-bad-score") {
+            assert_eq!(
+                header(letter, "trace-id").as_deref(),
+                Some("abc"),
+                "original headers kept"
+            );
+        }
+    }
+
+    // Alerts: one per detractor, routed, keyed by customer.
+    let alerts = read_topic(&brokers, &topics.followups, 3);
+    assert_eq!(
+        alerts.len(),
+        3,
+        "one alert per detractor, none for the duplicate"
+    );
+    let mut owners = BTreeMap::new();
+    for alert in &alerts {
+        let json: Value = serde_json::from_slice(alert.payload().expect("payload")).expect("json");
+        let id = json["response_id"].as_str().expect("id").to_owned();
+        assert_eq!(json["alert_id"], npsflow_core::alert_id(&id));
+        assert_eq!(alert.key(), Some(format!("cust-{id}").as_bytes()));
+        owners.insert(id, json["owner"].as_str().expect("owner").to_owned());
+    }
+    let expected: BTreeMap<String, String> =
+        [("d1", "ann"), ("d2", "acme-owner"), ("d3", "cx-queue")]
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect();
+    assert_eq!(owners, expected);
+
+    // Windows: the API and the gauges agree with the accepted responses.
+    wait_until("the aggregator to count every response", || {
+        pipeline
+            .process
+            .metrics
+            .delta_responses
+            .with_label_values(&["applied"])
+            .get()
+            >= 17
+    })
+    .await;
+    let (status, all) = pipeline.get("/v1/segments/all?window=1h").await;
+    assert_eq!(status, StatusCode::OK, "{all}");
+    assert_eq!(all["responses"], 6);
+    assert_eq!(all["promoters"], 2);
+    assert_eq!(all["passives"], 1);
+    assert_eq!(all["detractors"], 3);
+    let nps = all["nps"].as_f64().expect("nps");
+    assert!((nps - 100.0 * (2.0 - 3.0) / 6.0).abs() < 1e-9);
+    assert_eq!(all["band"], "low");
+    let (_, east) = pipeline.get("/v1/segments/region=east?window=24h").await;
+    assert_eq!(
+        (east["responses"].as_u64(), east["nps"].as_f64()),
+        (Some(3), Some(100.0 / 3.0))
+    );
+    let (_, combo) = pipeline.get("/v1/segments/product=sedan,region=east").await;
+    assert_eq!(
+        combo.as_array().map(Vec::len),
+        Some(4),
+        "one row per window"
+    );
+    let (status, _) = pipeline.get("/v1/segments/all?window=2h").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, _) = pipeline.get("/v1/segments/region=nowhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (_, listing) = pipeline.get("/v1/segments?window=7d").await;
+    let names: BTreeSet<&str> = listing
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|row| row["segment"].as_str().expect("segment"))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "all",
+            "product=sedan",
+            "product=sedan,region=east",
+            "region=east",
+            "region=west"
+        ]
+        .into()
+    );
+    let metrics = pipeline.process.metrics.render();
+    assert!(
+        metrics.contains(
+            r#"npsflow_segment_responses{category="detractor",segment="all",window="1h"} 3"#
+        ),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(r#"npsflow_segment_nps{segment="region=west",window="28d"} -50"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(r#"npsflow_alerts_total{kind="detractor",severity="high"} 1"#));
+    assert!(metrics.contains(r#"npsflow_dead_letters_total{reason="not_utf8"} 1"#));
+    let (status, ready) = pipeline.get("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_errors_are_retried_and_nothing_is_lost() {
+    let probe = config("unused:9092");
+    let cluster = cluster(&probe);
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers);
+    let topics = &config.settings.topics;
+    let input: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..40)
+        .map(|i| {
+            (
+                Some("k"),
+                response(&format!("e{i}"), (i % 11) as u8, ""),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect();
+    produce(&brokers, &topics.responses, &input).await;
+    // Every produce request and offset commit fails a few times before it succeeds.
+    let transient = [
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+        RDKafkaRespErr::RD_KAFKA_RESP_ERR_LEADER_NOT_AVAILABLE,
+    ];
+    cluster.request_errors(RDKafkaApiKey::Produce, &transient.repeat(3));
+    cluster.request_errors(RDKafkaApiKey::OffsetCommit, &transient[2..].repeat(2));
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("all 40 responses", || pipeline.events("accepted") == 40).await;
+    let detractors = (0..40).filter(|i| i % 11 <= 6).count();
+    let alerts = read_topic(&brokers, &topics.followups, detractors);
+    let ids: BTreeSet<String> = alerts
+        .iter()
+        .map(|a| {
+            let json: Value = serde_json::from_slice(a.payload().expect("payload")).expect("json");
+            json["alert_id"].as_str().expect("id").to_owned()
+        })
+        .collect();
+    assert_eq!(ids.len(), detractors, "every detractor alerted");
+    wait_until("the aggregator to count all 40", || {
+        let (tally, _) = pipeline
+            .process
+            .view
+            .as_ref()
+            .map(|v| {
+                let v = v.read().expect("lock");
+                let rows = v
+                    .segment("all", npsflow_runtime::wall_now())
+                    .unwrap_or_default();
+                (
+                    rows.first()
+                        .map(|r| r.summary.tally.responses())
+                        .unwrap_or(0),
+                    (),
+                )
+            })
+            .expect("view");
+        tally == 40
+    })
+    .await;
+    assert!(
+        pipeline
+            .process
+            .metrics
+            .produce_errors
+            .with_label_values(&[topics.followups.as_str()])
+            .get()
+            + pipeline
+                .process
+                .metrics
+                .produce_errors
+                .with_label_values(&[topics.segment_deltas.as_str()])
+                .get()
+            == 0,
+        "librdkafka retries transient errors itself; none reach the role"
+    );
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
+    let probe = config("unused:9092");
+    let cluster = cluster(&probe);
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers);
+    let topics = &config.settings.topics;
+    let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..10)
+        .map(|i| {
+            (
+                Some("k"),
+                response(&format!("s{i}"), 1, ""),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect();
+    produce(&brokers, &topics.responses, &first).await;
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("the first ten", || pipeline.events("accepted") == 10).await;
+    pipeline.stop().await;
+
+    // The group's committed offsets cover everything consumed.
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &brokers)
+        .set("group.id", &config.settings.kafka.ingest_group)
+        .create()
+        .expect("consumer");
+    let mut list = TopicPartitionList::new();
+    for p in 0..3 {
+        list.add_partition(&topics.responses, p);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets");
+    let total: i64 = committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    assert_eq!(total, 10, "committed offsets cover all ten messages");
+    drop(consumer);
+
+    let second: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> =
+        vec![(Some("k"), response("s-after", 1, ""), OwnedHeaders::new())];
+    produce(&brokers, &topics.responses, &second).await;
+    let restarted = Pipeline::start(&config).await;
+    wait_until("the new message", || restarted.events("accepted") == 1).await;
+    let alerts = read_topic(&brokers, &topics.followups, 11);
+    assert_eq!(
+        alerts.len(),
+        11,
+        "no alert was sent twice after the restart"
+    );
+    assert_eq!(
+        restarted.total_events(),
+        1,
+        "nothing before the commit was read again"
+    );
+    restarted.stop().await;
+}
