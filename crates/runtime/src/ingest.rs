@@ -237,9 +237,6 @@ pub async fn run(
             .observe(started.elapsed().as_secs_f64());
     }
     info!("ingest stopping: committing offsets");
-    if let Err(error) = consumer.commit_consumer_state(rdkafka::consumer::CommitMode::Sync) {
-        debug!(%error, "final commit");
-    }
-    consumer.unsubscribe();
+    kafka::close_consumer(consumer, ROLE, std::time::Duration::from_secs(15)).await;
     Ok(())
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -231,5 +233,26 @@ pub async fn deliver_all(producer: &FutureProducer, records: &[Outgoing], metric
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
         pending = failed;
+    }
+}
+
+/// Commits the stored offsets, leaves the group and closes the consumer, on a blocking
+/// thread and for at most `limit`: with the broker gone this cannot finish, and the stored
+/// offsets are then simply replayed by the next owner, which makes the same decisions.
+pub async fn close_consumer(
+    consumer: StreamConsumer<RoleContext>,
+    role: &'static str,
+    limit: Duration,
+) {
+    let closing = tokio::task::spawn_blocking(move || {
+        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+            info!(role, %error, "final commit skipped");
+        }
+        consumer.unsubscribe();
+        drop(consumer);
+    });
+    match tokio::time::timeout(limit, closing).await {
+        Ok(_) => info!(role, "offsets committed, consumer closed"),
+        Err(_) => warn!(role, "broker unreachable: closing without a final commit"),
     }
 }

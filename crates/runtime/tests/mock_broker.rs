@@ -99,9 +99,27 @@ impl Pipeline {
     }
 }
 
+/// A failed assertion ends the test process at once, with the usual report. Without this, a
+/// failing test would wait on Kafka clients that are still closing (tokio's runtime waits for
+/// blocking tasks when it shuts down).
+fn fail_fast() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            // Straight to the process's stderr: the test harness's capture dies with us.
+            use std::io::Write;
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or("unnamed");
+            let _ = writeln!(std::io::stderr(), "\ntest thread '{name}' {info}");
+            std::process::exit(101);
+        }));
+    });
+}
+
 fn cluster(
     config_topics: &Config,
 ) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    fail_fast();
     let cluster = MockCluster::new(1).expect("mock cluster");
     for (topic, partitions) in npsflow_runtime::topics::planned(&config_topics.settings) {
         cluster.create_topic(&topic, partitions, 1).expect("topic");
