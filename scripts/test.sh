@@ -6,3 +6,6 @@ export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 
 echo "== unit, property and service tests"
 cargo test --workspace -j2
+
+echo "== end-to-end tests against a real broker (Tansu)"
+./scripts/e2e.sh

@@ -178,6 +178,7 @@ pub fn init_logging(settings: &config::LogSettings) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match settings.format {
         config::LogFormat::Json => builder.json().try_init(),

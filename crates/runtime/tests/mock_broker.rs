@@ -2,119 +2,20 @@
 //! real client and wire protocol, every role end to end, with injectable broker errors.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
-use axum::http::{Request, StatusCode};
-use npsflow_runtime::{Config, Process, Role};
+use axum::http::StatusCode;
+use npsflow_runtime::Config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
-use tokio::sync::watch;
-use tower::ServiceExt;
 
-/// Long enough for anything on a loaded 2-core machine; tests end as soon as data arrives.
-const PATIENCE: Duration = Duration::from_secs(60);
+mod common;
 
-fn config(brokers: &str) -> Arc<Config> {
-    let env = [
-        ("NPSFLOW__KAFKA__BROKERS", brokers),
-        ("NPSFLOW__INGEST__BATCH_MAX_WAIT", "20ms"),
-        ("NPSFLOW__HTTP__LISTEN", "127.0.0.1:0"),
-        ("NPSFLOW__TOPICS__PARTITIONS", "3"),
-        ("NPSFLOW__ROUTING__DEFAULT_OWNER", "cx-queue"),
-        ("NPSFLOW__ROUTING__ACCOUNTS__ACME", "acme-owner"),
-    ];
-    let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
-    Arc::new(Config::load(None, env).expect("valid test config"))
-}
-
-struct Pipeline {
-    process: Process,
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), npsflow_runtime::RuntimeError>>,
-}
-
-impl Pipeline {
-    async fn start(config: &Arc<Config>) -> Pipeline {
-        let process = Process::new(config, &Role::ALL);
-        let (listener, _) = npsflow_runtime::http::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(npsflow_runtime::run(
-            config.clone(),
-            &Role::ALL,
-            process.clone(),
-            listener,
-            stopped,
-        ));
-        Pipeline {
-            process,
-            stop,
-            task,
-        }
-    }
-
-    async fn stop(self) {
-        self.stop.send(true).expect("pipeline listening");
-        self.task.await.expect("joined").expect("clean stop");
-    }
-
-    fn events(&self, outcome: &str) -> u64 {
-        self.process
-            .metrics
-            .events
-            .with_label_values(&[outcome])
-            .get()
-    }
-
-    fn total_events(&self) -> u64 {
-        ["accepted", "invalid", "duplicate", "too_old", "future"]
-            .iter()
-            .map(|o| self.events(o))
-            .sum()
-    }
-
-    async fn get(&self, uri: &str) -> (StatusCode, Value) {
-        let response = npsflow_runtime::http::router(self.process.app_state())
-            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
-            .await
-            .expect("served");
-        let status = response.status();
-        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .expect("body");
-        let text = String::from_utf8(bytes.to_vec()).expect("utf8");
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        )
-    }
-}
-
-/// A failed assertion ends the test process at once, with the usual report. Without this, a
-/// failing test would wait on Kafka clients that are still closing (tokio's runtime waits for
-/// blocking tasks when it shuts down).
-fn fail_fast() {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
-            // Straight to the process's stderr: the test harness's capture dies with us.
-            use std::io::Write;
-            let thread = std::thread::current();
-            let name = thread.name().unwrap_or("unnamed");
-            let _ = writeln!(std::io::stderr(), "\ntest thread '{name}' {info}");
-            std::process::exit(101);
-        }));
-    });
-}
+use common::*;
 
 fn cluster(
     config_topics: &Config,
@@ -127,104 +28,12 @@ fn cluster(
     cluster
 }
 
-async fn produce(brokers: &str, topic: &str, messages: &[(Option<&str>, Vec<u8>, OwnedHeaders)]) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .create()
-        .expect("producer");
-    for (key, payload, headers) in messages {
-        let mut record = FutureRecord::to(topic)
-            .payload(payload.as_slice())
-            .headers(headers.clone());
-        if let Some(key) = key {
-            record = record.key(*key);
-        }
-        producer
-            .send(record, Timeout::Never)
-            .await
-            .expect("delivered");
-    }
-}
-
-/// Every message of a topic, read from the start until `count` arrived.
-fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{topic}-{}", rand_suffix()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("metadata");
-    let mut list = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        list.add_partition_offset(topic, partition.id(), Offset::Beginning)
-            .expect("partition");
-    }
-    consumer.assign(&list).expect("assign");
-    let deadline = std::time::Instant::now() + PATIENCE;
-    let mut messages = Vec::new();
-    while messages.len() < count && std::time::Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
-            messages.push(message.detach());
-        }
-    }
-    // Anything beyond `count` would be a duplicate: give it a moment to show up.
-    let settle = std::time::Instant::now() + Duration::from_millis(500);
-    while std::time::Instant::now() < settle {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
-            messages.push(message.detach());
-        }
-    }
-    messages
-}
-
-fn rand_suffix() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-}
-
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !done() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn now_rfc3339(offset_s: i64) -> String {
-    npsflow_core::Timestamp(npsflow_runtime::wall_now().millis() + offset_s * 1000).to_rfc3339()
-}
-
-fn response(id: &str, score: u8, extra: &str) -> Vec<u8> {
-    format!(
-        r#"{{"response_id":"{id}","score":{score},"responded_at":"{}","customer_id":"cust-{id}"{extra}}}"#,
-        now_rfc3339(-30)
-    )
-    .into_bytes()
-}
-
-fn header(message: &OwnedMessage, name: &str) -> Option<String> {
-    message.headers().and_then(|h| {
-        h.iter()
-            .find(|header| header.key == name)
-            .and_then(|header| header.value)
-            .map(|v| String::from_utf8_lossy(v).into_owned())
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
-    let probe = config("unused:9092");
+    let probe = config("unused:9092", &[]);
     let cluster = cluster(&probe);
     let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers);
+    let config = config(&brokers, &[]);
     let topics = &config.settings.topics;
     let pipeline = Pipeline::start(&config).await;
 
@@ -407,10 +216,10 @@ async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_errors_are_retried_and_nothing_is_lost() {
-    let probe = config("unused:9092");
+    let probe = config("unused:9092", &[]);
     let cluster = cluster(&probe);
     let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers);
+    let config = config(&brokers, &[]);
     let topics = &config.settings.topics;
     let input: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..40)
         .map(|i| {
@@ -484,10 +293,10 @@ async fn broker_errors_are_retried_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
-    let probe = config("unused:9092");
+    let probe = config("unused:9092", &[]);
     let cluster = cluster(&probe);
     let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers);
+    let config = config(&brokers, &[]);
     let topics = &config.settings.topics;
     let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..10)
         .map(|i| {

@@ -1,0 +1,214 @@
+//! Helpers shared by the service tests (mock broker) and the end-to-end tests (real
+//! broker): a pipeline running every role in-process, producing, reading topics back.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use npsflow_runtime::{Config, Process, Role};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+use tokio::sync::watch;
+use tower::ServiceExt;
+
+/// Long enough for anything on a loaded 2-core machine; tests end as soon as data arrives.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+pub fn config(brokers: &str, extra: &[(&str, &str)]) -> Arc<Config> {
+    let env = [
+        ("NPSFLOW__KAFKA__BROKERS", brokers),
+        ("NPSFLOW__INGEST__BATCH_MAX_WAIT", "20ms"),
+        ("NPSFLOW__HTTP__LISTEN", "127.0.0.1:0"),
+        ("NPSFLOW__TOPICS__PARTITIONS", "3"),
+        ("NPSFLOW__ROUTING__DEFAULT_OWNER", "cx-queue"),
+        ("NPSFLOW__ROUTING__ACCOUNTS__ACME", "acme-owner"),
+    ];
+    let env = env
+        .iter()
+        .chain(extra)
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+    Arc::new(Config::load(None, env).expect("valid test config"))
+}
+
+pub struct Pipeline {
+    pub process: Process,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), npsflow_runtime::RuntimeError>>,
+}
+
+impl Pipeline {
+    pub async fn start(config: &Arc<Config>) -> Pipeline {
+        let process = Process::new(config, &Role::ALL);
+        let (listener, _) = npsflow_runtime::http::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(npsflow_runtime::run(
+            config.clone(),
+            &Role::ALL,
+            process.clone(),
+            listener,
+            stopped,
+        ));
+        Pipeline {
+            process,
+            stop,
+            task,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.stop.send(true).expect("pipeline listening");
+        self.task.await.expect("joined").expect("clean stop");
+    }
+
+    pub fn events(&self, outcome: &str) -> u64 {
+        self.process
+            .metrics
+            .events
+            .with_label_values(&[outcome])
+            .get()
+    }
+
+    pub fn total_events(&self) -> u64 {
+        ["accepted", "invalid", "duplicate", "too_old", "future"]
+            .iter()
+            .map(|o| self.events(o))
+            .sum()
+    }
+
+    pub async fn get(&self, uri: &str) -> (StatusCode, Value) {
+        let response = npsflow_runtime::http::router(self.process.app_state())
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("served");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body");
+        let text = String::from_utf8(bytes.to_vec()).expect("utf8");
+        (
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+}
+
+/// A failed assertion ends the test process at once, with the usual report. Without this, a
+/// failing test would wait on Kafka clients that are still closing (tokio's runtime waits for
+/// blocking tasks when it shuts down).
+pub fn fail_fast() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            // Straight to the process's stderr: the test harness's capture dies with us.
+            use std::io::Write;
+            let thread = std::thread::current();
+            let name = thread.name().unwrap_or("unnamed");
+            let _ = writeln!(std::io::stderr(), "\ntest thread '{name}' {info}");
+            std::process::exit(101);
+        }));
+    });
+}
+
+pub async fn produce(
+    brokers: &str,
+    topic: &str,
+    messages: &[(Option<&str>, Vec<u8>, OwnedHeaders)],
+) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .expect("producer");
+    for (key, payload, headers) in messages {
+        let mut record = FutureRecord::to(topic)
+            .payload(payload.as_slice())
+            .headers(headers.clone());
+        if let Some(key) = key {
+            record = record.key(*key);
+        }
+        producer
+            .send(record, Timeout::Never)
+            .await
+            .expect("delivered");
+    }
+}
+
+/// Every message of a topic, read from the start until `count` arrived.
+pub fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{topic}-{}", rand_suffix()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut list = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        list.add_partition_offset(topic, partition.id(), Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&list).expect("assign");
+    let deadline = std::time::Instant::now() + PATIENCE;
+    let mut messages = Vec::new();
+    while messages.len() < count && std::time::Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(100)) {
+            messages.push(message.detach());
+        }
+    }
+    // Anything beyond `count` would be a duplicate: give it a moment to show up.
+    let settle = std::time::Instant::now() + Duration::from_millis(500);
+    while std::time::Instant::now() < settle {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(50)) {
+            messages.push(message.detach());
+        }
+    }
+    messages
+}
+
+pub fn rand_suffix() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+pub fn now_rfc3339(offset_s: i64) -> String {
+    npsflow_core::Timestamp(npsflow_runtime::wall_now().millis() + offset_s * 1000).to_rfc3339()
+}
+
+pub fn response(id: &str, score: u8, extra: &str) -> Vec<u8> {
+    format!(
+        r#"{{"response_id":"{id}","score":{score},"responded_at":"{}","customer_id":"cust-{id}"{extra}}}"#,
+        now_rfc3339(-30)
+    )
+    .into_bytes()
+}
+
+pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
+    message.headers().and_then(|h| {
+        h.iter()
+            .find(|header| header.key == name)
+            .and_then(|header| header.value)
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    })
+}

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Installs Tansu (a Kafka-compatible broker) if missing and starts it on loopback.
+#   scripts/tansu.sh start PORT [STORAGE]   # STORAGE: memory://tansu/ (default) or sqlite://FILE
+#   scripts/tansu.sh stop PORT
+# The first install builds from crates.io: about 15 minutes on 2 cores, once per machine.
+set -euo pipefail
+action="${1:?start|stop}"
+port="${2:?port}"
+storage="${3:-memory://tansu/}"
+state_dir="${TMPDIR:-/tmp}/npsflow-tansu-$port"
+mkdir -p "$state_dir"
+
+case "$action" in
+start)
+  if ! command -v tansu >/dev/null 2>&1; then
+    echo "installing tansu (once per machine, ~15 minutes)"
+    cargo install --locked tansu --features dynostore,libsql -j2
+  fi
+  tansu broker \
+    --listener-url "tcp://127.0.0.1:$port" \
+    --advertised-listener-url "tcp://127.0.0.1:$port" \
+    --storage-engine "$storage" >"$state_dir/broker.log" 2>&1 &
+  echo $! >"$state_dir/pid"
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "tansu listening on 127.0.0.1:$port (pid $(cat "$state_dir/pid"))"
+      exit 0
+    fi
+    sleep 0.1
+  done
+  echo "tansu did not start; its log:" >&2
+  cat "$state_dir/broker.log" >&2
+  exit 1
+  ;;
+stop)
+  if [ -f "$state_dir/pid" ]; then
+    kill "$(cat "$state_dir/pid")" 2>/dev/null || true
+    rm -f "$state_dir/pid"
+  fi
+  ;;
+*)
+  echo "usage: $0 start|stop PORT [STORAGE]" >&2
+  exit 2
+  ;;
+esac
