@@ -4,6 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 
+./scripts/prereqs.sh
+
 echo "== unit, property and service tests"
 cargo test --workspace -j2
 

@@ -5,8 +5,8 @@
 
 use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use npsflow_core::{
-    classify, decode, Clock, DuplicateFilter, Outcome, Scoreboard, SegmentCatalog, SegmentId,
-    SegmentSpec, Span, Timestamp, WindowSpecs,
+    classify, decode, Clock, ClockKind, DuplicateFilter, Ingest, IngestSpec, Outcome, Routing,
+    Scoreboard, SegmentCatalog, SegmentId, SegmentSpec, Span, Timestamp, WindowSpecs,
 };
 
 const EVENTS: usize = 100_000;
@@ -122,6 +122,34 @@ fn bench(c: &mut Criterion) {
                 let accepted = events.iter().filter(|e| pipeline.process(e)).count();
                 assert_eq!(accepted, events.len());
                 pipeline
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    group.bench_function("ingest stage (decisions, alerts, deltas per 2000)", |b| {
+        b.iter_batched(
+            || {
+                let p = Pipeline::new();
+                Ingest::new(IngestSpec {
+                    windows: p.windows,
+                    segments: p.catalog.spec().clone(),
+                    routing: Routing::new(Default::default(), vec![], "queue"),
+                    dedupe_horizon: Span::days(28),
+                    dedupe_capacity: 1_000_000,
+                    clock: ClockKind::Wall,
+                })
+            },
+            |mut ingest| {
+                let mut deltas = 0;
+                for (offset, chunk) in events.chunks(2000).enumerate() {
+                    for (i, e) in chunk.iter().enumerate() {
+                        let offset = (offset * 2000 + i) as i64;
+                        ingest.process(0, offset, e, Timestamp(NOW));
+                    }
+                    deltas += ingest.take_deltas().len();
+                }
+                assert!(deltas > 0);
+                ingest
             },
             BatchSize::PerIteration,
         )
