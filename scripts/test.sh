@@ -11,3 +11,6 @@ cargo test --workspace -j2
 
 echo "== end-to-end tests against a real broker (Tansu)"
 ./scripts/e2e.sh
+
+echo "== real Prometheus: rules, dashboards, metrics"
+./scripts/prometheus.sh

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use npsflow_core::{ClockKind, Ingest, IngestSpec};
+use npsflow_core::{ClockKind, Ingest, IngestSpec, Route};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureProducer;
@@ -125,6 +125,14 @@ fn decide_batch(
             metrics
                 .alerts
                 .with_label_values(&["detractor", alert.severity.as_str()])
+                .inc();
+            let owner = match alert.route {
+                Route::AccountManager => "account_manager",
+                _ => alert.owner.as_str(),
+            };
+            metrics
+                .alerts_by_owner
+                .with_label_values(&[owner, alert.route.as_str()])
                 .inc();
             records.push(Outgoing {
                 topic: topics.followups.clone(),

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// `npsflow_alerts_total{kind,severity}`.
     pub alerts: IntCounterVec,
+    /// `npsflow_alerts_by_owner_total{owner,route}`: owners from the routing table (bounded
+    /// by configuration); alerts routed by the response's own `account_manager` count under
+    /// `owner="account_manager"`, so customer-supplied names never become label values.
+    pub alerts_by_owner: IntCounterVec,
     /// `npsflow_event_time_lag_seconds`: wall clock minus `responded_at` at ingest.
     pub event_time_lag: Histogram,
     /// `npsflow_segment_values_overflowed_total`.
@@ -98,6 +102,12 @@ impl Metrics {
         for severity in Severity::ALL {
             alerts.with_label_values(&["detractor", severity.as_str()]);
         }
+        let alerts_by_owner = counter_vec(
+            &registry,
+            "npsflow_alerts_by_owner_total",
+            "Detractor alerts by owner (from the routing table) and routing rule.",
+            &["owner", "route"],
+        );
         let event_time_lag = Histogram::with_opts(
             HistogramOpts::new(
                 "npsflow_event_time_lag_seconds",
@@ -195,6 +205,7 @@ impl Metrics {
             events,
             dead_letters,
             alerts,
+            alerts_by_owner,
             event_time_lag,
             overflowed,
             dedupe_evicted,

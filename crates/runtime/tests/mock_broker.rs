@@ -208,6 +208,17 @@ async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
         "{metrics}"
     );
     assert!(metrics.contains(r#"npsflow_alerts_total{kind="detractor",severity="high"} 1"#));
+    for line in [
+        r#"npsflow_alerts_by_owner_total{owner="account_manager",route="account_manager"} 1"#,
+        r#"npsflow_alerts_by_owner_total{owner="acme-owner",route="account"} 1"#,
+        r#"npsflow_alerts_by_owner_total{owner="cx-queue",route="default"} 1"#,
+    ] {
+        assert!(metrics.contains(line), "missing {line}");
+    }
+    assert!(
+        !metrics.contains(r#"owner="ann""#),
+        "a customer-supplied name became a label"
+    );
     assert!(metrics.contains(r#"npsflow_dead_letters_total{reason="not_utf8"} 1"#));
     let (status, ready) = pipeline.get("/readyz").await;
     assert_eq!(status, StatusCode::OK, "{ready}");
