@@ -92,6 +92,14 @@ impl Process {
     /// Shared state for running `roles` with `config`.
     pub fn new(config: &Config, roles: &[Role]) -> Process {
         let metrics = metrics::Metrics::new();
+        let topics = &config.settings.topics;
+        for topic in [
+            &topics.dead_letters,
+            &topics.followups,
+            &topics.segment_deltas,
+        ] {
+            metrics.produce_errors.with_label_values(&[topic.as_str()]);
+        }
         let view = roles.contains(&Role::Aggregate).then(|| {
             let view = Arc::new(RwLock::new(aggregate::AggregateView::new(
                 config.windows.clone(),
