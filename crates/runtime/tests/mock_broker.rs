@@ -365,3 +365,66 @@ async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
     );
     restarted.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
+    let probe = config("unused:9092", &[]);
+    let cluster = cluster(&probe);
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers, &[]);
+    let topics = config.settings.topics.clone();
+    let before: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..5)
+        .map(|i| {
+            (
+                Some("k"),
+                response(&format!("o{i}"), 9, ""),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect();
+    produce(&brokers, &topics.responses, &before).await;
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("the first five", || pipeline.events("accepted") == 5).await;
+    wait_until("readiness", || pipeline.process.health.ready()).await;
+
+    cluster.broker_down(-1).expect("broker down");
+    wait_until("readiness to drop", || !pipeline.process.health.ready()).await;
+    let (status, body) = pipeline.get("/readyz").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["roles"]["ingest"]["connected"], false);
+    // Messages sent during the outage wait in the producer; nothing is lost or failed.
+    let during = tokio::spawn({
+        let brokers = brokers.clone();
+        let topic = topics.responses.clone();
+        async move {
+            let messages: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..5)
+                .map(|i| {
+                    (
+                        Some("k"),
+                        response(&format!("o-late{i}"), 3, ""),
+                        OwnedHeaders::new(),
+                    )
+                })
+                .collect();
+            produce(&brokers, &topic, &messages).await;
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pipeline.events("accepted"),
+        5,
+        "nothing is processed while the broker is down"
+    );
+
+    cluster.broker_up(-1).expect("broker up");
+    during.await.expect("produced after the outage");
+    wait_until("work to resume", || pipeline.events("accepted") == 10).await;
+    wait_until("readiness to return", || pipeline.process.health.ready()).await;
+    let alerts = read_topic(&brokers, &topics.followups, 5);
+    assert_eq!(
+        alerts.len(),
+        5,
+        "the detractors sent during the outage were alerted once each"
+    );
+    pipeline.stop().await;
+}
