@@ -6,7 +6,8 @@
 use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use npsflow_core::{
     classify, decode, Clock, ClockKind, DuplicateFilter, Ingest, IngestSpec, Outcome, Routing,
-    Scoreboard, SegmentCatalog, SegmentId, SegmentSpec, Span, Timestamp, WindowSpecs,
+    Scoreboard, SegmentCatalog, SegmentDelta, SegmentId, SegmentSnapshot, SegmentSpec,
+    SegmentStore, Span, Timestamp, WindowSpecs,
 };
 
 const EVENTS: usize = 100_000;
@@ -162,4 +163,56 @@ mod group {
     criterion::criterion_group!(benches, super::bench);
 }
 use group::benches;
-criterion_main!(benches);
+/// 10,000 segments, each with all four windows full (responses in every bucket), as
+/// snapshot messages; restoring means parsing each and rebuilding its windows.
+fn restore(c: &mut Criterion) {
+    const SEGMENTS: usize = 10_000;
+    let windows =
+        WindowSpecs::new(&["1h", "24h", "7d", "28d"], 60, Span::minutes(5)).expect("valid");
+    let mut store = SegmentStore::new(windows.clone());
+    let mut offset = 0;
+    let mut snapshots = Vec::with_capacity(SEGMENTS);
+    for s in 0..SEGMENTS {
+        let segment = format!("product=p{},region=r{}", s % 100, s / 100);
+        // One response a minute for the last hour and one every 28 minutes over 28 days:
+        // every bucket of every window holds counts.
+        let times = (0..60)
+            .map(|m| NOW - m * 60_000)
+            .chain((0..1440).map(|k| NOW - k * 28 * 60_000));
+        let responses = times
+            .map(|t| {
+                offset += 1;
+                (offset, t - t.rem_euclid(60_000), (offset % 11) as u8)
+            })
+            .collect();
+        store.apply(&SegmentDelta {
+            segment: segment.clone(),
+            partition: (s % 6) as i32,
+            responses,
+        });
+        snapshots.push(store.snapshot(&segment).expect("known").to_json());
+    }
+    let bytes: usize = snapshots.iter().map(Vec::len).sum();
+    eprintln!("{SEGMENTS} snapshots, {} MiB", bytes / (1 << 20));
+    let mut group = c.benchmark_group("restore");
+    group.sample_size(10);
+    group.throughput(Throughput::Elements(SEGMENTS as u64));
+    group.bench_function("10k segments x 4 windows", |b| {
+        b.iter(|| {
+            let mut restored = SegmentStore::new(windows.clone());
+            for json in &snapshots {
+                restored.restore(&SegmentSnapshot::from_json(json).expect("valid"));
+            }
+            restored
+        })
+    });
+    group.finish();
+}
+
+#[allow(missing_docs)]
+mod restore_group {
+    criterion::criterion_group!(restore_benches, super::restore);
+}
+use restore_group::restore_benches;
+
+criterion_main!(benches, restore_benches);

@@ -29,7 +29,7 @@ pub mod window;
 
 pub use alert::{alert_id, DetractorAlert, Route, Routing, SegmentRoute, Severity};
 pub use dedupe::DuplicateFilter;
-pub use delta::{Applied, SegmentDelta, SegmentStore};
+pub use delta::{Applied, SegmentDelta, SegmentSnapshot, SegmentStore};
 pub use ingest::{ClockKind, Decision, Ingest, IngestSpec};
 pub use intake::{classify, Clock, Outcome};
 pub use nps::{Band, Category, Score, Tally};
@@ -37,4 +37,4 @@ pub use response::{decode, InvalidReason, SurveyResponse};
 pub use scoreboard::{Scoreboard, WindowSummary};
 pub use segment::{SegmentCatalog, SegmentId, SegmentSpec};
 pub use time::{Span, Timestamp};
-pub use window::{Admission, SegmentWindows, WindowSpec, WindowSpecs};
+pub use window::{Admission, SegmentWindows, WindowCounts, WindowSpec, WindowSpecs};

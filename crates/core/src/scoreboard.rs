@@ -109,6 +109,16 @@ impl<K: Hash + Eq + Clone> Scoreboard<K> {
         self.segments.is_empty()
     }
 
+    /// A segment's windows.
+    pub fn windows(&self, segment: &K) -> Option<&SegmentWindows> {
+        self.segments.get(segment)
+    }
+
+    /// Sets a segment's windows (when restoring it).
+    pub fn insert(&mut self, segment: K, windows: SegmentWindows) {
+        self.segments.insert(segment, windows);
+    }
+
     /// Forgets a segment (when another process takes it over).
     pub fn remove(&mut self, segment: &K) -> Option<SegmentWindows> {
         self.segments.remove(segment)

@@ -262,7 +262,77 @@ impl Ring {
     }
 }
 
+/// One window's counts as data: the window's name and bucket width, the newest bucket, and
+/// the non-empty buckets it still holds as `(bucket, promoters, passives, detractors)`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WindowCounts {
+    /// Window name, e.g. `7d`.
+    pub window: String,
+    /// Bucket width in milliseconds.
+    pub bucket_ms: i64,
+    /// The newest bucket counted.
+    pub newest: i64,
+    /// Non-empty buckets.
+    pub buckets: Vec<(i64, u64, u64, u64)>,
+}
+
+impl Ring {
+    fn export(&self) -> Option<(i64, Vec<(i64, u64, u64, u64)>)> {
+        if self.newest == i64::MIN {
+            return None;
+        }
+        let buckets = (self.newest - self.len() + 1..=self.newest)
+            .map(|b| (b, self.slots[self.slot(b)]))
+            .filter(|(_, t)| !t.is_empty())
+            .map(|(b, t)| (b, t.promoters, t.passives, t.detractors))
+            .collect();
+        Some((self.newest, buckets))
+    }
+}
+
 impl SegmentWindows {
+    /// The counts of every window that has any, for a snapshot.
+    pub fn export(&self, specs: &WindowSpecs) -> Vec<WindowCounts> {
+        self.rings
+            .iter()
+            .zip(&specs.windows)
+            .filter_map(|(ring, spec)| {
+                let (newest, buckets) = ring.export()?;
+                Some(WindowCounts {
+                    window: spec.name.clone(),
+                    bucket_ms: spec.bucket.millis(),
+                    newest,
+                    buckets,
+                })
+            })
+            .collect()
+    }
+
+    /// Windows rebuilt from exported counts. Counts of windows that are no longer configured,
+    /// or whose bucket width changed, are left out: such a window starts empty.
+    pub fn import(specs: &WindowSpecs, counts: &[WindowCounts]) -> SegmentWindows {
+        let mut windows = SegmentWindows::new(specs);
+        for saved in counts {
+            let Some(index) = specs.position(&saved.window) else {
+                continue;
+            };
+            if specs.windows[index].bucket.millis() != saved.bucket_ms {
+                continue;
+            }
+            let ring = &mut windows.rings[index];
+            ring.add(saved.newest, Tally::default());
+            for &(bucket, promoters, passives, detractors) in &saved.buckets {
+                let tally = Tally {
+                    promoters,
+                    passives,
+                    detractors,
+                };
+                ring.add(bucket, tally);
+            }
+        }
+        windows
+    }
+
     /// Empty counts for every window in `specs`.
     pub fn new(specs: &WindowSpecs) -> SegmentWindows {
         SegmentWindows {
@@ -345,6 +415,37 @@ mod tests {
         );
         assert_eq!(w.tally(&specs, 0, at(104)).promoters, 2);
         assert_eq!(w.tally(&specs, 1, at(104)).detractors, 2);
+    }
+
+    #[test]
+    fn export_and_import_keep_every_count() {
+        let specs = specs();
+        let mut w = SegmentWindows::new(&specs);
+        for (minute, category) in [
+            (100, Promoter),
+            (104, Detractor),
+            (45, Passive),
+            (30, Detractor),
+        ] {
+            w.record(&specs, at(minute), category);
+        }
+        let exported = w.export(&specs);
+        assert_eq!(exported.len(), 2);
+        let back = SegmentWindows::import(&specs, &exported);
+        assert_eq!(back, w);
+        for now in [0, 60, 100, 104, 130, 1000] {
+            for window in 0..2 {
+                assert_eq!(
+                    back.tally(&specs, window, at(now)),
+                    w.tally(&specs, window, at(now))
+                );
+            }
+        }
+        // A window whose bucket width changed starts empty; the others are kept.
+        let other = WindowSpecs::new(&["1h", "24h"], 30, Span::minutes(5)).expect("valid");
+        let partly = SegmentWindows::import(&other, &exported);
+        assert_eq!(partly.tally(&other, 0, at(104)).responses(), 0);
+        assert!(SegmentWindows::import(&specs, &[]).is_empty());
     }
 
     #[test]
