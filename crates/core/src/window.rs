@@ -273,11 +273,14 @@ pub struct WindowCounts {
     /// The newest bucket counted.
     pub newest: i64,
     /// Non-empty buckets.
-    pub buckets: Vec<(i64, u64, u64, u64)>,
+    pub buckets: Vec<BucketCounts>,
 }
 
+/// One bucket's counts: `(bucket, promoters, passives, detractors)`.
+pub type BucketCounts = (i64, u64, u64, u64);
+
 impl Ring {
-    fn export(&self) -> Option<(i64, Vec<(i64, u64, u64, u64)>)> {
+    fn export(&self) -> Option<(i64, Vec<BucketCounts>)> {
         if self.newest == i64::MIN {
             return None;
         }
