@@ -3,18 +3,21 @@
 //! [`AggregateView`]. A partition's segments are dropped when the partition is revoked, so a
 //! segment is only ever shown by the one process that owns it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
-use npsflow_core::{SegmentDelta, SegmentStore, Timestamp, WindowSpecs, WindowSummary};
+use npsflow_core::{
+    SegmentDelta, SegmentSnapshot, SegmentStore, Timestamp, WindowSpecs, WindowSummary,
+};
 use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::config::{ClockKind, Config};
 use crate::health::Health;
-use crate::kafka::{self, AssignmentChange, RoleContext};
+use crate::kafka::{self, AssignmentChange, Outgoing, RoleContext};
 use crate::metrics::Metrics;
 use crate::RuntimeError;
 
@@ -79,6 +82,20 @@ impl AggregateView {
             .apply(delta)
     }
 
+    /// Replaces a partition's segments with restored snapshots.
+    pub fn restore(&mut self, partition: i32, snapshots: &[SegmentSnapshot]) {
+        let mut store = SegmentStore::new(self.windows.clone());
+        for snapshot in snapshots {
+            store.restore(snapshot);
+        }
+        self.partitions.insert(partition, store);
+    }
+
+    /// A segment's snapshot, as owned on `partition`.
+    pub fn snapshot(&self, partition: i32, segment: &str) -> Option<SegmentSnapshot> {
+        self.partitions.get(&partition)?.snapshot(segment)
+    }
+
     /// Drops a partition's segments.
     pub fn drop_partition(&mut self, partition: i32) {
         self.partitions.remove(&partition);
@@ -133,7 +150,44 @@ impl AggregateView {
     }
 }
 
-/// Runs the aggregate role until `shutdown` turns true.
+/// Restores every newly assigned partition from the state topic, before any delta of it is
+/// applied; `/readyz` says not-ready meanwhile.
+async fn restore_assigned(
+    config: &Config,
+    health: &Health,
+    view: &RwLock<AggregateView>,
+    partitions: Vec<i32>,
+) -> Result<(), RuntimeError> {
+    health.set_restored(ROLE, false);
+    for partition in partitions {
+        let kafka = config.settings.kafka.clone();
+        let topic = config.settings.topics.state.clone();
+        let started = std::time::Instant::now();
+        let snapshots = tokio::task::spawn_blocking(move || {
+            crate::state::read_snapshots(&kafka, &topic, partition, RESTORE_LIMIT)
+        })
+        .await
+        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+        info!(
+            partition,
+            segments = snapshots.len(),
+            millis = started.elapsed().as_millis() as u64,
+            "restored"
+        );
+        view.write()
+            .unwrap_or_else(|e| e.into_inner())
+            .restore(partition, &snapshots);
+    }
+    health.set_restored(ROLE, true);
+    Ok(())
+}
+
+/// The longest a partition's restore may take before the role gives up and stops.
+const RESTORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Runs the aggregate role until `shutdown` turns true. Per batch of deltas: apply what was
+/// not applied before, write the snapshot of every segment the batch touched to the state
+/// topic (same partition number), and only then store the deltas' offsets.
 pub async fn run(
     config: Arc<Config>,
     metrics: Metrics,
@@ -142,62 +196,107 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RuntimeError> {
     health.register(ROLE);
-    health.set_restored(ROLE, true);
     let settings = &config.settings;
+    let topics = &settings.topics;
     let group = &settings.kafka.aggregate_group;
+    {
+        let kafka = settings.kafka.clone();
+        let (deltas, state) = (topics.segment_deltas.clone(), topics.state.clone());
+        tokio::task::spawn_blocking(move || {
+            crate::state::check_copartitioned(&kafka, &deltas, &state)
+        })
+        .await
+        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+    }
     let context = RoleContext::new(ROLE, group, metrics.clone(), health.clone());
     let consumer: StreamConsumer<RoleContext> =
         kafka::consumer_config(&settings.kafka, group, "npsflow-aggregate")
             .create_with_context(context)?;
-    consumer.subscribe(&[settings.topics.segment_deltas.as_str()])?;
-    info!(topic = %settings.topics.segment_deltas, %group, "aggregate started");
-    loop {
-        let received = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            received = consumer.recv() => received,
-        };
-        let changes = consumer.context().take_changes();
-        let mut view_guard = view.write().unwrap_or_else(|e| e.into_inner());
-        for change in changes {
-            if let AssignmentChange::Revoked(partitions) = change {
-                for (_, partition) in partitions {
-                    view_guard.drop_partition(partition);
+    let producer: FutureProducer =
+        kafka::producer_config(&settings.kafka, "npsflow-aggregate-producer").create()?;
+    consumer.subscribe(&[topics.segment_deltas.as_str()])?;
+    info!(topic = %topics.segment_deltas, %group, "aggregate started");
+    let max = settings.ingest.batch_max_messages;
+    let wait = std::time::Duration::from_millis(config.batch_max_wait.millis() as u64);
+    let idle = std::time::Duration::from_millis(500);
+    while let Some(batch) = kafka::receive_batch(&consumer, max, wait, idle, &mut shutdown).await {
+        let started = std::time::Instant::now();
+        let mut assigned = Vec::new();
+        for change in consumer.context().take_changes() {
+            match change {
+                AssignmentChange::Revoked(partitions) => {
+                    let mut view = view.write().unwrap_or_else(|e| e.into_inner());
+                    for (_, partition) in partitions {
+                        view.drop_partition(partition);
+                        assigned.retain(|p| *p != partition);
+                    }
+                }
+                AssignmentChange::Assigned(partitions) => {
+                    assigned.extend(partitions.into_iter().map(|(_, p)| p));
                 }
             }
         }
-        let message = match received {
-            Ok(message) => message,
-            Err(error) => {
-                warn!(%error, "consume error");
-                continue;
+        let role_health = health.snapshot().get(ROLE).copied().unwrap_or_default();
+        if !assigned.is_empty() {
+            restore_assigned(&config, &health, &view, assigned).await?;
+        } else if role_health.joined && !role_health.restored {
+            // Joined with nothing new to restore (e.g. an empty assignment).
+            health.set_restored(ROLE, true);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let mut touched: BTreeSet<(i32, String)> = BTreeSet::new();
+        {
+            let mut view = view.write().unwrap_or_else(|e| e.into_inner());
+            for message in &batch {
+                match SegmentDelta::from_json(message.payload().unwrap_or_default()) {
+                    Ok(delta) => {
+                        let applied = view.apply(message.partition(), &delta);
+                        metrics
+                            .delta_responses
+                            .with_label_values(&["applied"])
+                            .inc_by(applied.counted);
+                        metrics
+                            .delta_responses
+                            .with_label_values(&["skipped"])
+                            .inc_by(applied.skipped);
+                        if applied.counted > 0 {
+                            touched.insert((message.partition(), delta.segment));
+                        }
+                    }
+                    Err(error) => warn!(
+                        %error,
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "skipping a message that is not a segment delta"
+                    ),
+                }
             }
+            metrics.segments_owned.set(view.segment_count() as f64);
+        }
+        let snapshots: Vec<Outgoing> = {
+            let view = view.read().unwrap_or_else(|e| e.into_inner());
+            touched
+                .iter()
+                .filter_map(|(partition, segment)| {
+                    let snapshot = view.snapshot(*partition, segment)?;
+                    Some(Outgoing {
+                        topic: topics.state.clone(),
+                        partition: Some(*partition),
+                        key: Some(segment.clone().into_bytes()),
+                        payload: Some(snapshot.to_json()),
+                        headers: rdkafka::message::OwnedHeaders::new(),
+                    })
+                })
+                .collect()
         };
-        match SegmentDelta::from_json(message.payload().unwrap_or_default()) {
-            Ok(delta) => {
-                let applied = view_guard.apply(message.partition(), &delta);
-                metrics
-                    .delta_responses
-                    .with_label_values(&["applied"])
-                    .inc_by(applied.counted);
-                metrics
-                    .delta_responses
-                    .with_label_values(&["skipped"])
-                    .inc_by(applied.skipped);
-            }
-            Err(error) => warn!(
-                %error,
-                partition = message.partition(),
-                offset = message.offset(),
-                "skipping a message that is not a segment delta"
-            ),
-        }
+        kafka::deliver_all(&producer, &snapshots, &metrics).await;
+        kafka::store_offsets(&consumer, &kafka::last_offsets(&batch));
         metrics
-            .segments_owned
-            .set(view_guard.segment_count() as f64);
-        drop(view_guard);
-        if let Err(error) = consumer.store_offset_from_message(&message) {
-            debug!(%error, "offset not stored");
-        }
+            .batch_seconds
+            .with_label_values(&[ROLE])
+            .observe(started.elapsed().as_secs_f64());
     }
     info!("aggregate stopping: committing offsets");
     kafka::close_consumer(consumer, ROLE, std::time::Duration::from_secs(15)).await;

@@ -61,6 +61,8 @@ pub struct TopicSettings {
     pub followups: String,
     /// Pre-aggregated segment counts between ingest and aggregate.
     pub segment_deltas: String,
+    /// Compacted segment snapshots, co-partitioned with the deltas.
+    pub state: String,
     /// Partitions used by `npsflow topics create`.
     pub partitions: i32,
     /// Replication factor used by `npsflow topics create`.
@@ -354,6 +356,7 @@ impl Config {
             &s.topics.dead_letters,
             &s.topics.followups,
             &s.topics.segment_deltas,
+            &s.topics.state,
         ];
         for (i, topic) in topics.iter().enumerate() {
             if topic.is_empty() {

@@ -11,7 +11,7 @@ use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::info;
 
 use crate::config::{self, Config};
 use crate::health::Health;
@@ -66,24 +66,16 @@ fn source_headers(base: OwnedHeaders, message: &OwnedMessage) -> OwnedHeaders {
     })
 }
 
-/// Everything one batch of input messages causes, and the offsets it covers.
-struct BatchEffects {
-    records: Vec<Outgoing>,
-    /// (topic, partition, last offset)
-    offsets: Vec<(String, i32, i64)>,
-}
-
-/// Decides a batch and builds its output records. Pure apart from reading the clock.
+/// Decides a batch and builds the records it causes. Pure apart from reading the clock.
 fn decide_batch(
     ingest: &mut Ingest,
     batch: &[OwnedMessage],
     config: &Config,
     metrics: &Metrics,
-) -> BatchEffects {
+) -> Vec<Outgoing> {
     let topics = &config.settings.topics;
     let now = wall_now();
     let mut records = Vec::new();
-    let mut offsets: Vec<(String, i32, i64)> = Vec::new();
     for message in batch {
         let payload = message.payload().unwrap_or_default();
         let decision = ingest.process(message.partition(), message.offset(), payload, now);
@@ -106,6 +98,7 @@ fn decide_batch(
                     value: Some(detail.as_str()),
                 });
             records.push(Outgoing {
+                partition: None,
                 topic: topics.dead_letters.clone(),
                 key: message.key().map(<[u8]>::to_vec),
                 payload: message.payload().map(<[u8]>::to_vec),
@@ -135,33 +128,24 @@ fn decide_batch(
                 .with_label_values(&[owner, alert.route.as_str()])
                 .inc();
             records.push(Outgoing {
+                partition: None,
                 topic: topics.followups.clone(),
                 key: Some(alert.customer_id.clone().into_bytes()),
                 payload: Some(alert.to_json()),
                 headers: source_headers(OwnedHeaders::new(), message),
             });
         }
-        match offsets
-            .iter_mut()
-            .find(|(t, p, _)| t == message.topic() && *p == message.partition())
-        {
-            Some(entry) => entry.2 = entry.2.max(message.offset()),
-            None => offsets.push((
-                message.topic().to_owned(),
-                message.partition(),
-                message.offset(),
-            )),
-        }
     }
     for delta in ingest.take_deltas() {
         records.push(Outgoing {
+            partition: None,
             topic: topics.segment_deltas.clone(),
             key: Some(delta.segment.clone().into_bytes()),
             payload: Some(delta.to_json()),
             headers: OwnedHeaders::new(),
         });
     }
-    BatchEffects { records, offsets }
+    records
 }
 
 /// Runs the ingest role until `shutdown` turns true: then finishes the batch in flight,
@@ -196,28 +180,11 @@ pub async fn run(
     let max_messages = settings.ingest.batch_max_messages;
     let max_wait = std::time::Duration::from_millis(config.batch_max_wait.millis() as u64);
     let mut evicted_reported = 0;
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.wait_for(|stop| *stop) => break,
-            received = consumer.recv() => received,
-        };
+    let idle = std::time::Duration::from_millis(500);
+    while let Some(batch) =
+        kafka::receive_batch(&consumer, max_messages, max_wait, idle, &mut shutdown).await
+    {
         let started = Instant::now();
-        let mut batch = Vec::with_capacity(max_messages.min(4096));
-        match first {
-            Ok(message) => batch.push(message.detach()),
-            Err(error) => {
-                warn!(%error, "consume error");
-                continue;
-            }
-        }
-        let deadline = tokio::time::Instant::now() + max_wait;
-        while batch.len() < max_messages {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Ok(Ok(message)) => batch.push(message.detach()),
-                Ok(Err(error)) => warn!(%error, "consume error"),
-                Err(_) => break,
-            }
-        }
         for change in consumer.context().take_changes() {
             if let AssignmentChange::Revoked(partitions) = change {
                 for (_, partition) in partitions {
@@ -225,15 +192,9 @@ pub async fn run(
                 }
             }
         }
-        let effects = decide_batch(&mut ingest, &batch, &config, &metrics);
-        kafka::deliver_all(&producer, &effects.records, &metrics).await;
-        for (topic, partition, offset) in &effects.offsets {
-            if let Err(error) = consumer.store_offset(topic, *partition, *offset) {
-                // The partition was revoked meanwhile; its new owner replays from the last
-                // commit and makes the same decisions.
-                debug!(%error, partition, "offset not stored");
-            }
-        }
+        let records = decide_batch(&mut ingest, &batch, &config, &metrics);
+        kafka::deliver_all(&producer, &records, &metrics).await;
+        kafka::store_offsets(&consumer, &kafka::last_offsets(&batch));
         let evicted = ingest.dedupe_evicted_early();
         if evicted > evicted_reported {
             metrics.dedupe_evicted.inc_by(evicted - evicted_reported);

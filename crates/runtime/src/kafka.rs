@@ -11,11 +11,13 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
+use rdkafka::Message;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::KafkaSettings;
@@ -191,6 +193,8 @@ impl ConsumerContext for RoleContext {
 pub struct Outgoing {
     /// Topic.
     pub topic: String,
+    /// Partition; `None` lets the partitioner choose by key.
+    pub partition: Option<i32>,
     /// Key, if any.
     pub key: Option<Vec<u8>>,
     /// Payload, if any (a dead letter of a tombstone has none).
@@ -210,6 +214,9 @@ pub async fn deliver_all(producer: &FutureProducer, records: &[Outgoing], metric
                 FutureRecord::to(&r.topic).headers(r.headers.clone());
             if let Some(key) = &r.key {
                 record = record.key(key.as_slice());
+            }
+            if let Some(partition) = r.partition {
+                record = record.partition(partition);
             }
             if let Some(payload) = &r.payload {
                 record = record.payload(payload.as_slice());
@@ -254,5 +261,65 @@ pub async fn close_consumer(
     match tokio::time::timeout(limit, closing).await {
         Ok(_) => info!(role, "offsets committed, consumer closed"),
         Err(_) => warn!(role, "broker unreachable: closing without a final commit"),
+    }
+}
+
+/// Receives the next batch: waits up to `idle` for a first message (an empty batch if none
+/// comes, so that the role still attends to rebalances), then takes more until `max`
+/// messages or `wait` has passed. `None` once `shutdown` turns true (or its sender is gone).
+pub async fn receive_batch(
+    consumer: &StreamConsumer<RoleContext>,
+    max: usize,
+    wait: Duration,
+    idle: Duration,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Vec<OwnedMessage>> {
+    let first = tokio::select! {
+        _ = shutdown.wait_for(|stop| *stop) => return None,
+        received = tokio::time::timeout(idle, consumer.recv()) => received,
+    };
+    let mut batch = Vec::new();
+    match first {
+        Ok(Ok(message)) => batch.push(message.detach()),
+        Ok(Err(error)) => warn!(%error, "consume error"),
+        Err(_) => return Some(batch),
+    }
+    let deadline = tokio::time::Instant::now() + wait;
+    while batch.len() < max {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Ok(Ok(message)) => batch.push(message.detach()),
+            Ok(Err(error)) => warn!(%error, "consume error"),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
+}
+
+/// The last offset of each (topic, partition) in a batch.
+pub fn last_offsets(batch: &[OwnedMessage]) -> Vec<(String, i32, i64)> {
+    let mut offsets: Vec<(String, i32, i64)> = Vec::new();
+    for message in batch {
+        match offsets
+            .iter_mut()
+            .find(|(t, p, _)| t == message.topic() && *p == message.partition())
+        {
+            Some(entry) => entry.2 = entry.2.max(message.offset()),
+            None => offsets.push((
+                message.topic().to_owned(),
+                message.partition(),
+                message.offset(),
+            )),
+        }
+    }
+    offsets
+}
+
+/// Stores offsets for the next commit. A partition revoked meanwhile is skipped: its new
+/// owner replays from the last commit, which changes nothing.
+pub fn store_offsets(consumer: &StreamConsumer<RoleContext>, offsets: &[(String, i32, i64)]) {
+    for (topic, partition, offset) in offsets {
+        if let Err(error) = consumer.store_offset(topic, *partition, *offset) {
+            tracing::debug!(%error, partition, "offset not stored");
+        }
     }
 }

@@ -8,6 +8,7 @@
 //! - [`metrics`]: the Prometheus registry.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/v1/segments`.
 //! - [`health`]: readiness per role.
+//! - [`state`]: snapshots on the compacted state topic; restore.
 //! - [`traffic`]: realistic survey traffic (demo and load generator).
 //! - [`topics`]: topic creation.
 
@@ -18,6 +19,7 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
+pub mod state;
 pub mod topics;
 pub mod traffic;
 
@@ -37,6 +39,9 @@ pub enum RuntimeError {
     /// The HTTP server failed.
     #[error("http: {0}")]
     Io(#[from] std::io::Error),
+    /// State could not be restored or the topics do not fit together.
+    #[error("state: {0}")]
+    Restore(String),
     /// A role task panicked or was cancelled.
     #[error("role task failed: {0}")]
     Task(String),

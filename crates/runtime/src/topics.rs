@@ -20,14 +20,16 @@ pub enum TopicResult {
     Existed(String),
 }
 
-/// Every topic npsflow uses, with its partition count: the input and deltas topics get
-/// `topics.partitions` (they are what scales), the others a third of that, at least one.
+/// Every topic npsflow uses, with its partition count: the input, deltas and state topics
+/// get `topics.partitions` (they are what scales; state is co-partitioned with deltas), the
+/// others a third of that, at least one.
 pub fn planned(settings: &Settings) -> Vec<(String, i32)> {
     let t = &settings.topics;
     let small = (t.partitions / 3).max(1);
     vec![
         (t.responses.clone(), t.partitions),
         (t.segment_deltas.clone(), t.partitions),
+        (t.state.clone(), t.partitions),
         (t.followups.clone(), small),
         (t.dead_letters.clone(), small),
     ]
@@ -41,11 +43,16 @@ pub async fn create(settings: &Settings) -> Result<Vec<TopicResult>, RuntimeErro
     let new_topics: Vec<NewTopic<'_>> = plan
         .iter()
         .map(|(name, partitions)| {
-            NewTopic::new(
+            let topic = NewTopic::new(
                 name,
                 *partitions,
                 TopicReplication::Fixed(settings.topics.replication),
-            )
+            );
+            if *name == settings.topics.state {
+                topic.set("cleanup.policy", "compact")
+            } else {
+                topic
+            }
         })
         .collect();
     let options = AdminOptions::new()

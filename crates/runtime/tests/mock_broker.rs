@@ -428,3 +428,71 @@ async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
     );
     pipeline.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
+    let probe = config("unused:9092", &[]);
+    let cluster = cluster(&probe);
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers, &[]);
+    let topics = config.settings.topics.clone();
+    let east = r#","segments":{"region":"east"}"#;
+    let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..12)
+        .map(|i| {
+            (
+                Some("k"),
+                response(&format!("r{i}"), (i % 11) as u8, east),
+                OwnedHeaders::new(),
+            )
+        })
+        .collect();
+    produce(&brokers, &topics.responses, &first).await;
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("all twelve counted", || {
+        pipeline
+            .process
+            .metrics
+            .delta_responses
+            .with_label_values(&["applied"])
+            .get()
+            == 24
+    })
+    .await;
+    let (_, before) = pipeline.get("/v1/segments/region=east?window=24h").await;
+    assert_eq!(before["responses"], 12);
+    pipeline.stop().await;
+
+    // A new process: its windows start empty and come back from the state topic alone.
+    let restarted = Pipeline::start(&config).await;
+    wait_until("restore and readiness", || restarted.process.health.ready()).await;
+    let (status, after) = restarted.get("/v1/segments/region=east?window=24h").await;
+    assert_eq!(status, StatusCode::OK, "{after}");
+    assert_eq!(after, before, "restored exactly");
+    assert_eq!(
+        restarted
+            .process
+            .metrics
+            .delta_responses
+            .with_label_values(&["applied"])
+            .get(),
+        0,
+        "nothing was re-applied: the committed offsets and snapshots agree"
+    );
+    // New responses count on top of the restored state, once.
+    let more: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> =
+        vec![(Some("k"), response("r-new", 10, east), OwnedHeaders::new())];
+    produce(&brokers, &topics.responses, &more).await;
+    wait_until("the new response", || {
+        restarted
+            .process
+            .metrics
+            .delta_responses
+            .with_label_values(&["applied"])
+            .get()
+            == 2
+    })
+    .await;
+    let (_, latest) = restarted.get("/v1/segments/region=east?window=24h").await;
+    assert_eq!(latest["responses"], 13);
+    restarted.stop().await;
+}

@@ -1,0 +1,109 @@
+//! The aggregate role's durable state on the compacted state topic: reading back every
+//! segment snapshot of a partition on assignment, and checking that the state topic is
+//! co-partitioned with the deltas topic.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use npsflow_core::SegmentSnapshot;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::warn;
+
+use crate::config::KafkaSettings;
+use crate::kafka::client_config;
+use crate::RuntimeError;
+
+/// Reads partition `partition` of the state topic from its start to its current end and
+/// returns one snapshot per segment: the one that has applied the most (compaction may not
+/// have run yet, so older snapshots can still be there). Blocking; bounded by `limit`.
+pub fn read_snapshots(
+    kafka: &KafkaSettings,
+    topic: &str,
+    partition: i32,
+    limit: Duration,
+) -> Result<Vec<SegmentSnapshot>, RuntimeError> {
+    let mut config = client_config(kafka, "npsflow-restore");
+    config
+        .set("group.id", "npsflow-restore")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false");
+    let consumer: BaseConsumer = config.create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, limit)?;
+    let mut latest: BTreeMap<String, SegmentSnapshot> = BTreeMap::new();
+    if high <= low {
+        return Ok(Vec::new());
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Beginning)?;
+    consumer.assign(&list)?;
+    let deadline = Instant::now() + limit;
+    let mut position = low;
+    while position < high {
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Restore(format!(
+                "partition {partition} of {topic}: read up to offset {position} of {high} in {limit:?}"
+            )));
+        }
+        let Some(received) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = received?;
+        position = message.offset() + 1;
+        let Some(key) = message
+            .key()
+            .map(|k| String::from_utf8_lossy(k).into_owned())
+        else {
+            continue;
+        };
+        match message.payload().map(SegmentSnapshot::from_json) {
+            None => {
+                latest.remove(&key);
+            }
+            Some(Ok(snapshot)) => {
+                let keep = latest
+                    .get(&key)
+                    .is_none_or(|current| !current.covers(&snapshot) || snapshot.covers(current));
+                if keep {
+                    latest.insert(key, snapshot);
+                }
+            }
+            Some(Err(error)) => {
+                warn!(%error, partition, offset = message.offset(), "unreadable snapshot skipped")
+            }
+        }
+    }
+    Ok(latest.into_values().collect())
+}
+
+/// Fails unless `state` has at least as many partitions as `deltas`: a segment's snapshot
+/// goes to the state partition with the number of its deltas partition.
+pub fn check_copartitioned(
+    kafka: &KafkaSettings,
+    deltas: &str,
+    state: &str,
+) -> Result<(), RuntimeError> {
+    let consumer: BaseConsumer = client_config(kafka, "npsflow-metadata").create()?;
+    let count = |topic: &str| -> Result<usize, RuntimeError> {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+        let partitions = metadata
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none())
+            .map(|t| t.partitions().len())
+            .unwrap_or(0);
+        if partitions == 0 {
+            return Err(RuntimeError::Restore(format!(
+                "topic {topic} does not exist; run `npsflow topics create`"
+            )));
+        }
+        Ok(partitions)
+    };
+    let (d, s) = (count(deltas)?, count(state)?);
+    if s < d {
+        return Err(RuntimeError::Restore(format!(
+            "state topic {state} has {s} partitions, fewer than the {d} of {deltas}; it must have as many"
+        )));
+    }
+    Ok(())
+}
