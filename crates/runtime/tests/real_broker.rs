@@ -93,6 +93,7 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
         ("NPSFLOW__TOPICS__DEAD_LETTERS", format!("{run}.dlq")),
         ("NPSFLOW__TOPICS__FOLLOWUPS", format!("{run}.followups")),
         ("NPSFLOW__TOPICS__SEGMENT_DELTAS", format!("{run}.deltas")),
+        ("NPSFLOW__TOPICS__STATE", format!("{run}.state")),
         ("NPSFLOW__KAFKA__INGEST_GROUP", format!("{run}-ingest")),
         (
             "NPSFLOW__KAFKA__AGGREGATE_GROUP",
