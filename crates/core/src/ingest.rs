@@ -90,6 +90,27 @@ impl Ingest {
         }
     }
 
+    /// The spec, a partition's state (made if new) and its clock for a message now.
+    fn partition(
+        &mut self,
+        partition: i32,
+        wall: Timestamp,
+    ) -> (&IngestSpec, &mut PartitionState, Clock) {
+        let spec = &self.spec;
+        let state = self
+            .partitions
+            .entry(partition)
+            .or_insert_with(|| PartitionState {
+                seen: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
+                latest: None,
+            });
+        let clock = match spec.clock {
+            ClockKind::Wall => Clock::Wall(wall),
+            ClockKind::EventTime => Clock::EventTime(state.latest),
+        };
+        (spec, state, clock)
+    }
+
     /// Decides one message at `offset` of input `partition`, with the wall clock at `wall`,
     /// and adds an accepted response to the pending deltas.
     pub fn process(
@@ -139,6 +160,18 @@ impl Ingest {
             ));
         }
         decision
+    }
+
+    /// Replays an already-processed message of `partition` into its duplicate memory and
+    /// clock only, producing nothing: used on assignment to rebuild that memory from the
+    /// messages before the committed offset.
+    pub fn remember(&mut self, partition: i32, bytes: &[u8], wall: Timestamp) {
+        let (spec, state, clock) = self.partition(partition, wall);
+        if let Outcome::Accepted(response) = classify(bytes, clock, &spec.windows, &mut state.seen)
+        {
+            let t = response.responded_at;
+            state.latest = Some(state.latest.map_or(t, |l| l.max(t)));
+        }
     }
 
     /// The deltas of everything processed since the last call, one per segment and input
@@ -277,6 +310,25 @@ mod tests {
         assert_eq!(
             replayed[4].dead_letter.as_ref().map(|d| d.0),
             Some("too_old")
+        );
+    }
+
+    #[test]
+    fn remembered_messages_make_later_resends_duplicates_and_produce_nothing() {
+        let mut restarted = ingest(ClockKind::Wall);
+        restarted.remember(0, &message("a", 2, NOW), now());
+        assert!(
+            restarted.take_deltas().is_empty(),
+            "remembering counts nothing"
+        );
+        let resend = restarted.process(0, 9, &message("a", 2, NOW), now());
+        assert_eq!((resend.outcome, resend.alert), ("duplicate", None));
+        // Memory is per partition.
+        assert_eq!(
+            restarted
+                .process(1, 9, &message("a", 2, NOW), now())
+                .outcome,
+            "accepted"
         );
     }
 

@@ -112,6 +112,9 @@ pub struct DedupeSettings {
     pub horizon: String,
     /// Most ids remembered per input partition.
     pub capacity: usize,
+    /// On assignment, how many messages before the committed offset of each input
+    /// partition are read back to rebuild the duplicate memory.
+    pub restore_messages: i64,
 }
 
 /// Routing of detractor alerts.
@@ -332,6 +335,9 @@ impl Config {
         .ok();
         if s.routing.default_owner.trim().is_empty() {
             problems.push("routing.default_owner must not be empty".into());
+        }
+        if s.dedupe.restore_messages < 0 {
+            problems.push("dedupe.restore_messages must not be negative".into());
         }
         if s.dedupe.capacity == 0 {
             problems.push("dedupe.capacity must be at least 1".into());

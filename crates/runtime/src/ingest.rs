@@ -148,6 +148,52 @@ fn decide_batch(
     records
 }
 
+/// Rebuilds the duplicate memory of newly assigned input partitions from the messages just
+/// before the group's committed offset, before any new message of them is decided.
+async fn restore_dedupe(
+    config: &Config,
+    health: &Health,
+    ingest: &mut Ingest,
+    partitions: Vec<i32>,
+) -> Result<(), RuntimeError> {
+    let count = config.settings.dedupe.restore_messages;
+    if count == 0 {
+        return Ok(());
+    }
+    health.set_restored(ROLE, false);
+    for partition in partitions {
+        let kafka = config.settings.kafka.clone();
+        let group = config.settings.kafka.ingest_group.clone();
+        let topic = config.settings.topics.responses.clone();
+        let started = Instant::now();
+        let payloads = tokio::task::spawn_blocking(move || {
+            crate::state::read_before_commit(
+                &kafka,
+                &group,
+                &topic,
+                partition,
+                count,
+                std::time::Duration::from_secs(120),
+            )
+        })
+        .await
+        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+        let now = wall_now();
+        ingest.forget_partition(partition);
+        for payload in &payloads {
+            ingest.remember(partition, payload, now);
+        }
+        info!(
+            partition,
+            messages = payloads.len(),
+            millis = started.elapsed().as_millis() as u64,
+            "duplicate memory restored"
+        );
+    }
+    health.set_restored(ROLE, true);
+    Ok(())
+}
+
 /// Runs the ingest role until `shutdown` turns true: then finishes the batch in flight,
 /// commits and leaves the group.
 pub async fn run(
@@ -185,12 +231,22 @@ pub async fn run(
         kafka::receive_batch(&consumer, max_messages, max_wait, idle, &mut shutdown).await
     {
         let started = Instant::now();
+        let mut assigned = Vec::new();
         for change in consumer.context().take_changes() {
-            if let AssignmentChange::Revoked(partitions) = change {
-                for (_, partition) in partitions {
-                    ingest.forget_partition(partition);
+            match change {
+                AssignmentChange::Revoked(partitions) => {
+                    for (_, partition) in partitions {
+                        ingest.forget_partition(partition);
+                        assigned.retain(|p| *p != partition);
+                    }
+                }
+                AssignmentChange::Assigned(partitions) => {
+                    assigned.extend(partitions.into_iter().map(|(_, p)| p));
                 }
             }
+        }
+        if !assigned.is_empty() {
+            restore_dedupe(&config, &health, &mut ingest, assigned).await?;
         }
         let records = decide_batch(&mut ingest, &batch, &config, &metrics);
         kafka::deliver_all(&producer, &records, &metrics).await;

@@ -1,6 +1,7 @@
-//! The aggregate role's durable state on the compacted state topic: reading back every
-//! segment snapshot of a partition on assignment, and checking that the state topic is
-//! co-partitioned with the deltas topic.
+//! State restored on partition assignment: the aggregate role's segment snapshots from the
+//! compacted state topic (and the check that it is co-partitioned with the deltas topic),
+//! and the ingest role's duplicate memory, rebuilt from the input messages just before the
+//! group's committed offset.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -106,4 +107,59 @@ pub fn check_copartitioned(
         )));
     }
     Ok(())
+}
+
+/// Reads back the payloads of input partition `partition` from `count` messages before the
+/// group's committed offset up to it, to rebuild duplicate memory. Blocking; bounded by
+/// `limit`. Empty if the group has no committed offset yet.
+pub fn read_before_commit(
+    kafka: &KafkaSettings,
+    group: &str,
+    topic: &str,
+    partition: i32,
+    count: i64,
+    limit: Duration,
+) -> Result<Vec<Vec<u8>>, RuntimeError> {
+    let mut config = client_config(kafka, "npsflow-dedupe-restore");
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false");
+    let consumer: BaseConsumer = config.create()?;
+    let mut wanted = TopicPartitionList::new();
+    wanted.add_partition(topic, partition);
+    let committed = consumer.committed_offsets(wanted, limit)?;
+    let Some(Offset::Offset(end)) = committed
+        .find_partition(topic, partition)
+        .map(|e| e.offset())
+    else {
+        return Ok(Vec::new());
+    };
+    let (low, _) = consumer.fetch_watermarks(topic, partition, limit)?;
+    let start = low.max(end - count);
+    if count <= 0 || start >= end {
+        return Ok(Vec::new());
+    }
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&list)?;
+    let deadline = Instant::now() + limit;
+    let mut payloads = Vec::with_capacity((end - start) as usize);
+    let mut position = start;
+    while position < end {
+        if Instant::now() > deadline {
+            return Err(RuntimeError::Restore(format!(
+                "partition {partition} of {topic}: read up to offset {position} of {end} in {limit:?}"
+            )));
+        }
+        let Some(received) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = received?;
+        if message.offset() >= end {
+            break;
+        }
+        position = message.offset() + 1;
+        payloads.push(message.payload().unwrap_or_default().to_vec());
+    }
+    Ok(payloads)
 }

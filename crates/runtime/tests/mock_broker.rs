@@ -496,3 +496,32 @@ async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
     assert_eq!(latest["responses"], 13);
     restarted.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_restart_a_resent_response_is_still_a_duplicate() {
+    let probe = config("unused:9092", &[]);
+    let cluster = cluster(&probe);
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers, &[]);
+    let topics = config.settings.topics.clone();
+    let original = vec![(Some("cust-x"), response("x", 1, ""), OwnedHeaders::new())];
+    produce(&brokers, &topics.responses, &original).await;
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("the original", || pipeline.events("accepted") == 1).await;
+    pipeline.stop().await;
+
+    produce(&brokers, &topics.responses, &original).await;
+    let restarted = Pipeline::start(&config).await;
+    wait_until("the re-send to be decided", || {
+        restarted.total_events() == 1
+    })
+    .await;
+    assert_eq!(
+        restarted.events("duplicate"),
+        1,
+        "recognised after the restart"
+    );
+    let alerts = read_topic(&brokers, &topics.followups, 1);
+    assert_eq!(alerts.len(), 1, "no second alert");
+    restarted.stop().await;
+}
