@@ -299,6 +299,6 @@ pub async fn run(
             .observe(started.elapsed().as_secs_f64());
     }
     info!("aggregate stopping: committing offsets");
-    kafka::close_consumer(consumer, ROLE, std::time::Duration::from_secs(15)).await;
+    kafka::close_consumer(consumer, ROLE, true, std::time::Duration::from_secs(15)).await;
     Ok(())
 }

@@ -28,6 +28,8 @@ pub struct Settings {
     pub dedupe: DedupeSettings,
     /// Who follows up detractors.
     pub routing: RoutingSettings,
+    /// Delivery guarantee.
+    pub processing: ProcessingSettings,
     /// Ingest batching.
     pub ingest: IngestSettings,
     /// The HTTP server (metrics and API).
@@ -140,6 +142,29 @@ pub struct SegmentRouteSettings {
     pub value: String,
     /// Owner.
     pub owner: String,
+}
+
+/// How ingest's outputs and input offsets are committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Guarantee {
+    /// Outputs are delivered, then offsets stored: after a crash some outputs may be sent
+    /// again (alerts keep their `alert_id`; the aggregator skips re-sent counts).
+    AtLeastOnce,
+    /// Each batch's outputs and its input offsets are committed in one Kafka transaction:
+    /// consumers reading with `isolation.level=read_committed` see every output once. Needs a
+    /// broker with transactions (Apache Kafka has them; Tansu 0.6 does not).
+    ExactlyOnce,
+}
+
+/// Delivery guarantee settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ProcessingSettings {
+    /// `at_least_once` or `exactly_once`.
+    pub guarantee: Guarantee,
+    /// Transactional id of this ingest process (exactly_once); empty: one is made from the
+    /// host name and process id.
+    pub transactional_id: String,
 }
 
 /// Ingest batching.

@@ -8,12 +8,12 @@ use std::time::Instant;
 use npsflow_core::{ClockKind, Ingest, IngestSpec, Route};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::FutureProducer;
+use rdkafka::producer::{FutureProducer, Producer};
 use rdkafka::Message;
 use tokio::sync::watch;
 use tracing::info;
 
-use crate::config::{self, Config};
+use crate::config::{self, Config, Guarantee};
 use crate::health::Health;
 use crate::kafka::{self, AssignmentChange, Outgoing, RoleContext};
 use crate::metrics::Metrics;
@@ -211,14 +211,33 @@ pub async fn run(
         metrics.clone(),
         health.clone(),
     );
-    let consumer: StreamConsumer<RoleContext> = kafka::consumer_config(
+    let transactional = settings.processing.guarantee == Guarantee::ExactlyOnce;
+    let mut consumer_config = kafka::consumer_config(
         &settings.kafka,
         &settings.kafka.ingest_group,
         "npsflow-ingest",
-    )
-    .create_with_context(context)?;
-    let producer: FutureProducer =
-        kafka::producer_config(&settings.kafka, "npsflow-ingest-producer").create()?;
+    );
+    let mut producer_config = kafka::producer_config(&settings.kafka, "npsflow-ingest-producer");
+    if transactional {
+        // Offsets are committed inside each batch's transaction, never by the consumer.
+        consumer_config.set("enable.auto.commit", "false");
+        let id = match settings.processing.transactional_id.as_str() {
+            "" => format!("npsflow-ingest-{}-{}", host_name(), std::process::id()),
+            id => id.to_owned(),
+        };
+        producer_config.set("transactional.id", &id);
+    }
+    let consumer: StreamConsumer<RoleContext> = consumer_config.create_with_context(context)?;
+    let producer: FutureProducer = producer_config.create()?;
+    if transactional {
+        let producer = producer.clone();
+        tokio::task::spawn_blocking(move || {
+            producer.init_transactions(std::time::Duration::from_secs(60))
+        })
+        .await
+        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+        info!("exactly-once: transactions initialised");
+    }
     consumer.subscribe(&[settings.topics.responses.as_str()])?;
     info!(topic = %settings.topics.responses, group = %settings.kafka.ingest_group, "ingest started");
 
@@ -249,8 +268,27 @@ pub async fn run(
             restore_dedupe(&config, &health, &mut ingest, assigned).await?;
         }
         let records = decide_batch(&mut ingest, &batch, &config, &metrics);
-        kafka::deliver_all(&producer, &records, &metrics).await;
-        kafka::store_offsets(&consumer, &kafka::last_offsets(&batch));
+        let offsets = kafka::last_offsets(&batch);
+        if transactional {
+            let group = consumer
+                .group_metadata()
+                .ok_or_else(|| RuntimeError::Task("the consumer has no group metadata".into()))?;
+            let (producer, metrics) = (producer.clone(), metrics.clone());
+            tokio::task::spawn_blocking(move || {
+                kafka::commit_transaction(
+                    &producer,
+                    &records,
+                    &kafka::next_offsets(&offsets),
+                    &group,
+                    &metrics,
+                )
+            })
+            .await
+            .map_err(|e| RuntimeError::Task(e.to_string()))??;
+        } else {
+            kafka::deliver_all(&producer, &records, &metrics).await;
+            kafka::store_offsets(&consumer, &offsets);
+        }
         let evicted = ingest.dedupe_evicted_early();
         if evicted > evicted_reported {
             metrics.dedupe_evicted.inc_by(evicted - evicted_reported);
@@ -262,6 +300,20 @@ pub async fn run(
             .observe(started.elapsed().as_secs_f64());
     }
     info!("ingest stopping: committing offsets");
-    kafka::close_consumer(consumer, ROLE, std::time::Duration::from_secs(15)).await;
+    kafka::close_consumer(
+        consumer,
+        ROLE,
+        !transactional,
+        std::time::Duration::from_secs(15),
+    )
+    .await;
     Ok(())
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "npsflow".into())
 }

@@ -12,7 +12,7 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
@@ -31,7 +31,6 @@ pub fn client_config(kafka: &KafkaSettings, client_id: &str) -> ClientConfig {
     config
         .set("bootstrap.servers", &kafka.brokers)
         .set("client.id", client_id)
-        .set("statistics.interval.ms", "1000")
         .set("log_level", "4");
     for (name, value) in &kafka.properties {
         config.set(name, value);
@@ -51,7 +50,9 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str, client_id: &str) -> C
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
-        .set("heartbeat.interval.ms", "1000");
+        .set("heartbeat.interval.ms", "1000")
+        // Lag and connectivity come from statistics (see RoleContext::stats).
+        .set("statistics.interval.ms", "1000");
     merge(config, client_config(kafka, client_id))
 }
 
@@ -243,25 +244,102 @@ pub async fn deliver_all(producer: &FutureProducer, records: &[Outgoing], metric
     }
 }
 
-/// Commits the stored offsets, leaves the group and closes the consumer, on a blocking
-/// thread and for at most `limit`: with the broker gone this cannot finish, and the stored
-/// offsets are then simply replayed by the next owner, which makes the same decisions.
+/// Commits the stored offsets (if `commit`), leaves the group and closes the consumer, on a
+/// blocking thread and for at most `limit`: with the broker gone this cannot finish, and the
+/// stored offsets are then simply replayed by the next owner, which makes the same decisions.
 pub async fn close_consumer(
     consumer: StreamConsumer<RoleContext>,
     role: &'static str,
+    commit: bool,
     limit: Duration,
 ) {
     let closing = tokio::task::spawn_blocking(move || {
-        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-            info!(role, %error, "final commit skipped");
+        if commit {
+            if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+                info!(role, %error, "final commit skipped");
+            }
         }
         consumer.unsubscribe();
         drop(consumer);
     });
     match tokio::time::timeout(limit, closing).await {
-        Ok(_) => info!(role, "offsets committed, consumer closed"),
+        Ok(_) => info!(role, "consumer closed"),
         Err(_) => warn!(role, "broker unreachable: closing without a final commit"),
     }
+}
+
+/// Produces `records` and commits the input `offsets` (the next offset to read, per
+/// partition) in one Kafka transaction, retrying the whole transaction after abortable or
+/// retriable errors. Blocking. Returns an error only when the producer can no longer be used
+/// (fenced by a newer instance, or a fatal error).
+pub fn commit_transaction(
+    producer: &FutureProducer,
+    records: &[Outgoing],
+    offsets: &rdkafka::TopicPartitionList,
+    group: &rdkafka::consumer::ConsumerGroupMetadata,
+    metrics: &Metrics,
+) -> Result<(), KafkaError> {
+    let timeout = Duration::from_secs(60);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let attempt = (|| {
+            producer.begin_transaction()?;
+            for r in records {
+                let mut record: FutureRecord<'_, [u8], [u8]> =
+                    FutureRecord::to(&r.topic).headers(r.headers.clone());
+                if let Some(key) = &r.key {
+                    record = record.key(key.as_slice());
+                }
+                if let Some(payload) = &r.payload {
+                    record = record.payload(payload.as_slice());
+                }
+                if let Some(partition) = r.partition {
+                    record = record.partition(partition);
+                }
+                loop {
+                    match producer.send_result(record) {
+                        // Delivery is confirmed by the commit below.
+                        Ok(_delivery) => break,
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            record = back;
+                            producer.poll(Duration::from_millis(10));
+                        }
+                        Err((error, _)) => return Err(error),
+                    }
+                }
+            }
+            producer.send_offsets_to_transaction(offsets, group, timeout)?;
+            producer.commit_transaction(timeout)
+        })();
+        let error = match attempt {
+            Ok(()) => return Ok(()),
+            Err(error) => error,
+        };
+        let fatal = match &error {
+            KafkaError::Transaction(e) => e.is_fatal(),
+            _ => false,
+        };
+        if fatal {
+            return Err(error);
+        }
+        warn!(%error, "transaction failed; aborting and retrying the batch");
+        metrics
+            .produce_errors
+            .with_label_values(&["transaction"])
+            .inc();
+        let _ = producer.abort_transaction(timeout);
+        std::thread::sleep(backoff);
+        backoff = (backoff * 2).min(Duration::from_secs(10));
+    }
+}
+
+/// The offsets to commit after a batch: one past the last message, per partition.
+pub fn next_offsets(offsets: &[(String, i32, i64)]) -> rdkafka::TopicPartitionList {
+    let mut list = rdkafka::TopicPartitionList::new();
+    for (topic, partition, offset) in offsets {
+        let _ = list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(offset + 1));
+    }
+    list
 }
 
 /// Receives the next batch: waits up to `idle` for a first message (an empty batch if none
