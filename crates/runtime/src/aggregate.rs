@@ -183,7 +183,7 @@ async fn restore_assigned(
 }
 
 /// The longest a partition's restore may take before the role gives up and stops.
-const RESTORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
+const RESTORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(45);
 
 /// Runs the aggregate role until `shutdown` turns true. Per batch of deltas: apply what was
 /// not applied before, write the snapshot of every segment the batch touched to the state

@@ -173,7 +173,7 @@ async fn restore_dedupe(
                 &topic,
                 partition,
                 count,
-                std::time::Duration::from_secs(120),
+                std::time::Duration::from_secs(45),
             )
         })
         .await

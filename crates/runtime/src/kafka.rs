@@ -50,6 +50,9 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str, client_id: &str) -> C
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky")
         .set("session.timeout.ms", "10000")
+        // Also bounds how long a rebalance waits for members that do not rejoin. The loops
+        // poll at least every half second; a restore must finish well within this.
+        .set("max.poll.interval.ms", "60000")
         .set("heartbeat.interval.ms", "1000")
         // Lag and connectivity come from statistics (see RoleContext::stats).
         .set("statistics.interval.ms", "1000");

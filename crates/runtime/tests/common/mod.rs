@@ -128,17 +128,18 @@ pub async fn produce(
         .set("partitioner", "murmur2_random")
         .create()
         .expect("producer");
-    for (key, payload, headers) in messages {
+    // All in flight at once; the idempotent producer keeps each partition's order.
+    let sends = messages.iter().map(|(key, payload, headers)| {
         let mut record = FutureRecord::to(topic)
             .payload(payload.as_slice())
             .headers(headers.clone());
         if let Some(key) = key {
             record = record.key(*key);
         }
-        producer
-            .send(record, Timeout::Never)
-            .await
-            .expect("delivered");
+        producer.send(record, Timeout::Never)
+    });
+    for result in futures::future::join_all(sends).await {
+        result.expect("delivered");
     }
 }
 

@@ -1,0 +1,498 @@
+//! The chaos test: nothing lost, nothing counted twice, on a real broker process.
+//!
+//! A seeded data set with a known answer (duplicates, late and invalid events included) is
+//! produced while two or three `npsflow run` processes consume it. Every few seconds one
+//! process is killed with SIGKILL and restarted, and the set of processes grows and shrinks
+//! so partitions move. Once, the broker itself is stopped for a while (Tansu with sqlite
+//! storage keeps its data) and the pipeline must carry on without a restart. At the end a
+//! fresh aggregate process restores every segment from the state topic, and every segment's
+//! counts must equal the answer exactly; the alert ids on the follow-up topic must be exactly
+//! the detractor responses (re-sends are counted and reported); every invalid message must be
+//! on the dead-letter topic exactly as sent.
+//!
+//! Run by `scripts/chaos.sh` (short in CI, `--long` for a person):
+//! `cargo test -p npsflow-runtime --test chaos -- --ignored --nocapture`.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use npsflow_runtime::traffic::Traffic;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+struct Settings {
+    brokers: String,
+    port: String,
+    storage: String,
+    binary: String,
+    messages: usize,
+    seconds: u64,
+    outage: u64,
+}
+
+fn settings() -> Settings {
+    let var = |name: &str| std::env::var(name).unwrap_or_else(|_| panic!("{name} is set"));
+    Settings {
+        brokers: var("NPSFLOW_CHAOS_BROKERS"),
+        port: var("NPSFLOW_CHAOS_PORT"),
+        storage: var("NPSFLOW_CHAOS_STORAGE"),
+        binary: var("NPSFLOW_CHAOS_BIN"),
+        messages: var("NPSFLOW_CHAOS_MESSAGES").parse().expect("a number"),
+        seconds: var("NPSFLOW_CHAOS_SECONDS").parse().expect("a number"),
+        outage: var("NPSFLOW_CHAOS_OUTAGE_SECONDS")
+            .parse()
+            .expect("a number"),
+    }
+}
+
+/// The `npsflow run` processes, each with its own HTTP port and log file.
+struct Fleet {
+    binary: String,
+    brokers: String,
+    logs: std::path::PathBuf,
+    running: Vec<(u16, Child)>,
+    next_port: u16,
+    started: usize,
+    killed: usize,
+}
+
+impl Fleet {
+    fn start(&mut self, roles: &str) -> u16 {
+        let port = self.next_port;
+        self.next_port += 1;
+        self.started += 1;
+        let log = std::fs::File::create(self.logs.join(format!("npsflow-{}.log", self.started)))
+            .expect("log file");
+        let child = Command::new(&self.binary)
+            .args(["run", "--roles", roles])
+            .env("NPSFLOW__KAFKA__BROKERS", &self.brokers)
+            .env("NPSFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("NPSFLOW__LOG__FORMAT", "json")
+            .env("NPSFLOW__INGEST__BATCH_MAX_WAIT", "50ms")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("npsflow starts");
+        self.running.push((port, child));
+        port
+    }
+
+    fn kill_one(&mut self, which: usize) {
+        if self.running.is_empty() {
+            return;
+        }
+        let (_, mut child) = self.running.remove(which % self.running.len());
+        let _ = child.kill(); // SIGKILL
+        let _ = child.wait();
+        self.killed += 1;
+    }
+
+    fn stop_all(&mut self) {
+        for (_, child) in &self.running {
+            let _ = Command::new("kill")
+                .args(["-INT", &child.id().to_string()])
+                .status();
+        }
+        for (_, mut child) in self.running.drain(..) {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.running {
+            let _ = child.kill();
+        }
+    }
+}
+
+fn tansu(action: &str, s: &Settings) {
+    let mut command = Command::new("scripts/tansu.sh");
+    command.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    command.args([action, &s.port]);
+    if action == "start" {
+        command.arg(&s.storage);
+    }
+    assert!(
+        command.status().expect("tansu.sh runs").success(),
+        "tansu {action}"
+    );
+}
+
+/// Every message of a topic up to its current end.
+fn read_all(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("chaos-reader-{topic}"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .expect("metadata");
+    let mut ends = HashMap::new();
+    let mut list = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
+            .expect("watermarks");
+        if high > low {
+            ends.insert(partition.id(), high);
+            list.add_partition_offset(topic, partition.id(), Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    let mut payloads = Vec::new();
+    if ends.is_empty() {
+        return payloads;
+    }
+    consumer.assign(&list).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            payloads.push(message.payload().unwrap_or_default().to_vec());
+            if ends.get(&message.partition()) == Some(&(message.offset() + 1)) {
+                ends.remove(&message.partition());
+            }
+        }
+    }
+    assert!(ends.is_empty(), "read {topic} to its end");
+    payloads
+}
+
+/// Committed offsets of `group` minus the end of `topic`, summed over partitions.
+fn lag(brokers: &str, group: &str, topic: &str) -> Option<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .ok()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()?;
+    let mut list = TopicPartitionList::new();
+    let mut total_end = 0;
+    for partition in metadata.topics()[0].partitions() {
+        list.add_partition(topic, partition.id());
+        total_end += consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+            .ok()?
+            .1;
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .ok()?;
+    let done: i64 = committed
+        .elements()
+        .iter()
+        .map(|e| match e.offset() {
+            Offset::Offset(o) => o,
+            _ => 0,
+        })
+        .sum();
+    Some(total_end - done)
+}
+
+/// The answer, from the raw messages and the contract's rules alone.
+struct Answer {
+    invalid: Vec<Vec<u8>>,
+    detractor_ids: BTreeSet<String>,
+    segments: BTreeMap<String, (u64, u64, u64)>,
+}
+
+fn answer(messages: &[(Option<String>, Vec<u8>)]) -> Answer {
+    let mut answer = Answer {
+        invalid: Vec::new(),
+        detractor_ids: BTreeSet::new(),
+        segments: BTreeMap::new(),
+    };
+    let mut seen = HashSet::new();
+    for (_, payload) in messages {
+        let json: Option<Value> = serde_json::from_slice(payload).ok();
+        let valid = json.as_ref().filter(|j| {
+            j["response_id"].is_string()
+                && j["customer_id"].is_string()
+                && j["responded_at"].is_string()
+                && j["score"].as_u64().is_some_and(|s| s <= 10)
+        });
+        let Some(json) = valid else {
+            answer.invalid.push(payload.clone());
+            continue;
+        };
+        let id = json["response_id"].as_str().expect("string").to_owned();
+        if !seen.insert(id.clone()) {
+            continue;
+        }
+        let score = json["score"].as_u64().expect("score");
+        if score <= 6 {
+            answer.detractor_ids.insert(id);
+        }
+        let s = &json["segments"];
+        let value = |d: &str| s[d].as_str().map(|v| format!("{d}={v}"));
+        let mut names = vec!["all".to_owned()];
+        names.extend(
+            ["region", "product", "channel", "tier"]
+                .iter()
+                .filter_map(|d| value(d)),
+        );
+        if let (Some(p), Some(r)) = (value("product"), value("region")) {
+            names.push(format!("{p},{r}"));
+        }
+        for name in names {
+            let counts = answer.segments.entry(name).or_default();
+            match score {
+                9..=10 => counts.0 += 1,
+                7..=8 => counts.1 += 1,
+                _ => counts.2 += 1,
+            }
+        }
+    }
+    answer
+}
+
+async fn http_json(port: u16, path: &str) -> Option<Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).await.ok()?;
+    let text = String::from_utf8(response).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then_some(())?;
+    serde_json::from_str(body).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker and the npsflow binary: run through scripts/chaos.sh"]
+async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage() {
+    fail_fast();
+    let s = settings();
+    let config = config(&s.brokers, &[]);
+    let topics = config.settings.topics.clone();
+    let logs = std::env::temp_dir().join(format!("npsflow-chaos-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).expect("log dir");
+    println!("chaos: logs in {}", logs.display());
+    let mut fleet = Fleet {
+        binary: s.binary.clone(),
+        brokers: s.brokers.clone(),
+        logs,
+        running: Vec::new(),
+        next_port: 19500,
+        started: 0,
+        killed: 0,
+    };
+
+    let mut traffic = Traffic::new(4242);
+    traffic.invalid_share = 0.03;
+    traffic.duplicate_share = 0.05;
+    traffic.late_share = 0.10;
+    let now = npsflow_runtime::wall_now();
+    let messages: Vec<(Option<String>, Vec<u8>)> = (0..s.messages)
+        .map(|_| {
+            let m = traffic.next_message(now);
+            (m.key, m.payload)
+        })
+        .collect();
+    let expected = answer(&messages);
+
+    fleet.start("ingest,aggregate");
+    fleet.start("ingest,aggregate");
+    let started = Instant::now();
+    let chunk = (s.messages / (s.seconds as usize * 2)).max(1);
+    let mut sent = 0;
+    let mut step = 0u64;
+    let mut outage_done = false;
+    while sent < messages.len() {
+        let end = (sent + chunk).min(messages.len());
+        let records: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = messages[sent..end]
+            .iter()
+            .map(|(k, p)| (k.as_deref(), p.clone(), OwnedHeaders::new()))
+            .collect();
+        let producing = produce(&s.brokers, &topics.responses, &records);
+        let halfway = sent >= messages.len() / 2;
+        if halfway && !outage_done {
+            outage_done = true;
+            println!("chaos: stopping the broker for {}s", s.outage);
+            tansu("stop", &s);
+            tokio::time::sleep(Duration::from_secs(s.outage)).await;
+            tansu("start", &s);
+            println!("chaos: broker back");
+        }
+        producing.await;
+        sent = end;
+        step += 1;
+        // Every ~5 seconds: kill one process, and grow or shrink the fleet.
+        if step.is_multiple_of(10) {
+            fleet.kill_one(step as usize);
+            // Alternate between shrinking to two processes and growing back to three.
+            let target = if (step / 10).is_multiple_of(2) { 3 } else { 2 };
+            while fleet.running.len() < target {
+                fleet.start("ingest,aggregate");
+            }
+            println!(
+                "chaos: {sent}/{} sent, {} running, {} killed",
+                messages.len(),
+                fleet.running.len(),
+                fleet.killed
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    println!(
+        "chaos: all {} sent after {:?}",
+        messages.len(),
+        started.elapsed()
+    );
+
+    // Let the survivors finish: every input and delta offset committed.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        let ingest = lag(
+            &s.brokers,
+            &config.settings.kafka.ingest_group,
+            &topics.responses,
+        );
+        let aggregate = lag(
+            &s.brokers,
+            &config.settings.kafka.aggregate_group,
+            &topics.segment_deltas,
+        );
+        if ingest == Some(0) && aggregate == Some(0) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "lag did not drain: {ingest:?} {aggregate:?}"
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    fleet.stop_all();
+    // Let the group settle empty before the last member joins.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+
+    // A fresh aggregator owns every partition and restores every segment from snapshots.
+    let port = fleet.start("aggregate");
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let rows = loop {
+        let ready = http_json(port, "/readyz").await.is_some();
+        if ready {
+            if let Some(Value::Array(rows)) = http_json(port, "/v1/segments?window=28d").await {
+                if rows.len() >= expected.segments.len() {
+                    break rows;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the final aggregator did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    fleet.stop_all();
+
+    let got: BTreeMap<String, (u64, u64, u64)> = rows
+        .iter()
+        .map(|row| {
+            let n = |k: &str| row[k].as_u64().expect("count");
+            (
+                row["segment"].as_str().expect("segment").to_owned(),
+                (n("promoters"), n("passives"), n("detractors")),
+            )
+        })
+        .collect();
+    let wrong: Vec<&String> = expected
+        .segments
+        .iter()
+        .filter(|(name, counts)| got.get(*name) != Some(counts))
+        .map(|(name, _)| name)
+        .collect();
+    let extra: Vec<&String> = got
+        .keys()
+        .filter(|k| !expected.segments.contains_key(*k))
+        .collect();
+
+    let alerts = read_all(&s.brokers, &topics.followups);
+    let alert_ids: Vec<String> = alerts
+        .iter()
+        .map(|a| {
+            let json: Value = serde_json::from_slice(a).expect("alert json");
+            json["alert_id"].as_str().expect("alert_id").to_owned()
+        })
+        .collect();
+    let distinct: BTreeSet<String> = alert_ids.iter().cloned().collect();
+    let want: BTreeSet<String> = expected
+        .detractor_ids
+        .iter()
+        .map(|id| npsflow_core::alert_id(id))
+        .collect();
+
+    let dead = read_all(&s.brokers, &topics.dead_letters);
+    let mut dead_counts: HashMap<&[u8], usize> = HashMap::new();
+    for d in &dead {
+        *dead_counts.entry(d.as_slice()).or_default() += 1;
+    }
+    let mut want_dead: HashMap<&[u8], usize> = HashMap::new();
+    for d in &expected.invalid {
+        *want_dead.entry(d.as_slice()).or_default() += 1;
+    }
+    let missing_dead: usize = want_dead
+        .iter()
+        .map(|(p, n)| n.saturating_sub(*dead_counts.get(p).unwrap_or(&0)))
+        .sum();
+    let foreign_dead = dead_counts
+        .keys()
+        .filter(|p| !want_dead.contains_key(*p))
+        .count();
+
+    println!(
+        "chaos: {} processes started, {} killed with SIGKILL, one broker outage of {}s",
+        fleet.started, fleet.killed, s.outage
+    );
+    println!(
+        "chaos: segments: {} expected, {} exact, {} wrong, {} unexpected",
+        expected.segments.len(),
+        expected.segments.len() - wrong.len(),
+        wrong.len(),
+        extra.len()
+    );
+    println!("chaos: alerts: {} detractor responses, {} distinct alert ids, {} on the topic ({} re-sent), {} missing, {} unexpected",
+        want.len(), distinct.len(), alert_ids.len(), alert_ids.len() - distinct.len(),
+        want.difference(&distinct).count(), distinct.difference(&want).count());
+    println!(
+        "chaos: dead letters: {} invalid sent, {} on the topic, {} missing, {} unexpected",
+        expected.invalid.len(),
+        dead.len(),
+        missing_dead,
+        foreign_dead
+    );
+    assert!(wrong.is_empty(), "segments with wrong counts: {wrong:?}");
+    assert!(extra.is_empty(), "unexpected segments: {extra:?}");
+    assert_eq!(
+        distinct, want,
+        "alert ids differ from the detractor responses"
+    );
+    assert_eq!(
+        missing_dead, 0,
+        "invalid messages missing from the dead-letter topic"
+    );
+    assert_eq!(
+        foreign_dead, 0,
+        "dead letters that were not sent as invalid"
+    );
+    println!("chaos: ok");
+}

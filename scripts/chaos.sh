@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Chaos test on a real broker process (Tansu, sqlite storage so it survives a restart):
+# SIGKILLed and restarted npsflow processes, a growing and shrinking fleet, one broker outage,
+# then an exact comparison with the known answer (crates/runtime/tests/chaos.rs).
+#   scripts/chaos.sh          # short form, as CI runs it (~3 minutes)
+#   scripts/chaos.sh --long   # 200,000 messages over ~10 minutes
+set -euo pipefail
+cd "$(dirname "$0")/.."
+port="${NPSFLOW_CHAOS_PORT:-19192}"
+# Tansu resolves sqlite paths relative to its working directory (the repository root).
+work=".tmp/chaos-$$"
+mkdir -p "$work"
+messages=20000 seconds=60 outage=30
+if [ "${1:-}" = "--long" ]; then messages=200000 seconds=600 outage=30; fi
+cleanup() {
+  # npsflow processes the test started are left behind if it fails hard: stop them too.
+  pkill -f "$PWD/target/debug/npsflow run" 2>/dev/null || true
+  scripts/tansu.sh stop "$port"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cleanup
+
+storage="sqlite:///$work/tansu.db"
+scripts/tansu.sh start "$port" "$storage"
+cargo build -j2 -p npsflow
+export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
+target/debug/npsflow topics create
+
+export NPSFLOW_CHAOS_BROKERS="127.0.0.1:$port" NPSFLOW_CHAOS_PORT="$port" \
+  NPSFLOW_CHAOS_STORAGE="$storage" NPSFLOW_CHAOS_BIN="$PWD/target/debug/npsflow" \
+  NPSFLOW_CHAOS_MESSAGES="$messages" NPSFLOW_CHAOS_SECONDS="$seconds" \
+  NPSFLOW_CHAOS_OUTAGE_SECONDS="$outage"
+cargo test -j2 -p npsflow-runtime --test chaos -- --ignored --nocapture
