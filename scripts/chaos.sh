@@ -7,19 +7,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port="${NPSFLOW_CHAOS_PORT:-19192}"
-# Tansu resolves sqlite paths relative to its working directory (the repository root).
-work=".tmp/chaos-$$"
-mkdir -p "$work"
 messages=20000 seconds=60 outage=30
 if [ "${1:-}" = "--long" ]; then messages=200000 seconds=600 outage=30; fi
-cleanup() {
+stop_all() {
   # npsflow processes the test started are left behind if it fails hard: stop them too.
   pkill -f "$PWD/target/debug/npsflow run" 2>/dev/null || true
   scripts/tansu.sh stop "$port"
-  rm -rf "$work"
 }
-trap cleanup EXIT
-cleanup
+stop_all
+# Tansu resolves sqlite paths relative to its working directory (the repository root).
+work=".tmp/chaos-$$"
+mkdir -p "$work"
+trap 'stop_all; rm -rf "$work"' EXIT
 
 storage="sqlite:///$work/tansu.db"
 scripts/tansu.sh start "$port" "$storage"

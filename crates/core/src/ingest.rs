@@ -120,18 +120,7 @@ impl Ingest {
         bytes: &[u8],
         wall: Timestamp,
     ) -> Decision {
-        let spec = &self.spec;
-        let state = self
-            .partitions
-            .entry(partition)
-            .or_insert_with(|| PartitionState {
-                seen: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
-                latest: None,
-            });
-        let clock = match spec.clock {
-            ClockKind::Wall => Clock::Wall(wall),
-            ClockKind::EventTime => Clock::EventTime(state.latest),
-        };
+        let (spec, state, clock) = self.partition(partition, wall);
         let outcome = classify(bytes, clock, &spec.windows, &mut state.seen);
         let mut decision = Decision {
             outcome: outcome.label(),

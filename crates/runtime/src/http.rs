@@ -135,25 +135,36 @@ fn no_aggregate() -> Response {
     )
 }
 
+/// Runs `answer` on the segment view and the checked `window` parameter, or answers 404
+/// (no aggregate role here) or 400 (unknown window) itself.
+fn with_view(
+    state: &AppState,
+    query: &HashMap<String, String>,
+    answer: impl FnOnce(&AggregateView, Option<String>) -> Response,
+) -> Response {
+    let Some(view) = &state.view else {
+        return no_aggregate();
+    };
+    let view = view.read().unwrap_or_else(|e| e.into_inner());
+    match check_window(&view, query) {
+        Ok(window) => answer(&view, window),
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+    }
+}
+
 async fn segments(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(view) = state.view else {
-        return no_aggregate();
-    };
-    let view = view.read().unwrap_or_else(|e| e.into_inner());
-    let window = match check_window(&view, &query) {
-        Ok(window) => window,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let rows: Vec<Value> = view
-        .rows(wall_now())
-        .iter()
-        .filter(|row| window.as_ref().is_none_or(|w| &row.window == w))
-        .map(row_json)
-        .collect();
-    Json(Value::Array(rows)).into_response()
+    with_view(&state, &query, |view, window| {
+        let rows: Vec<Value> = view
+            .rows(wall_now())
+            .iter()
+            .filter(|row| window.as_ref().is_none_or(|w| &row.window == w))
+            .map(row_json)
+            .collect();
+        Json(Value::Array(rows)).into_response()
+    })
 }
 
 async fn segment(
@@ -161,26 +172,20 @@ async fn segment(
     Path(name): Path<String>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let Some(view) = state.view else {
-        return no_aggregate();
-    };
-    let view = view.read().unwrap_or_else(|e| e.into_inner());
-    let window = match check_window(&view, &query) {
-        Ok(window) => window,
-        Err(message) => return error(StatusCode::BAD_REQUEST, message),
-    };
-    let Some(rows) = view.segment(&name, wall_now()) else {
-        return error(
-            StatusCode::NOT_FOUND,
-            format!("segment {name:?} is not owned by this process or has no responses"),
-        );
-    };
-    match window {
-        Some(window) => rows
-            .iter()
-            .find(|row| row.window == window)
-            .map(|row| Json(row_json(row)).into_response())
-            .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such window".into())),
-        None => Json(Value::Array(rows.iter().map(row_json).collect())).into_response(),
-    }
+    with_view(&state, &query, |view, window| {
+        let Some(rows) = view.segment(&name, wall_now()) else {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("segment {name:?} is not owned by this process or has no responses"),
+            );
+        };
+        match window {
+            Some(window) => rows
+                .iter()
+                .find(|row| row.window == window)
+                .map(|row| Json(row_json(row)).into_response())
+                .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such window".into())),
+            None => Json(Value::Array(rows.iter().map(row_json).collect())).into_response(),
+        }
+    })
 }

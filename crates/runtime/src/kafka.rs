@@ -362,14 +362,22 @@ pub async fn receive_batch(
     let mut batch = Vec::new();
     match first {
         Ok(Ok(message)) => batch.push(message.detach()),
-        Ok(Err(error)) => warn!(%error, "consume error"),
+        Ok(Err(error)) => {
+            // Typically the broker is unreachable: wait a little instead of spinning.
+            warn!(%error, "consume error");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Some(batch);
+        }
         Err(_) => return Some(batch),
     }
     let deadline = tokio::time::Instant::now() + wait;
     while batch.len() < max {
         match tokio::time::timeout_at(deadline, consumer.recv()).await {
             Ok(Ok(message)) => batch.push(message.detach()),
-            Ok(Err(error)) => warn!(%error, "consume error"),
+            Ok(Err(error)) => {
+                warn!(%error, "consume error");
+                break;
+            }
             Err(_) => break,
         }
     }

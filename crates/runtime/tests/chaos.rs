@@ -15,7 +15,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -205,76 +205,27 @@ fn lag(brokers: &str, group: &str, topic: &str) -> Option<i64> {
     Some(total_end - done)
 }
 
-/// The answer, from the raw messages and the contract's rules alone.
-struct Answer {
-    invalid: Vec<Vec<u8>>,
-    detractor_ids: BTreeSet<String>,
-    segments: BTreeMap<String, (u64, u64, u64)>,
-}
-
-fn answer(messages: &[(Option<String>, Vec<u8>)]) -> Answer {
-    let mut answer = Answer {
-        invalid: Vec::new(),
-        detractor_ids: BTreeSet::new(),
-        segments: BTreeMap::new(),
-    };
-    let mut seen = HashSet::new();
-    for (_, payload) in messages {
-        let json: Option<Value> = serde_json::from_slice(payload).ok();
-        let valid = json.as_ref().filter(|j| {
-            j["response_id"].is_string()
-                && j["customer_id"].is_string()
-                && j["responded_at"].is_string()
-                && j["score"].as_u64().is_some_and(|s| s <= 10)
-        });
-        let Some(json) = valid else {
-            answer.invalid.push(payload.clone());
-            continue;
-        };
-        let id = json["response_id"].as_str().expect("string").to_owned();
-        if !seen.insert(id.clone()) {
-            continue;
-        }
-        let score = json["score"].as_u64().expect("score");
-        if score <= 6 {
-            answer.detractor_ids.insert(id);
-        }
-        let s = &json["segments"];
-        let value = |d: &str| s[d].as_str().map(|v| format!("{d}={v}"));
-        let mut names = vec!["all".to_owned()];
-        names.extend(
-            ["region", "product", "channel", "tier"]
-                .iter()
-                .filter_map(|d| value(d)),
-        );
-        if let (Some(p), Some(r)) = (value("product"), value("region")) {
-            names.push(format!("{p},{r}"));
-        }
-        for name in names {
-            let counts = answer.segments.entry(name).or_default();
-            match score {
-                9..=10 => counts.0 += 1,
-                7..=8 => counts.1 += 1,
-                _ => counts.2 += 1,
-            }
-        }
-    }
-    answer
-}
-
+/// GET a JSON body from one of the processes; `None` unless it answers 200 in time.
 async fn http_json(port: u16, path: &str) -> Option<Value> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8(response).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then_some(())?;
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
         .await
-        .ok()?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.ok()?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).await.ok()?;
-    let text = String::from_utf8(response).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then_some(())?;
-    serde_json::from_str(body).ok()
+        .ok()
+        .flatten()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

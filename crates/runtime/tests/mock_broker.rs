@@ -2,6 +2,7 @@
 //! real client and wire protocol, every role end to end, with injectable broker errors.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -17,23 +18,24 @@ mod common;
 
 use common::*;
 
-fn cluster(
-    config_topics: &Config,
-) -> MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+type Cluster = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
+
+/// A mock cluster with every topic, its bootstrap address, and the test configuration for it
+/// (with `extra` settings).
+fn broker(extra: &[(&str, &str)]) -> (Cluster, String, Arc<Config>) {
     fail_fast();
     let cluster = MockCluster::new(1).expect("mock cluster");
-    for (topic, partitions) in npsflow_runtime::topics::planned(&config_topics.settings) {
+    let brokers = cluster.bootstrap_servers();
+    let config = config(&brokers, extra);
+    for (topic, partitions) in npsflow_runtime::topics::planned(&config.settings) {
         cluster.create_topic(&topic, partitions, 1).expect("topic");
     }
-    cluster
+    (cluster, brokers, config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers, &[]);
+    let (_cluster, brokers, config) = broker(&[]);
     let topics = &config.settings.topics;
     let pipeline = Pipeline::start(&config).await;
 
@@ -227,10 +229,7 @@ async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_errors_are_retried_and_nothing_is_lost() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers, &[]);
+    let (cluster, brokers, config) = broker(&[]);
     let topics = &config.settings.topics;
     let input: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..40)
         .map(|i| {
@@ -304,10 +303,7 @@ async fn broker_errors_are_retried_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers, &[]);
+    let (_cluster, brokers, config) = broker(&[]);
     let topics = &config.settings.topics;
     let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..10)
         .map(|i| {
@@ -368,10 +364,7 @@ async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers, &[]);
+    let (cluster, brokers, config) = broker(&[]);
     let topics = config.settings.topics.clone();
     let before: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..5)
         .map(|i| {
@@ -431,10 +424,7 @@ async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers, &[]);
+    let (_cluster, brokers, config) = broker(&[]);
     let topics = config.settings.topics.clone();
     let east = r#","segments":{"region":"east"}"#;
     let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..12)
@@ -499,10 +489,7 @@ async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_restart_a_resent_response_is_still_a_duplicate() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(&brokers, &[]);
+    let (_cluster, brokers, config) = broker(&[]);
     let topics = config.settings.topics.clone();
     let original = vec![(Some("cust-x"), response("x", 1, ""), OwnedHeaders::new())];
     produce(&brokers, &topics.responses, &original).await;
@@ -528,16 +515,10 @@ async fn after_a_restart_a_resent_response_is_still_a_duplicate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_commits_outputs_and_offsets_in_transactions() {
-    let probe = config("unused:9092", &[]);
-    let cluster = cluster(&probe);
-    let brokers = cluster.bootstrap_servers();
-    let config = config(
-        &brokers,
-        &[
-            ("NPSFLOW__PROCESSING__GUARANTEE", "exactly_once"),
-            ("NPSFLOW__PROCESSING__TRANSACTIONAL_ID", "npsflow-test-tx"),
-        ],
-    );
+    let (_cluster, brokers, config) = broker(&[
+        ("NPSFLOW__PROCESSING__GUARANTEE", "exactly_once"),
+        ("NPSFLOW__PROCESSING__TRANSACTIONAL_ID", "npsflow-test-tx"),
+    ]);
     let topics = config.settings.topics.clone();
     let input: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..8)
         .map(|i| {

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::BTreeSet;
 
 use axum::http::StatusCode;
 use common::*;
@@ -18,65 +18,6 @@ use rdkafka::Message;
 use serde_json::Value;
 
 const MESSAGES: usize = 3_000;
-
-/// What the contract says the pipeline must make of the data set.
-#[derive(Default)]
-struct Answer {
-    accepted: u64,
-    duplicates: u64,
-    invalid: Vec<Vec<u8>>,
-    detractor_ids: BTreeSet<String>,
-    /// segment -> (promoters, passives, detractors)
-    segments: BTreeMap<String, (u64, u64, u64)>,
-}
-
-fn answer(messages: &[(Option<String>, Vec<u8>)]) -> Answer {
-    let mut answer = Answer::default();
-    let mut seen = HashSet::new();
-    for (_, payload) in messages {
-        let json: Option<Value> = serde_json::from_slice(payload).ok();
-        let valid = json.as_ref().filter(|j| {
-            j["response_id"].is_string()
-                && j["customer_id"].is_string()
-                && j["responded_at"].is_string()
-                && j["score"].as_u64().is_some_and(|s| s <= 10)
-        });
-        let Some(json) = valid else {
-            answer.invalid.push(payload.clone());
-            continue;
-        };
-        let id = json["response_id"].as_str().expect("string").to_owned();
-        if !seen.insert(id.clone()) {
-            answer.duplicates += 1;
-            continue;
-        }
-        answer.accepted += 1;
-        let score = json["score"].as_u64().expect("score");
-        if score <= 6 {
-            answer.detractor_ids.insert(id);
-        }
-        let s = &json["segments"];
-        let value = |d: &str| s[d].as_str().map(|v| format!("{d}={v}"));
-        let mut names = vec!["all".to_owned()];
-        names.extend(
-            ["region", "product", "channel", "tier"]
-                .iter()
-                .filter_map(|d| value(d)),
-        );
-        if let (Some(p), Some(r)) = (value("product"), value("region")) {
-            names.push(format!("{p},{r}"));
-        }
-        for name in names {
-            let counts = answer.segments.entry(name).or_default();
-            match score {
-                9..=10 => counts.0 += 1,
-                7..=8 => counts.1 += 1,
-                _ => counts.2 += 1,
-            }
-        }
-    }
-    answer
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "needs a real broker: run through scripts/e2e.sh"]

@@ -2,6 +2,7 @@
 //! broker): a pipeline running every role in-process, producing, reading topics back.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,4 +213,64 @@ pub fn header(message: &OwnedMessage, name: &str) -> Option<String> {
             .and_then(|header| header.value)
             .map(|v| String::from_utf8_lossy(v).into_owned())
     })
+}
+
+/// What the contract says the pipeline must make of a data set, computed from the raw
+/// messages with serde_json and the contract's rules, not with npsflow's own code.
+#[derive(Default)]
+pub struct Answer {
+    pub accepted: u64,
+    pub duplicates: u64,
+    pub invalid: Vec<Vec<u8>>,
+    pub detractor_ids: BTreeSet<String>,
+    /// segment -> (promoters, passives, detractors)
+    pub segments: BTreeMap<String, (u64, u64, u64)>,
+}
+
+pub fn answer(messages: &[(Option<String>, Vec<u8>)]) -> Answer {
+    let mut answer = Answer::default();
+    let mut seen = HashSet::new();
+    for (_, payload) in messages {
+        let json: Option<Value> = serde_json::from_slice(payload).ok();
+        let valid = json.as_ref().filter(|j| {
+            j["response_id"].is_string()
+                && j["customer_id"].is_string()
+                && j["responded_at"].is_string()
+                && j["score"].as_u64().is_some_and(|s| s <= 10)
+        });
+        let Some(json) = valid else {
+            answer.invalid.push(payload.clone());
+            continue;
+        };
+        let id = json["response_id"].as_str().expect("string").to_owned();
+        if !seen.insert(id.clone()) {
+            answer.duplicates += 1;
+            continue;
+        }
+        answer.accepted += 1;
+        let score = json["score"].as_u64().expect("score");
+        if score <= 6 {
+            answer.detractor_ids.insert(id);
+        }
+        let s = &json["segments"];
+        let value = |d: &str| s[d].as_str().map(|v| format!("{d}={v}"));
+        let mut names = vec!["all".to_owned()];
+        names.extend(
+            ["region", "product", "channel", "tier"]
+                .iter()
+                .filter_map(|d| value(d)),
+        );
+        if let (Some(p), Some(r)) = (value("product"), value("region")) {
+            names.push(format!("{p},{r}"));
+        }
+        for name in names {
+            let counts = answer.segments.entry(name).or_default();
+            match score {
+                9..=10 => counts.0 += 1,
+                7..=8 => counts.1 += 1,
+                _ => counts.2 += 1,
+            }
+        }
+    }
+    answer
 }
