@@ -2,6 +2,7 @@
 # Installs Tansu (a Kafka-compatible broker) if missing and starts it on loopback.
 #   scripts/tansu.sh start PORT [STORAGE]   # STORAGE: memory://tansu/ (default) or sqlite://FILE
 #   scripts/tansu.sh stop PORT
+#   scripts/tansu.sh pause PORT | resume PORT   # SIGSTOP / SIGCONT: an unresponsive broker
 # The first install builds from crates.io: about 15 minutes on 2 cores, once per machine.
 set -euo pipefail
 action="${1:?start|stop}"
@@ -34,12 +35,25 @@ start)
   ;;
 stop)
   if [ -f "$state_dir/pid" ]; then
-    kill "$(cat "$state_dir/pid")" 2>/dev/null || true
+    pid="$(cat "$state_dir/pid")"
+    kill "$pid" 2>/dev/null || true
+    # Wait until it is gone: a new broker on the same sqlite file must not overlap it.
+    for _ in $(seq 1 100); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
     rm -f "$state_dir/pid"
   fi
   ;;
+pause)
+  kill -STOP "$(cat "$state_dir/pid")"
+  ;;
+resume)
+  kill -CONT "$(cat "$state_dir/pid")"
+  ;;
 *)
-  echo "usage: $0 start|stop PORT [STORAGE]" >&2
+  echo "usage: $0 start|stop|pause|resume PORT [STORAGE]" >&2
   exit 2
   ;;
 esac

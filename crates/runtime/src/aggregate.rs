@@ -70,16 +70,17 @@ impl AggregateView {
         }
     }
 
-    /// Applies a delta that arrived on `partition` of the deltas topic.
-    pub fn apply(&mut self, partition: i32, delta: &SegmentDelta) -> npsflow_core::Applied {
+    /// Applies a delta that arrived on `partition` of the deltas topic; `None` (and nothing
+    /// applied) unless that partition is owned here, i.e. was restored on assignment. A
+    /// message fetched just before its partition was revoked must not start a new, empty
+    /// store whose snapshot would then overwrite the new owner's.
+    pub fn apply(&mut self, partition: i32, delta: &SegmentDelta) -> Option<npsflow_core::Applied> {
+        let applied = self.partitions.get_mut(&partition)?.apply(delta);
         if let Some(latest) = delta.responses.iter().map(|r| r.1).max() {
             let latest = Timestamp(latest);
             self.latest_event = Some(self.latest_event.map_or(latest, |l| l.max(latest)));
         }
-        self.partitions
-            .entry(partition)
-            .or_insert_with(|| SegmentStore::new(self.windows.clone()))
-            .apply(delta)
+        Some(applied)
     }
 
     /// Replaces a partition's segments with restored snapshots.
@@ -94,6 +95,11 @@ impl AggregateView {
     /// A segment's snapshot, as owned on `partition`.
     pub fn snapshot(&self, partition: i32, segment: &str) -> Option<SegmentSnapshot> {
         self.partitions.get(&partition)?.snapshot(segment)
+    }
+
+    /// True if `partition` of the deltas topic is owned (restored) here.
+    pub fn owns(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
     }
 
     /// Drops a partition's segments.
@@ -252,7 +258,9 @@ pub async fn run(
             for message in &batch {
                 match SegmentDelta::from_json(message.payload().unwrap_or_default()) {
                     Ok(delta) => {
-                        let applied = view.apply(message.partition(), &delta);
+                        let Some(applied) = view.apply(message.partition(), &delta) else {
+                            continue; // revoked meanwhile: the new owner applies it
+                        };
                         metrics
                             .delta_responses
                             .with_label_values(&["applied"])
@@ -292,7 +300,14 @@ pub async fn run(
                 .collect()
         };
         kafka::deliver_all(&producer, &snapshots, &metrics).await;
-        kafka::store_offsets(&consumer, &kafka::last_offsets(&batch));
+        let owned: Vec<(String, i32, i64)> = {
+            let view = view.read().unwrap_or_else(|e| e.into_inner());
+            kafka::last_offsets(&batch)
+                .into_iter()
+                .filter(|(_, partition, _)| view.owns(*partition))
+                .collect()
+        };
+        kafka::store_offsets(&consumer, &owned);
         metrics
             .batch_seconds
             .with_label_values(&[ROLE])

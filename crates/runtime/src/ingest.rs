@@ -251,22 +251,33 @@ pub async fn run(
     {
         let started = Instant::now();
         let mut assigned = Vec::new();
+        let mut revoked = Vec::new();
         for change in consumer.context().take_changes() {
             match change {
                 AssignmentChange::Revoked(partitions) => {
                     for (_, partition) in partitions {
                         ingest.forget_partition(partition);
                         assigned.retain(|p| *p != partition);
+                        revoked.push(partition);
                     }
                 }
                 AssignmentChange::Assigned(partitions) => {
-                    assigned.extend(partitions.into_iter().map(|(_, p)| p));
+                    for (_, partition) in partitions {
+                        revoked.retain(|p| *p != partition);
+                        assigned.push(partition);
+                    }
                 }
             }
         }
         if !assigned.is_empty() {
             restore_dedupe(&config, &health, &mut ingest, assigned).await?;
         }
+        // Messages fetched just before their partition was revoked belong to the new owner,
+        // which decides them with that partition's full duplicate memory.
+        let batch: Vec<OwnedMessage> = batch
+            .into_iter()
+            .filter(|m| !revoked.contains(&m.partition()))
+            .collect();
         let records = decide_batch(&mut ingest, &batch, &config, &metrics);
         let offsets = kafka::last_offsets(&batch);
         if transactional {
