@@ -12,5 +12,8 @@ cargo test --workspace -j2
 echo "== end-to-end tests against a real broker (Tansu)"
 ./scripts/e2e.sh
 
+echo "== chaos: kills, rebalances and a broker outage on a real broker"
+./scripts/chaos.sh
+
 echo "== real Prometheus: rules, dashboards, metrics"
 ./scripts/prometheus.sh
