@@ -35,27 +35,12 @@ pub fn read_snapshots(
     if high <= low {
         return Ok(Vec::new());
     }
-    let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, partition, Offset::Beginning)?;
-    consumer.assign(&list)?;
-    let deadline = Instant::now() + limit;
-    let mut position = low;
-    while position < high {
-        if Instant::now() > deadline {
-            return Err(RuntimeError::Restore(format!(
-                "partition {partition} of {topic}: read up to offset {position} of {high} in {limit:?}"
-            )));
-        }
-        let Some(received) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = received?;
-        position = message.offset() + 1;
+    read_range(&consumer, topic, partition, low, high, limit, |message| {
         let Some(key) = message
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
         else {
-            continue;
+            return;
         };
         match message.payload().map(SegmentSnapshot::from_json) {
             None => {
@@ -73,7 +58,7 @@ pub fn read_snapshots(
                 warn!(%error, partition, offset = message.offset(), "unreadable snapshot skipped")
             }
         }
-    }
+    })?;
     Ok(latest.into_values().collect())
 }
 
@@ -139,11 +124,28 @@ pub fn read_before_commit(
     if count <= 0 || start >= end {
         return Ok(Vec::new());
     }
+    let mut payloads = Vec::with_capacity((end - start) as usize);
+    read_range(&consumer, topic, partition, start, end, limit, |message| {
+        payloads.push(message.payload().unwrap_or_default().to_vec());
+    })?;
+    Ok(payloads)
+}
+
+/// Hands every message of `partition` at offsets `start..end` to `each`, in order. Blocking;
+/// fails if that takes longer than `limit`.
+fn read_range(
+    consumer: &BaseConsumer,
+    topic: &str,
+    partition: i32,
+    start: i64,
+    end: i64,
+    limit: Duration,
+    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+) -> Result<(), RuntimeError> {
     let mut list = TopicPartitionList::new();
     list.add_partition_offset(topic, partition, Offset::Offset(start))?;
     consumer.assign(&list)?;
     let deadline = Instant::now() + limit;
-    let mut payloads = Vec::with_capacity((end - start) as usize);
     let mut position = start;
     while position < end {
         if Instant::now() > deadline {
@@ -159,7 +161,7 @@ pub fn read_before_commit(
             break;
         }
         position = message.offset() + 1;
-        payloads.push(message.payload().unwrap_or_default().to_vec());
+        each(&message);
     }
-    Ok(payloads)
+    Ok(())
 }

@@ -177,37 +177,23 @@ fn read_all(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
     payloads
 }
 
-/// Committed offsets of `group` minus the end of `topic`, summed over partitions.
+/// The end of `topic` minus the group's committed offsets, summed over partitions.
 fn lag(brokers: &str, group: &str, topic: &str) -> Option<i64> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", brokers)
-        .set("group.id", group)
         .create()
         .ok()?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .ok()?;
-    let mut list = TopicPartitionList::new();
     let mut total_end = 0;
     for partition in metadata.topics()[0].partitions() {
-        list.add_partition(topic, partition.id());
         total_end += consumer
             .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
             .ok()?
             .1;
     }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .ok()?;
-    let done: i64 = committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum();
-    Some(total_end - done)
+    Some(total_end - committed_total(brokers, group, topic)?)
 }
 
 /// GET a JSON body from one of the processes; `None` unless it answers 200 in time.
@@ -391,13 +377,7 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
         .collect();
 
     let alerts = read_all(&s.brokers, &topics.followups);
-    let alert_ids: Vec<String> = alerts
-        .iter()
-        .map(|a| {
-            let json: Value = serde_json::from_slice(a).expect("alert json");
-            json["alert_id"].as_str().expect("alert_id").to_owned()
-        })
-        .collect();
+    let alert_ids: Vec<String> = alerts.iter().map(|a| alert_id_of(a)).collect();
     let distinct: BTreeSet<String> = alert_ids.iter().cloned().collect();
     let want: BTreeSet<String> = expected
         .detractor_ids

@@ -7,11 +7,10 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use npsflow_runtime::Config;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::Message;
 use serde_json::Value;
 
 mod common;
@@ -231,15 +230,7 @@ async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
 async fn broker_errors_are_retried_and_nothing_is_lost() {
     let (cluster, brokers, config) = broker(&[]);
     let topics = &config.settings.topics;
-    let input: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..40)
-        .map(|i| {
-            (
-                Some("k"),
-                response(&format!("e{i}"), (i % 11) as u8, ""),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
+    let input = responses("e", 40, |i| (i % 11) as u8, "");
     produce(&brokers, &topics.responses, &input).await;
     // Every produce request and offset commit fails a few times before it succeeds.
     let transient = [
@@ -255,31 +246,17 @@ async fn broker_errors_are_retried_and_nothing_is_lost() {
     let alerts = read_topic(&brokers, &topics.followups, detractors);
     let ids: BTreeSet<String> = alerts
         .iter()
-        .map(|a| {
-            let json: Value = serde_json::from_slice(a.payload().expect("payload")).expect("json");
-            json["alert_id"].as_str().expect("id").to_owned()
-        })
+        .map(|a| alert_id_of(a.payload().expect("payload")))
         .collect();
     assert_eq!(ids.len(), detractors, "every detractor alerted");
     wait_until("the aggregator to count all 40", || {
-        let (tally, _) = pipeline
-            .process
-            .view
-            .as_ref()
-            .map(|v| {
-                let v = v.read().expect("lock");
-                let rows = v
-                    .segment("all", npsflow_runtime::wall_now())
-                    .unwrap_or_default();
-                (
-                    rows.first()
-                        .map(|r| r.summary.tally.responses())
-                        .unwrap_or(0),
-                    (),
-                )
-            })
-            .expect("view");
-        tally == 40
+        let view = pipeline.process.view.as_ref().expect("view");
+        let rows = view
+            .read()
+            .expect("lock")
+            .segment("all", npsflow_runtime::wall_now())
+            .unwrap_or_default();
+        rows.first().map(|r| r.summary.tally.responses()) == Some(40)
     })
     .await;
     assert!(
@@ -305,43 +282,19 @@ async fn broker_errors_are_retried_and_nothing_is_lost() {
 async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
     let (_cluster, brokers, config) = broker(&[]);
     let topics = &config.settings.topics;
-    let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..10)
-        .map(|i| {
-            (
-                Some("k"),
-                response(&format!("s{i}"), 1, ""),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
+    let first = responses("s", 10, |_| 1, "");
     produce(&brokers, &topics.responses, &first).await;
     let pipeline = Pipeline::start(&config).await;
     wait_until("the first ten", || pipeline.events("accepted") == 10).await;
     pipeline.stop().await;
 
     // The group's committed offsets cover everything consumed.
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
-        .set("group.id", &config.settings.kafka.ingest_group)
-        .create()
-        .expect("consumer");
-    let mut list = TopicPartitionList::new();
-    for p in 0..3 {
-        list.add_partition(&topics.responses, p);
-    }
-    let committed = consumer
-        .committed_offsets(list, Duration::from_secs(10))
-        .expect("committed offsets");
-    let total: i64 = committed
-        .elements()
-        .iter()
-        .map(|e| match e.offset() {
-            Offset::Offset(o) => o,
-            _ => 0,
-        })
-        .sum();
-    assert_eq!(total, 10, "committed offsets cover all ten messages");
-    drop(consumer);
+    let total = committed_total(
+        &brokers,
+        &config.settings.kafka.ingest_group,
+        &topics.responses,
+    );
+    assert_eq!(total, Some(10), "committed offsets cover all ten messages");
 
     let second: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> =
         vec![(Some("k"), response("s-after", 1, ""), OwnedHeaders::new())];
@@ -366,15 +319,7 @@ async fn shutdown_commits_offsets_so_a_restart_reprocesses_nothing() {
 async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
     let (cluster, brokers, config) = broker(&[]);
     let topics = config.settings.topics.clone();
-    let before: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..5)
-        .map(|i| {
-            (
-                Some("k"),
-                response(&format!("o{i}"), 9, ""),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
+    let before = responses("o", 5, |_| 9, "");
     produce(&brokers, &topics.responses, &before).await;
     let pipeline = Pipeline::start(&config).await;
     wait_until("the first five", || pipeline.events("accepted") == 5).await;
@@ -390,15 +335,7 @@ async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
         let brokers = brokers.clone();
         let topic = topics.responses.clone();
         async move {
-            let messages: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..5)
-                .map(|i| {
-                    (
-                        Some("k"),
-                        response(&format!("o-late{i}"), 3, ""),
-                        OwnedHeaders::new(),
-                    )
-                })
-                .collect();
+            let messages = responses("o-late", 5, |_| 3, "");
             produce(&brokers, &topic, &messages).await;
         }
     });
@@ -427,15 +364,7 @@ async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
     let (_cluster, brokers, config) = broker(&[]);
     let topics = config.settings.topics.clone();
     let east = r#","segments":{"region":"east"}"#;
-    let first: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..12)
-        .map(|i| {
-            (
-                Some("k"),
-                response(&format!("r{i}"), (i % 11) as u8, east),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
+    let first = responses("r", 12, |i| (i % 11) as u8, east);
     produce(&brokers, &topics.responses, &first).await;
     let pipeline = Pipeline::start(&config).await;
     wait_until("all twelve counted", || {
@@ -520,15 +449,7 @@ async fn exactly_once_commits_outputs_and_offsets_in_transactions() {
         ("NPSFLOW__PROCESSING__TRANSACTIONAL_ID", "npsflow-test-tx"),
     ]);
     let topics = config.settings.topics.clone();
-    let input: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = (0..8)
-        .map(|i| {
-            (
-                Some("k"),
-                response(&format!("t{i}"), 2, ""),
-                OwnedHeaders::new(),
-            )
-        })
-        .collect();
+    let input = responses("t", 8, |_| 2, "");
     produce(&brokers, &topics.responses, &input).await;
     let pipeline = Pipeline::start(&config).await;
     wait_until("all eight", || pipeline.events("accepted") == 8).await;
@@ -548,10 +469,7 @@ async fn exactly_once_commits_outputs_and_offsets_in_transactions() {
     );
     let ids: BTreeSet<String> = alerts
         .iter()
-        .map(|a| {
-            let json: Value = serde_json::from_slice(a.payload().expect("payload")).expect("json");
-            json["alert_id"].as_str().expect("id").to_owned()
-        })
+        .map(|a| alert_id_of(a.payload().expect("payload")))
         .collect();
     let expected: BTreeSet<String> = (0..8)
         .map(|i| npsflow_core::alert_id(&format!("t{i}")))

@@ -15,7 +15,6 @@ use common::*;
 use npsflow_runtime::traffic::Traffic;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::Message;
-use serde_json::Value;
 
 const MESSAGES: usize = 3_000;
 
@@ -98,10 +97,7 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
     let alerts = read_topic(&brokers, &topics.followups, expected.detractor_ids.len());
     let ids: Vec<String> = alerts
         .iter()
-        .map(|a| {
-            let json: Value = serde_json::from_slice(a.payload().expect("payload")).expect("json");
-            json["alert_id"].as_str().expect("alert_id").to_owned()
-        })
+        .map(|a| alert_id_of(a.payload().expect("payload")))
         .collect();
     let want_ids: BTreeSet<String> = expected
         .detractor_ids

@@ -274,3 +274,54 @@ pub fn answer(messages: &[(Option<String>, Vec<u8>)]) -> Answer {
     }
     answer
 }
+
+/// `n` keyed response messages with ids `{prefix}{i}`, scores from `score`, and `extra` JSON.
+pub fn responses(
+    prefix: &str,
+    n: usize,
+    score: impl Fn(usize) -> u8,
+    extra: &str,
+) -> Vec<(Option<&'static str>, Vec<u8>, OwnedHeaders)> {
+    (0..n)
+        .map(|i| {
+            let body = response(&format!("{prefix}{i}"), score(i), extra);
+            (Some("k"), body, OwnedHeaders::new())
+        })
+        .collect()
+}
+
+/// The `alert_id` of an alert message body.
+pub fn alert_id_of(payload: &[u8]) -> String {
+    let json: Value = serde_json::from_slice(payload).expect("alert json");
+    json["alert_id"].as_str().expect("alert_id").to_owned()
+}
+
+/// The group's committed offsets on every partition of `topic`, summed (none counts 0);
+/// `None` if the broker does not answer.
+pub fn committed_total(brokers: &str, group: &str, topic: &str) -> Option<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .create()
+        .ok()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .ok()?;
+    let mut list = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        list.add_partition(topic, partition.id());
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .ok()?;
+    Some(
+        committed
+            .elements()
+            .iter()
+            .map(|e| match e.offset() {
+                Offset::Offset(o) => o,
+                _ => 0,
+            })
+            .sum(),
+    )
+}
