@@ -1,5 +1,7 @@
 //! Duplicate detection by `response_id`: remembers the ids of accepted responses for a
-//! horizon of event time, in bounded memory, and says whether a response was seen before.
+//! horizon of event time, in bounded memory, and says whether a response was seen before,
+//! and from which source message (so that a forwarded copy of the very same message, which a
+//! replay of the repartition step can produce, is told apart from a re-send).
 //!
 //! The filter's clock is the largest event time it has been told about, so its decisions
 //! depend only on the order of the responses it is shown: replaying the same input gives the
@@ -18,8 +20,8 @@ pub struct DuplicateFilter {
     horizon: Span,
     capacity: usize,
     clock: Timestamp,
-    /// Fingerprint -> event time of the response that was remembered.
-    seen: FxHashMap<u64, Timestamp>,
+    /// Fingerprint -> event time and source tag of the response that was remembered.
+    seen: FxHashMap<u64, (Timestamp, u64)>,
     /// Fingerprints in the order they were remembered, for eviction.
     order: VecDeque<(u64, Timestamp)>,
     evicted_early: u64,
@@ -50,16 +52,23 @@ impl DuplicateFilter {
     /// True if `response_id` was remembered and is still within the horizon: a response at
     /// event time `t` is forgotten once the clock passes `t + horizon`.
     pub fn contains(&self, response_id: &str) -> bool {
-        self.seen
-            .get(&Self::fingerprint(response_id))
-            .is_some_and(|t| *t > self.cutoff())
+        self.source_of(response_id).is_some()
     }
 
-    /// Remembers an accepted response's id at its event time and moves the clock.
-    pub fn remember(&mut self, response_id: &str, t: Timestamp) {
+    /// The source tag `response_id` was remembered with, if it is still within the horizon.
+    pub fn source_of(&self, response_id: &str) -> Option<u64> {
+        self.seen
+            .get(&Self::fingerprint(response_id))
+            .filter(|(t, _)| *t > self.cutoff())
+            .map(|&(_, source)| source)
+    }
+
+    /// Remembers an accepted response's id at its event time, with a tag naming the message
+    /// it came from, and moves the clock.
+    pub fn remember(&mut self, response_id: &str, t: Timestamp, source: u64) {
         self.clock = self.clock.max(t);
         let fingerprint = Self::fingerprint(response_id);
-        self.seen.insert(fingerprint, t);
+        self.seen.insert(fingerprint, (t, source));
         self.order.push_back((fingerprint, t));
         self.forget_expired();
     }
@@ -72,7 +81,7 @@ impl DuplicateFilter {
                 break;
             }
             self.order.pop_front();
-            if self.seen.get(&fingerprint) == Some(&t) {
+            if self.seen.get(&fingerprint).map(|(seen, _)| *seen) == Some(t) {
                 self.seen.remove(&fingerprint);
                 if over_capacity && t > cutoff {
                     self.evicted_early += 1;
@@ -105,12 +114,13 @@ mod tests {
     #[test]
     fn remembers_within_the_horizon_only() {
         let mut filter = DuplicateFilter::new(Span(100), 10);
-        filter.remember("a", Timestamp(1_000));
+        filter.remember("a", Timestamp(1_000), 1);
         assert!(filter.contains("a"));
+        assert_eq!(filter.source_of("a"), Some(1));
         assert!(!filter.contains("b"));
-        filter.remember("b", Timestamp(1_099));
+        filter.remember("b", Timestamp(1_099), 2);
         assert!(filter.contains("a"), "clock 1099 is within 100 of 1000");
-        filter.remember("c", Timestamp(1_100));
+        filter.remember("c", Timestamp(1_100), 3);
         assert!(!filter.contains("a"), "clock 1100 passed 1000 + 100");
         assert!(filter.contains("b"));
         assert_eq!(filter.len(), 2);
@@ -120,7 +130,7 @@ mod tests {
     fn capacity_bounds_memory_and_counts_early_evictions() {
         let mut filter = DuplicateFilter::new(Span::days(1), 3);
         for (i, id) in ["a", "b", "c", "d"].iter().enumerate() {
-            filter.remember(id, Timestamp(i as i64));
+            filter.remember(id, Timestamp(i as i64), i as u64);
         }
         assert_eq!(filter.len(), 3);
         assert!(!filter.contains("a"));
@@ -131,10 +141,10 @@ mod tests {
     #[test]
     fn late_responses_are_remembered_by_their_own_time() {
         let mut filter = DuplicateFilter::new(Span(100), 10);
-        filter.remember("new", Timestamp(1_000));
-        filter.remember("late", Timestamp(950));
+        filter.remember("new", Timestamp(1_000), 1);
+        filter.remember("late", Timestamp(950), 2);
         assert!(filter.contains("late"));
-        filter.remember("newer", Timestamp(1_050));
+        filter.remember("newer", Timestamp(1_050), 3);
         assert!(!filter.contains("late"), "950 + 100 <= 1050");
         assert!(filter.contains("new"));
     }

@@ -2,9 +2,13 @@
 //! each message gets an outcome, detractors get an alert, and accepted responses are
 //! combined into one [`SegmentDelta`] per segment and input partition per batch.
 //!
-//! Duplicate detection and the event-time clock are kept per input partition, so that a
-//! partition's decisions depend only on that partition's messages in offset order: replaying
-//! the same offsets after a crash makes the same decisions.
+//! Duplicate detection and the event-time clock are kept per partition of the topic ingest
+//! decides from, so that a partition's decisions depend only on that partition's messages in
+//! offset order: replaying the same offsets after a crash makes the same decisions. In the
+//! services that topic is the repartition by `response_id` (see
+//! [`repartition_key`](crate::intake::repartition_key)), so every copy of a response lands
+//! on one partition whatever key it was sent with, and each message carries its [`Source`]
+//! on the input topic.
 
 use std::collections::BTreeMap;
 
@@ -13,7 +17,7 @@ use rustc_hash::FxHashMap;
 use crate::alert::{DetractorAlert, Routing};
 use crate::dedupe::DuplicateFilter;
 use crate::delta::{DeltaResponse, SegmentDelta};
-use crate::intake::{classify, Clock, Outcome};
+use crate::intake::{classify, source_tag, Clock, Outcome};
 use crate::segment::{SegmentCatalog, SegmentId, SegmentSpec};
 use crate::time::{Span, Timestamp};
 use crate::window::WindowSpecs;
@@ -44,10 +48,26 @@ pub struct IngestSpec {
     pub clock: ClockKind,
 }
 
+/// Where a message was first read: its partition and offset on the input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source {
+    /// Input partition.
+    pub partition: i32,
+    /// Input offset.
+    pub offset: i64,
+}
+
+impl Source {
+    fn tag(self) -> u64 {
+        source_tag(self.partition, self.offset)
+    }
+}
+
 /// What ingest decided about one message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
-    /// The `outcome` label.
+    /// The `outcome` label; `resent` for a second copy of an input message already decided
+    /// (which has no outcome of its own, see [`Decision::is_resent`]).
     pub outcome: &'static str,
     /// If the message goes to the dead-letter topic: the reason code and a sentence.
     pub dead_letter: Option<(&'static str, String)>,
@@ -57,6 +77,14 @@ pub struct Decision {
     pub event_time: Option<Timestamp>,
     /// Dimension values that were past the cap and counted as `__other__`.
     pub overflowed_values: u32,
+}
+
+impl Decision {
+    /// True for a forwarded copy of an input message that was decided before: it is not a
+    /// message of its own and changes nothing.
+    pub fn is_resent(&self) -> bool {
+        self.outcome == "resent"
+    }
 }
 
 #[derive(Debug)]
@@ -112,7 +140,7 @@ impl Ingest {
     }
 
     /// Decides one message at `offset` of input `partition`, with the wall clock at `wall`,
-    /// and adds an accepted response to the pending deltas.
+    /// and adds an accepted response to the pending deltas. The message is its own source.
     pub fn process(
         &mut self,
         partition: i32,
@@ -120,8 +148,21 @@ impl Ingest {
         bytes: &[u8],
         wall: Timestamp,
     ) -> Decision {
+        self.process_forwarded(partition, offset, Source { partition, offset }, bytes, wall)
+    }
+
+    /// Decides one message at `offset` of `partition` of the repartitioned topic, first read
+    /// at `source` on the input topic.
+    pub fn process_forwarded(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        source: Source,
+        bytes: &[u8],
+        wall: Timestamp,
+    ) -> Decision {
         let (spec, state, clock) = self.partition(partition, wall);
-        let outcome = classify(bytes, clock, &spec.windows, &mut state.seen);
+        let outcome = classify(bytes, source.tag(), clock, &spec.windows, &mut state.seen);
         let mut decision = Decision {
             outcome: outcome.label(),
             dead_letter: outcome
@@ -151,13 +192,13 @@ impl Ingest {
         decision
     }
 
-    /// Replays an already-processed message of `partition` into its duplicate memory and
-    /// clock only, producing nothing: used on assignment to rebuild that memory from the
-    /// messages before the committed offset.
-    pub fn remember(&mut self, partition: i32, bytes: &[u8], wall: Timestamp) {
+    /// Replays an already-processed message of `partition` (first read at `source`) into its
+    /// duplicate memory and clock only, producing nothing: used on assignment to rebuild that
+    /// memory from the messages before the committed offset.
+    pub fn remember(&mut self, partition: i32, source: Source, bytes: &[u8], wall: Timestamp) {
         let (spec, state, clock) = self.partition(partition, wall);
-        if let Outcome::Accepted(response) = classify(bytes, clock, &spec.windows, &mut state.seen)
-        {
+        let outcome = classify(bytes, source.tag(), clock, &spec.windows, &mut state.seen);
+        if let Outcome::Accepted(response) = outcome {
             let t = response.responded_at;
             state.latest = Some(state.latest.map_or(t, |l| l.max(t)));
         }
@@ -200,7 +241,7 @@ fn dead_letter_detail(outcome: &Outcome<'_>) -> String {
         Outcome::Invalid(reason) => reason.to_string(),
         Outcome::TooOld => "responded_at is older than the longest window".into(),
         Outcome::Future => "responded_at is further ahead of the clock than allowed".into(),
-        Outcome::Accepted(_) | Outcome::Duplicate => String::new(),
+        Outcome::Accepted(_) | Outcome::Duplicate | Outcome::Resent => String::new(),
     }
 }
 
@@ -305,13 +346,21 @@ mod tests {
     #[test]
     fn remembered_messages_make_later_resends_duplicates_and_produce_nothing() {
         let mut restarted = ingest(ClockKind::Wall);
-        restarted.remember(0, &message("a", 2, NOW), now());
+        let source = Source {
+            partition: 5,
+            offset: 1,
+        };
+        restarted.remember(0, source, &message("a", 2, NOW), now());
         assert!(
             restarted.take_deltas().is_empty(),
             "remembering counts nothing"
         );
         let resend = restarted.process(0, 9, &message("a", 2, NOW), now());
         assert_eq!((resend.outcome, resend.alert), ("duplicate", None));
+        // The same input message forwarded again is no message of its own.
+        let again = restarted.process_forwarded(0, 10, source, &message("a", 2, NOW), now());
+        assert!(again.is_resent());
+        assert!(restarted.take_deltas().is_empty());
         // Memory is per partition.
         assert_eq!(
             restarted

@@ -5,6 +5,15 @@
 //! (`duplicate`: an accepted response with the same id came before), then the clock
 //! (`too_old`, `future`). Only accepted responses are remembered by the duplicate filter,
 //! so a response that was too far in the future may be accepted when sent again later.
+//!
+//! Messages reach the deciding step through a repartition by `response_id`
+//! ([`repartition_key`]), so that every copy of a response meets its earlier copies on one
+//! partition whatever key or partition it was sent with. Each message is remembered with a
+//! tag of its source (input partition and offset): a second copy of the very same input
+//! message, which a replay of the repartition step can forward, is [`Outcome::Resent`] and
+//! has no effect, while a new message with a known id is a `duplicate`.
+
+use std::borrow::Cow;
 
 use crate::dedupe::DuplicateFilter;
 use crate::response::{decode, InvalidReason, SurveyResponse};
@@ -24,6 +33,9 @@ pub enum Outcome<'a> {
     TooOld,
     /// Further ahead of the clock than the allowed skew; dead-lettered.
     Future,
+    /// The very same input message, forwarded again by a replay of the repartition step:
+    /// it was decided already, so it has no outcome of its own and no effect.
+    Resent,
 }
 
 impl Outcome<'_> {
@@ -35,16 +47,18 @@ impl Outcome<'_> {
             Outcome::Duplicate => "duplicate",
             Outcome::TooOld => "too_old",
             Outcome::Future => "future",
+            Outcome::Resent => "resent",
         }
     }
 
-    /// Every outcome label, for pre-registering metric series.
+    /// Every outcome label of a message's one outcome, for pre-registering metric series
+    /// (`resent` is not among them: it is a second copy of a message already counted).
     pub const LABELS: [&'static str; 5] = ["accepted", "invalid", "duplicate", "too_old", "future"];
 
     /// The machine-readable reason for the dead-letter topic, if this outcome goes there.
     pub fn dead_letter_reason(&self) -> Option<&'static str> {
         match self {
-            Outcome::Accepted(_) | Outcome::Duplicate => None,
+            Outcome::Accepted(_) | Outcome::Duplicate | Outcome::Resent => None,
             Outcome::Invalid(reason) => Some(reason.code()),
             Outcome::TooOld => Some("too_old"),
             Outcome::Future => Some("future"),
@@ -72,9 +86,31 @@ impl Clock {
     }
 }
 
-/// Decides the outcome of one message, remembering accepted ids.
+/// The key a message from the input topic is repartitioned by: its `response_id`, or why
+/// it is invalid. Messages over `max_bytes` are not decoded at all.
+pub fn repartition_key(bytes: &[u8], max_bytes: usize) -> Result<Cow<'_, str>, InvalidReason> {
+    if bytes.len() > max_bytes {
+        return Err(InvalidReason::TooLarge {
+            bytes: bytes.len(),
+            max_bytes,
+        });
+    }
+    decode(bytes).map(|response| response.response_id)
+}
+
+/// A tag naming the input message a response came from: its partition and offset.
+pub fn source_tag(partition: i32, offset: i64) -> u64 {
+    let mut bytes = [0u8; 12];
+    bytes[..4].copy_from_slice(&partition.to_le_bytes());
+    bytes[4..].copy_from_slice(&offset.to_le_bytes());
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// Decides the outcome of one message that came from the input message tagged `source`
+/// (see [`source_tag`]), remembering accepted ids.
 pub fn classify<'a>(
     bytes: &'a [u8],
+    source: u64,
     clock: Clock,
     windows: &WindowSpecs,
     seen: &mut DuplicateFilter,
@@ -83,14 +119,16 @@ pub fn classify<'a>(
         Ok(response) => response,
         Err(reason) => return Outcome::Invalid(reason),
     };
-    if seen.contains(&response.response_id) {
-        return Outcome::Duplicate;
+    match seen.source_of(&response.response_id) {
+        Some(first) if first == source => return Outcome::Resent,
+        Some(_) => return Outcome::Duplicate,
+        None => {}
     }
     match windows.admit(response.responded_at, clock.now_for(response.responded_at)) {
         Admission::TooOld => Outcome::TooOld,
         Admission::Future => Outcome::Future,
         Admission::Admitted => {
-            seen.remember(&response.response_id, response.responded_at);
+            seen.remember(&response.response_id, response.responded_at, source);
             Outcome::Accepted(response)
         }
     }
@@ -111,8 +149,17 @@ mod tests {
         let windows = WindowSpecs::new(&["1h"], 60, Span::minutes(5)).expect("valid");
         let mut seen = DuplicateFilter::new(Span::hours(1), 100);
         let now = Timestamp::parse_rfc3339("2026-11-22T12:00:00Z").expect("ts");
-        let outcome = |bytes: &[u8], seen: &mut DuplicateFilter| {
-            classify(bytes, Clock::Wall(now), &windows, seen).label()
+        let mut offset = 0;
+        let mut outcome = |bytes: &[u8], seen: &mut DuplicateFilter| {
+            offset += 1;
+            classify(
+                bytes,
+                source_tag(0, offset),
+                Clock::Wall(now),
+                &windows,
+                seen,
+            )
+            .label()
         };
         assert_eq!(
             outcome(&message("a", "2026-11-22T11:30:00Z"), &mut seen),
@@ -146,19 +193,61 @@ mod tests {
         let far_ahead = message("a", "2030-01-01T00:00:00Z");
         let clock = Clock::EventTime(latest);
         assert_eq!(
-            classify(&far_ahead, clock, &windows, &mut seen).label(),
+            classify(&far_ahead, 1, clock, &windows, &mut seen).label(),
             "accepted"
         );
         let old = message("b", "2026-11-22T11:00:00Z");
         assert_eq!(
-            classify(&old, clock, &windows, &mut seen).label(),
+            classify(&old, 2, clock, &windows, &mut seen).label(),
             "too_old"
         );
         let fresh = Clock::EventTime(None);
         assert_eq!(
-            classify(&old, fresh, &windows, &mut seen).label(),
+            classify(&old, 3, fresh, &windows, &mut seen).label(),
             "accepted"
         );
+    }
+
+    #[test]
+    fn a_forwarded_copy_of_the_same_message_is_resent_not_a_duplicate() {
+        let windows = WindowSpecs::new(&["1h"], 60, Span::minutes(5)).expect("valid");
+        let mut seen = DuplicateFilter::new(Span::hours(1), 100);
+        let now = Clock::Wall(Timestamp::parse_rfc3339("2026-11-22T12:00:00Z").expect("ts"));
+        let m = message("a", "2026-11-22T11:30:00Z");
+        let first = source_tag(3, 17);
+        assert_eq!(
+            classify(&m, first, now, &windows, &mut seen).label(),
+            "accepted"
+        );
+        assert_eq!(
+            classify(&m, first, now, &windows, &mut seen),
+            Outcome::Resent
+        );
+        // The same response sent again is another message: a duplicate.
+        assert_eq!(
+            classify(&m, source_tag(3, 18), now, &windows, &mut seen).label(),
+            "duplicate"
+        );
+        assert_eq!(
+            classify(&m, source_tag(4, 17), now, &windows, &mut seen).label(),
+            "duplicate"
+        );
+        assert_eq!(Outcome::Resent.dead_letter_reason(), None);
+    }
+
+    #[test]
+    fn repartition_key_is_the_response_id_or_why_not() {
+        let m = message("r-9", "2026-11-22T11:30:00Z");
+        assert_eq!(repartition_key(&m, 10_000).as_deref(), Ok("r-9"));
+        assert_eq!(
+            repartition_key(&m, 10).map_err(|e| e.code()),
+            Err("too_large")
+        );
+        assert_eq!(
+            repartition_key(b"{", 10_000).map_err(|e| e.code()),
+            Err("not_json")
+        );
+        assert_ne!(source_tag(1, 2), source_tag(2, 1));
     }
 
     #[test]

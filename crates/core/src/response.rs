@@ -129,6 +129,14 @@ pub enum InvalidReason {
     DuplicateField(&'static str),
     /// `segments` has more entries than allowed.
     TooManySegments,
+    /// The message is larger than the input topic's size limit (`topics.max_message_bytes`);
+    /// it is not decoded at all.
+    TooLarge {
+        /// The message's size in bytes.
+        bytes: usize,
+        /// The limit.
+        max_bytes: usize,
+    },
 }
 
 impl InvalidReason {
@@ -146,11 +154,12 @@ impl InvalidReason {
             InvalidReason::EmptyField(_) => "empty_field",
             InvalidReason::DuplicateField(_) => "duplicate_field",
             InvalidReason::TooManySegments => "too_many_segments",
+            InvalidReason::TooLarge { .. } => "too_large",
         }
     }
 
     /// Every code, for documentation and for pre-registering metric labels.
-    pub const CODES: [&'static str; 11] = [
+    pub const CODES: [&'static str; 12] = [
         "not_utf8",
         "not_json",
         "not_object",
@@ -162,6 +171,7 @@ impl InvalidReason {
         "empty_field",
         "duplicate_field",
         "too_many_segments",
+        "too_large",
     ];
 }
 
@@ -197,6 +207,12 @@ impl fmt::Display for InvalidReason {
                 write!(
                     f,
                     "field `segments` has more than {MAX_SEGMENT_ENTRIES} entries"
+                )
+            }
+            InvalidReason::TooLarge { bytes, max_bytes } => {
+                write!(
+                    f,
+                    "message has {bytes} bytes, more than the limit of {max_bytes}"
                 )
             }
         }

@@ -14,5 +14,12 @@ fuzz_target!(|bytes: &[u8]| {
     }
     let windows = WindowSpecs::new(&["1h", "28d"], 60, Span::minutes(5)).expect("valid");
     let mut seen = DuplicateFilter::new(Span::days(1), 16);
-    let _ = classify(bytes, Clock::Wall(Timestamp(1_795_348_800_000)), &windows, &mut seen);
+    let _ = npsflow_core::repartition_key(bytes, 1 << 20);
+    let _ = classify(
+        bytes,
+        0,
+        Clock::Wall(Timestamp(1_795_348_800_000)),
+        &windows,
+        &mut seen,
+    );
 });
