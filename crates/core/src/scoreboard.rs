@@ -1,6 +1,11 @@
 //! The counts of many segments: each segment's rolling windows, keyed by whatever names the
 //! segment (a [`SegmentId`](crate::segment::SegmentId) in one process, its canonical name
 //! across processes), plus the NPS summary the API and gauges show.
+//!
+//! A [`WindowSummary`] states the interval it counts: at `now`, a window covers the half-open
+//! event-time interval `[from, to)` ([`WindowSpec::interval`](crate::window::WindowSpec::interval)),
+//! and the summary's counts are exactly the responses with `from <= responded_at < to`, so
+//! anyone can recompute them from the raw responses.
 
 use rustc_hash::FxHashMap;
 use std::hash::Hash;
@@ -19,7 +24,11 @@ pub struct Scoreboard<K> {
 /// What one segment's window says at one instant.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WindowSummary {
-    /// The counts.
+    /// Start of the interval counted (inclusive): `to - length`.
+    pub from: Timestamp,
+    /// End of the interval counted (exclusive): the end of the step that holds `now`.
+    pub to: Timestamp,
+    /// The counts of responses with `from <= responded_at < to`.
     pub tally: Tally,
     /// NPS, or `None` with no responses.
     pub nps: Option<f64>,
@@ -30,9 +39,11 @@ pub struct WindowSummary {
 }
 
 impl WindowSummary {
-    /// The summary of a tally.
-    pub fn of(tally: Tally) -> WindowSummary {
+    /// The summary of a tally of the responses in `[from, to)`.
+    pub fn of(tally: Tally, from: Timestamp, to: Timestamp) -> WindowSummary {
         WindowSummary {
+            from,
+            to,
             tally,
             nps: tally.nps(),
             ci95: tally.ci95(),
@@ -82,16 +93,20 @@ impl<K: Hash + Eq + Clone> Scoreboard<K> {
         }
     }
 
-    /// A segment's counts in window number `window` at `now`; `None` for an unknown segment.
+    /// A segment's counts in window number `window` at `now` (the responses in the window's
+    /// [`interval`](crate::window::WindowSpec::interval) at `now`); `None` for an unknown
+    /// segment.
     pub fn tally(&self, segment: &K, window: usize, now: Timestamp) -> Option<Tally> {
         self.segments
             .get(segment)
             .map(|w| w.tally(&self.specs, window, now))
     }
 
-    /// A segment's summary in window number `window` at `now`.
+    /// A segment's summary in window number `window` at `now`, with the interval it counts.
     pub fn summary(&self, segment: &K, window: usize, now: Timestamp) -> Option<WindowSummary> {
-        self.tally(segment, window, now).map(WindowSummary::of)
+        let (from, to) = self.specs.windows()[window].interval(now);
+        self.tally(segment, window, now)
+            .map(|tally| WindowSummary::of(tally, from, to))
     }
 
     /// Every segment known, in no particular order.
@@ -145,6 +160,20 @@ mod tests {
         assert_eq!(east.nps, Some(100.0));
         assert_eq!(east.band, Some(Band::High));
         assert_eq!(board.summary(&"region=west", 0, Timestamp(0)), None);
+        // The summary states the interval it counts: the hour up to the end of now's minute.
+        assert_eq!(
+            (all.from, all.to),
+            (Timestamp(60_000 - 3_600_000), Timestamp(60_000))
+        );
+        let later = board
+            .summary(&"all", 0, Timestamp(3_600_000))
+            .expect("known");
+        assert_eq!(
+            (later.from, later.to),
+            (Timestamp(60_000), Timestamp(3_660_000))
+        );
+        assert_eq!(later.tally.responses(), 0);
+        assert_eq!(later.nps, None);
         assert_eq!(board.len(), 2);
         board.remove(&"all");
         assert_eq!(board.len(), 1);

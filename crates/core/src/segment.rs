@@ -5,7 +5,12 @@
 //! (`product=sedan,region=east`, dimensions sorted by name). In values, `%`, `,` and `=` are
 //! percent-encoded so that names are unambiguous. A cap on distinct values per dimension
 //! keeps the number of segments (and of metric series) bounded: the first `cap` values seen
-//! are kept, later new ones count as `__other__`.
+//! are kept, later new ones count as `<dimension>=__other__`. A real value spelled like the
+//! reserved `__other__` is escaped (its first `_` as `%5F`: `region=%5F_other__`), so it keeps
+//! a segment of its own and never merges with the overflow.
+//!
+//! Segments say nothing about time: each segment's counts are kept per window by
+//! [`window`](crate::window), which counts the responses with `from <= responded_at < to`.
 
 use rustc_hash::FxHashMap;
 use std::fmt;
@@ -15,7 +20,8 @@ use crate::response::SurveyResponse;
 
 /// The segment every response counts in.
 pub const ALL: &str = "all";
-/// The value that stands for every value past a dimension's cap.
+/// The value that stands for every value past a dimension's cap. A real value equal to it
+/// is named `%5F_other__` (see [`encode_value`]).
 pub const OTHER: &str = "__other__";
 
 /// Which segments to keep: dimensions, combinations of them, and the per-dimension cap.
@@ -235,7 +241,10 @@ impl SegmentCatalog {
             return *found;
         }
         if self.values[dimension].len() < self.spec.max_values_per_dimension {
-            let made = self.new_value(dimension, value);
+            let mut pair = self.spec.dimensions[dimension].clone();
+            pair.push('=');
+            encode_value(value, &mut pair);
+            let made = self.new_value(dimension, pair);
             self.values[dimension].insert(value.to_owned(), made);
             return made;
         }
@@ -243,17 +252,18 @@ impl SegmentCatalog {
         match self.other[dimension] {
             Some(other) => other,
             None => {
-                let made = self.new_value(dimension, OTHER);
+                // The overflow's name is the only one spelled `<dimension>=__other__`: a real
+                // value `__other__` is encoded as `%5F_other__`.
+                let pair = format!("{}={OTHER}", self.spec.dimensions[dimension]);
+                let made = self.new_value(dimension, pair);
                 self.other[dimension] = Some(made);
                 made
             }
         }
     }
 
-    fn new_value(&mut self, dimension: usize, value: &str) -> DimensionValue {
-        let mut pair = self.spec.dimensions[dimension].clone();
-        pair.push('=');
-        encode_value(value, &mut pair);
+    /// Makes the segment `pair` (`dimension=encoded value`) and the dimension's next index.
+    fn new_value(&mut self, dimension: usize, pair: String) -> DimensionValue {
         let segment = self.intern(pair.clone());
         let pairs = &mut self.pairs[dimension];
         pairs.push(pair);
@@ -311,8 +321,17 @@ impl SegmentCatalog {
     }
 }
 
-/// Appends `value` to `out` with `%`, `,` and `=` percent-encoded.
+/// Appends the canonical form of a real segment value to `out`: `%`, `,` and `=`
+/// percent-encoded, and a value equal to the reserved [`OTHER`] with its first `_` encoded
+/// (`%5F_other__`), so that no real value is ever named like the overflow.
 pub fn encode_value(value: &str, out: &mut String) {
+    let value = match value.strip_prefix('_') {
+        Some(rest) if value == OTHER => {
+            out.push_str("%5F");
+            rest
+        }
+        _ => value,
+    };
     for c in value.chars() {
         match c {
             '%' | ',' | '=' => {
@@ -413,6 +432,54 @@ mod tests {
             ["all", "region=east"]
         );
         assert_eq!(catalog.id("region=east"), Some(SegmentId(1)));
+    }
+
+    #[test]
+    fn a_real_value_named_like_the_overflow_keeps_its_own_segment() {
+        let mut catalog = SegmentCatalog::new(spec(2));
+        assert_eq!(
+            names(&mut catalog, r#"{"region":"__other__","product":"van"}"#),
+            [
+                "all",
+                "product=van",
+                "region=%5F_other__",
+                "product=van,region=%5F_other__"
+            ]
+        );
+        names(&mut catalog, r#"{"region":"east"}"#);
+        // Past the cap: the overflow is its own segment, never the real value's.
+        assert_eq!(
+            names(&mut catalog, r#"{"region":"west","product":"van"}"#),
+            [
+                "all",
+                "product=van",
+                "region=__other__",
+                "product=van,region=__other__"
+            ]
+        );
+        let real = catalog.id("region=%5F_other__").expect("made");
+        let overflow = catalog.id("region=__other__").expect("made");
+        assert_ne!(real, overflow);
+        // The real value keeps counting in its own segment after the cap is reached.
+        assert_eq!(
+            names(&mut catalog, r#"{"region":"__other__"}"#),
+            ["all", "region=%5F_other__"]
+        );
+        // Its encoding is unambiguous: the spelled-out `%5F_other__` is a different value.
+        assert_eq!(
+            names(
+                &mut SegmentCatalog::new(spec(5)),
+                r#"{"region":"%5F_other__"}"#
+            ),
+            ["all", "region=%255F_other__"]
+        );
+        // Only the exact reserved name is escaped.
+        let mut encoded = String::new();
+        for value in ["__other", "_other__", "__other__x", "x__other__"] {
+            encoded.clear();
+            encode_value(value, &mut encoded);
+            assert_eq!(encoded, value);
+        }
     }
 
     #[test]

@@ -1,25 +1,41 @@
 //! Rolling windows: per segment, how many promoters, passives and detractors answered within
-//! each configured window length, queried at any `now`, in small fixed memory.
+//! each configured window, queried at any `now`, in small fixed memory; and the time rules
+//! the windows imply (`too_old`, `future`).
 //!
-//! Each window is cut into `buckets` equal buckets of event time (`bucket = length /
-//! buckets`; 60 by default, so a 1h window moves in 1-minute steps). A response with event
-//! time `t` lies in bucket `floor(t / bucket)`, and the window at `now` covers the `buckets`
-//! buckets ending with the one `now` lies in. So window membership is exact at bucket
-//! resolution: the window's start moves in bucket-sized steps. A ring of slots per window
-//! holds those buckets plus headroom for events up to the allowed clock skew ahead of `now`.
+//! Each window moves in steps (its resolution): `length / buckets` by default (60 buckets, so
+//! a 1h window moves in 1-minute steps), or a step configured per window
+//! ([`WindowSpecs::with_resolutions`]). A step divides the length into whole milliseconds and
+//! is at most 1/60 of it. Steps are aligned to the Unix epoch: step `k` is the half-open
+//! interval `[k * step, (k + 1) * step)`.
+//!
+//! At time `now` a window covers the half-open event-time interval `[from, to)`
+//! ([`WindowSpec::interval`]): `to` is the end of the step that holds `now`, and
+//! `from = to - length`. A response counts in the window exactly when
+//! `from <= responded_at < to`. The counts are computed from that very interval, so the
+//! numbers served and the interval stated with them cannot disagree.
+//!
+//! A ring of slots per window and segment holds one tally per step of the window, plus
+//! headroom for responses up to the allowed clock skew ahead of `now`. Memory per segment is
+//! therefore fixed, whatever the traffic, and proportional to the number of steps: about
+//! `24 bytes * (length / step + skew / step)` per window (about 6 KiB for the four default
+//! windows at 60 steps each). A finer resolution costs memory in every segment: a 28d window
+//! in 1-minute steps needs 40,320 slots, close to 1 MiB per segment.
 
 use std::fmt;
 
 use crate::nps::{Category, Tally};
 use crate::time::{Span, Timestamp};
 
-/// One rolling window: its name (as configured, e.g. `7d`), its length and bucket width.
+/// The fewest steps a window is cut into: a step is at most 1/60 of the window's length.
+pub const MIN_STEPS: i64 = 60;
+
+/// One rolling window: its name (as configured, e.g. `7d`), its length and its step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WindowSpec {
     name: String,
     length: Span,
     bucket: Span,
-    /// Buckets in the window.
+    /// Steps (buckets) in the window: `length / bucket`.
     buckets: i64,
     /// Slots in each ring: `buckets` plus headroom for future events.
     slots: i64,
@@ -31,19 +47,45 @@ impl WindowSpec {
         &self.name
     }
 
-    /// How far back the window reaches.
+    /// How far back the window reaches: `to - from`.
     pub fn length(&self) -> Span {
         self.length
     }
 
-    /// The width of one bucket: how far the window's start moves in one step.
+    /// The window's step (resolution): the width of one bucket, how far `from` and `to`
+    /// move at once.
     pub fn bucket(&self) -> Span {
         self.bucket
     }
 
-    /// The bucket an instant lies in.
+    /// How many steps (buckets) the window covers: `length / bucket`.
+    pub fn buckets(&self) -> i64 {
+        self.buckets
+    }
+
+    /// The bucket (step number) an instant lies in: `floor(t / bucket)`.
     pub fn bucket_of(&self, t: Timestamp) -> i64 {
         t.millis().div_euclid(self.bucket.millis())
+    }
+
+    /// The half-open event-time interval `[from, to)` the window covers at `now`: `to` is the
+    /// end of the step that holds `now`, `from = to - length`. A response at `t` counts in
+    /// the window exactly when `from <= t < to`. Both ends are multiples of the step, and
+    /// `from <= now < to`.
+    pub fn interval(&self, now: Timestamp) -> (Timestamp, Timestamp) {
+        let step = self.bucket.millis();
+        let to = self.bucket_of(now).saturating_add(1).saturating_mul(step);
+        let from = to.saturating_sub(self.length.millis());
+        (Timestamp(from), Timestamp(to))
+    }
+
+    /// The buckets `first..=last` that make up the interval at `now`.
+    fn bucket_range(&self, now: Timestamp) -> (i64, i64) {
+        let (from, to) = self.interval(now);
+        (
+            self.bucket_of(from),
+            self.bucket_of(Timestamp(to.millis() - 1)),
+        )
     }
 }
 
@@ -65,7 +107,8 @@ pub enum WindowSpecError {
     BadName(String),
     /// Two windows have the same name.
     Repeated(String),
-    /// A window's length is not a positive whole number of buckets of whole milliseconds.
+    /// A window without a configured resolution: its length is not a positive whole number
+    /// of `buckets` buckets of whole milliseconds.
     NotDivisible {
         /// The window.
         name: String,
@@ -74,6 +117,32 @@ pub enum WindowSpecError {
     },
     /// The skew is negative.
     NegativeSkew,
+    /// A configured resolution is zero or negative.
+    NonPositiveStep {
+        /// The window.
+        name: String,
+        /// The configured step.
+        step: Span,
+    },
+    /// A configured resolution does not divide the window's length.
+    StepNotDivisor {
+        /// The window.
+        name: String,
+        /// The configured step.
+        step: Span,
+    },
+    /// A window's step (configured, or `length / buckets`) is coarser than 1/60 of its
+    /// length.
+    StepTooCoarse {
+        /// The window.
+        name: String,
+        /// The step.
+        step: Span,
+    },
+    /// A resolution is given for a window that is not configured.
+    UnknownWindow(String),
+    /// Two resolutions are given for the same window.
+    RepeatedResolution(String),
 }
 
 impl fmt::Display for WindowSpecError {
@@ -89,6 +158,27 @@ impl fmt::Display for WindowSpecError {
                 "window {name:?} cannot be cut into {buckets} buckets of whole milliseconds"
             ),
             WindowSpecError::NegativeSkew => f.write_str("the allowed clock skew is negative"),
+            WindowSpecError::NonPositiveStep { name, step } => write!(
+                f,
+                "resolution of window {name:?} is {}ms; it must be positive",
+                step.millis()
+            ),
+            WindowSpecError::StepNotDivisor { name, step } => write!(
+                f,
+                "resolution {step} does not divide window {name:?} into whole steps"
+            ),
+            WindowSpecError::StepTooCoarse { name, step } => write!(
+                f,
+                "window {name:?} would move in steps of {step}, coarser than 1/{MIN_STEPS} of \
+                 its length; use a finer resolution or more buckets"
+            ),
+            WindowSpecError::UnknownWindow(name) => write!(
+                f,
+                "a resolution is given for window {name:?}, which is not in windows.lengths"
+            ),
+            WindowSpecError::RepeatedResolution(name) => {
+                write!(f, "two resolutions are given for window {name:?}")
+            }
         }
     }
 }
@@ -98,9 +188,9 @@ impl std::error::Error for WindowSpecError {}
 /// Whether a response's event time lets it count, given the clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// Within the longest window (or ahead of it by no more than the skew).
+    /// At or after the longest window's `from`, and no more than the skew ahead of `now`.
     Admitted,
-    /// At or before `now - longest window`: it can count in no window.
+    /// Before the longest window's `from` at `now`: it can count in no window.
     TooOld,
     /// More than the allowed skew ahead of `now`.
     Future,
@@ -108,10 +198,27 @@ pub enum Admission {
 
 impl WindowSpecs {
     /// Windows named by their lengths (`["1h", "24h", "7d", "28d"]`), each cut into
-    /// `buckets` buckets, admitting responses up to `max_future_skew` ahead of the clock.
+    /// `buckets` steps, admitting responses up to `max_future_skew` ahead of the clock.
+    /// The same as [`WindowSpecs::with_resolutions`] with no resolutions.
     pub fn new<S: AsRef<str>>(
         names: &[S],
         buckets: u32,
+        max_future_skew: Span,
+    ) -> Result<WindowSpecs, WindowSpecError> {
+        Self::with_resolutions(names, buckets, &[], max_future_skew)
+    }
+
+    /// Windows named by their lengths (`["1h", "24h", "7d", "28d"]`), admitting responses up
+    /// to `max_future_skew` ahead of the clock. A window named in `resolutions` (window name
+    /// -> step) moves in that step; the others in steps of `length / buckets`.
+    ///
+    /// Every step must be positive, divide its window's length, and be at most 1/60 of it.
+    /// Memory per segment grows with the number of steps: a window of `length / step` steps
+    /// keeps that many tallies (24 bytes each) in every segment.
+    pub fn with_resolutions<S: AsRef<str>>(
+        names: &[S],
+        buckets: u32,
+        resolutions: &[(String, Span)],
         max_future_skew: Span,
     ) -> Result<WindowSpecs, WindowSpecError> {
         if names.is_empty() {
@@ -120,30 +227,68 @@ impl WindowSpecs {
         if max_future_skew.millis() < 0 {
             return Err(WindowSpecError::NegativeSkew);
         }
+        for (i, (name, _)) in resolutions.iter().enumerate() {
+            let name = name.trim();
+            if !names.iter().any(|n| n.as_ref().trim() == name) {
+                return Err(WindowSpecError::UnknownWindow(name.to_owned()));
+            }
+            if resolutions[..i].iter().any(|(n, _)| n.trim() == name) {
+                return Err(WindowSpecError::RepeatedResolution(name.to_owned()));
+            }
+        }
         let mut windows: Vec<WindowSpec> = Vec::with_capacity(names.len());
         for name in names.iter().map(|n| n.as_ref().trim()) {
             let length: Span = name
                 .parse()
                 .map_err(|_| WindowSpecError::BadName(name.to_owned()))?;
-            let divisible =
-                buckets > 0 && length.millis() > 0 && length.millis() % i64::from(buckets) == 0;
-            if !divisible {
-                return Err(WindowSpecError::NotDivisible {
-                    name: name.to_owned(),
-                    buckets,
-                });
-            }
             if windows.iter().any(|w| w.name == name) {
                 return Err(WindowSpecError::Repeated(name.to_owned()));
             }
-            let bucket = Span(length.millis() / i64::from(buckets));
+            let configured = resolutions
+                .iter()
+                .find(|(n, _)| n.trim() == name)
+                .map(|(_, step)| *step);
+            let bucket = match configured {
+                Some(step) if step.millis() <= 0 => {
+                    return Err(WindowSpecError::NonPositiveStep {
+                        name: name.to_owned(),
+                        step,
+                    })
+                }
+                Some(step) if length.millis() <= 0 || length.millis() % step.millis() != 0 => {
+                    return Err(WindowSpecError::StepNotDivisor {
+                        name: name.to_owned(),
+                        step,
+                    })
+                }
+                Some(step) => step,
+                None => {
+                    let divisible = buckets > 0
+                        && length.millis() > 0
+                        && length.millis() % i64::from(buckets) == 0;
+                    if !divisible {
+                        return Err(WindowSpecError::NotDivisible {
+                            name: name.to_owned(),
+                            buckets,
+                        });
+                    }
+                    Span(length.millis() / i64::from(buckets))
+                }
+            };
+            let steps = length.millis() / bucket.millis();
+            if steps < MIN_STEPS {
+                return Err(WindowSpecError::StepTooCoarse {
+                    name: name.to_owned(),
+                    step: bucket,
+                });
+            }
             let headroom = (max_future_skew.millis() + bucket.millis() - 1) / bucket.millis();
             windows.push(WindowSpec {
                 name: name.to_owned(),
                 length,
                 bucket,
-                buckets: i64::from(buckets),
-                slots: i64::from(buckets) + headroom,
+                buckets: steps,
+                slots: steps + headroom,
             });
         }
         let longest = windows.iter().map(|w| w.length).max().unwrap_or_default();
@@ -175,7 +320,8 @@ impl WindowSpecs {
     }
 
     /// The coarsest time resolution that loses nothing: the greatest common divisor of the
-    /// bucket widths. Pre-aggregated counts may round event times down to it.
+    /// windows' steps. Every window's `from` and `to` are multiples of it, so pre-aggregated
+    /// counts may round event times down to it without changing any window's counts.
     pub fn resolution(&self) -> Span {
         let gcd = |mut a: i64, mut b: i64| {
             while b != 0 {
@@ -190,10 +336,23 @@ impl WindowSpecs {
         )
     }
 
+    /// The `from` of the longest window at `now`: the earliest event time any window covers
+    /// at `now`. Strictly it is the earliest `from` of all windows, which is the longest
+    /// window's unless two windows' lengths differ by less than a step; either way every
+    /// response at or after it counts in at least one window at `now` (once `now` reaches it).
+    pub fn longest_from(&self, now: Timestamp) -> Timestamp {
+        self.windows
+            .iter()
+            .map(|w| w.interval(now).0)
+            .min()
+            .unwrap_or(now)
+    }
+
     /// Whether a response at `t` can count, with the clock at `now`: too old if
-    /// `t <= now - longest`, future if `t > now + max_future_skew`.
+    /// `t < longest_from(now)` (it would count in no window), future if
+    /// `t > now + max_future_skew`.
     pub fn admit(&self, t: Timestamp, now: Timestamp) -> Admission {
-        if t <= now.minus(self.longest) {
+        if t < self.longest_from(now) {
             Admission::TooOld
         } else if t > now.plus(self.max_future_skew) {
             Admission::Future
@@ -355,11 +514,12 @@ impl SegmentWindows {
         }
     }
 
-    /// The counts of window number `window` (an index into `specs.windows()`) at `now`.
+    /// The counts of window number `window` (an index into `specs.windows()`) at `now`: the
+    /// responses with `from <= t < to`, where `(from, to)` is
+    /// [`WindowSpec::interval`]`(now)`.
     pub fn tally(&self, specs: &WindowSpecs, window: usize, now: Timestamp) -> Tally {
-        let spec = &specs.windows[window];
-        let last = spec.bucket_of(now);
-        self.rings[window].sum(last - spec.buckets + 1, last)
+        let (first, last) = specs.windows[window].bucket_range(now);
+        self.rings[window].sum(first, last)
     }
 
     /// True until something is counted.
@@ -372,6 +532,7 @@ impl SegmentWindows {
 mod tests {
     use super::*;
     use crate::nps::Category::*;
+    use proptest::prelude::*;
 
     const MINUTE: i64 = 60_000;
 
@@ -383,21 +544,163 @@ mod tests {
         Timestamp(minutes * MINUTE)
     }
 
+    fn ms(t: Timestamp, delta: i64) -> Timestamp {
+        Timestamp(t.millis() + delta)
+    }
+
+    fn resolutions(pairs: &[(&str, Span)]) -> Vec<(String, Span)> {
+        pairs.iter().map(|(n, s)| ((*n).to_owned(), *s)).collect()
+    }
+
+    /// Window configurations the recount tests run on: uniform steps, per-window steps
+    /// (including steps whose greatest common divisor is finer than any of them), and no skew.
+    fn configs() -> Vec<WindowSpecs> {
+        vec![
+            specs(),
+            WindowSpecs::with_resolutions(
+                &["1h", "24h", "7d"],
+                60,
+                &resolutions(&[("1h", Span::seconds(30)), ("7d", Span::hours(1))]),
+                Span::minutes(5),
+            )
+            .expect("valid"),
+            WindowSpecs::with_resolutions(
+                &["10m", "90m"],
+                60,
+                &resolutions(&[("90m", Span::minutes(1))]),
+                Span(0),
+            )
+            .expect("valid"),
+            WindowSpecs::with_resolutions(
+                &["6s", "1m"],
+                60,
+                &resolutions(&[("6s", Span(100)), ("1m", Span(750))]),
+                Span::seconds(1),
+            )
+            .expect("valid"),
+        ]
+    }
+
+    /// The definition, applied to the raw responses: a response counts when
+    /// `from <= t < to`.
+    fn recount(responses: &[(Timestamp, Category)], spec: &WindowSpec, now: Timestamp) -> Tally {
+        let (from, to) = spec.interval(now);
+        responses
+            .iter()
+            .filter(|(t, _)| from <= *t && *t < to)
+            .fold(Tally::default(), |sum, (_, c)| sum + Tally::of(*c, 1))
+    }
+
+    /// The interval's own definition, checked without `interval`'s arithmetic.
+    fn check_interval(spec: &WindowSpec, now: Timestamp) {
+        let (from, to) = spec.interval(now);
+        let step = spec.bucket().millis();
+        assert_eq!(to.millis().rem_euclid(step), 0, "to is on a step edge");
+        assert!(
+            now < to && to.millis() - now.millis() <= step,
+            "to ends now's step"
+        );
+        assert_eq!(to.millis() - from.millis(), spec.length().millis());
+    }
+
+    /// Records `responses`, then checks every window at every `now` against the recount.
+    /// Responses are no later than `skew` past the earliest `now`, as the admission rules
+    /// guarantee for the wall clock.
+    fn assert_recount(
+        specs: &WindowSpecs,
+        responses: &[(Timestamp, Category)],
+        nows: &[Timestamp],
+    ) {
+        let mut w = SegmentWindows::new(specs);
+        for &(t, category) in responses {
+            w.record(specs, t, category);
+        }
+        let back = SegmentWindows::import(specs, &w.export(specs));
+        for &now in nows {
+            for (index, spec) in specs.windows().iter().enumerate() {
+                check_interval(spec, now);
+                let expected = recount(responses, spec, now);
+                assert_eq!(
+                    w.tally(specs, index, now),
+                    expected,
+                    "{} at {now:?}",
+                    spec.name()
+                );
+                assert_eq!(
+                    back.tally(specs, index, now),
+                    expected,
+                    "{} restored",
+                    spec.name()
+                );
+            }
+        }
+    }
+
+    /// `now` on, just before and just after each window's step edges near `base`.
+    fn edge_nows(specs: &WindowSpecs, base: Timestamp) -> Vec<Timestamp> {
+        let mut nows = vec![base];
+        for spec in specs.windows() {
+            let step = spec.bucket().millis();
+            let edge = (base.millis().div_euclid(step) + 1) * step;
+            for k in 0..3 {
+                let edge = edge + k * step;
+                nows.extend([Timestamp(edge - 1), Timestamp(edge), Timestamp(edge + 1)]);
+            }
+            nows.push(base.plus(spec.length()));
+        }
+        nows.retain(|n| *n >= base);
+        nows
+    }
+
+    /// Responses on the edges of every window's interval at each of `nows`: exactly at
+    /// `from`, one ms before it, at `to - 1ms` and at `to` (when not ahead of the skew).
+    fn edge_responses(specs: &WindowSpecs, base: Timestamp, nows: &[Timestamp]) -> Vec<Timestamp> {
+        let latest = base.plus(specs.max_future_skew());
+        let mut times = Vec::new();
+        for &now in nows {
+            for spec in specs.windows() {
+                let (from, to) = spec.interval(now);
+                times.extend([ms(from, -1), from, ms(from, 1), ms(to, -1), to]);
+            }
+        }
+        times.retain(|t| *t <= latest);
+        times
+    }
+
     #[test]
-    fn window_covers_its_buckets_ending_at_now() {
+    fn interval_ends_with_the_step_that_holds_now() {
+        let specs = specs();
+        let hour = &specs.windows()[0];
+        // On a step edge, `now` is the first instant of its step.
+        assert_eq!(hour.interval(at(60)), (at(1), at(61)));
+        assert_eq!(hour.interval(ms(at(60), -1)), (at(0), at(60)));
+        assert_eq!(hour.interval(ms(at(60), 1)), (at(1), at(61)));
+        let day = &specs.windows()[1];
+        assert_eq!(day.interval(at(60)), (at(72 - 24 * 60), at(72)));
+        // Before the epoch steps are aligned the same way.
+        assert_eq!(hour.interval(ms(at(0), -1)), (at(-60), at(0)));
+    }
+
+    #[test]
+    fn window_counts_exactly_from_to_the_end_of_nows_step() {
         let specs = specs();
         let mut w = SegmentWindows::new(&specs);
         w.record(&specs, at(0), Promoter);
         w.record(&specs, at(30), Detractor);
-        w.record(&specs, at(59), Passive);
-        assert_eq!(w.tally(&specs, 0, at(59)).responses(), 3);
-        // At minute 60 the 1h window is minutes 1..=60: the response at minute 0 left it.
+        w.record(&specs, ms(at(60), -1), Passive);
+        // At 59:59.999 the 1h window is [0, 60m): all three.
+        assert_eq!(w.tally(&specs, 0, ms(at(60), -1)).responses(), 3);
+        // At 60:00 it is [1m, 61m): the response at 0 left it.
         let t = w.tally(&specs, 0, at(60));
         assert_eq!((t.promoters, t.passives, t.detractors), (0, 1, 1));
         assert_eq!(w.tally(&specs, 1, at(60)).responses(), 3);
         assert_eq!(w.tally(&specs, 0, at(200)).responses(), 0);
         // Before the responses happened, the window is empty too.
-        assert_eq!(w.tally(&specs, 0, at(-1)).responses(), 0);
+        assert_eq!(w.tally(&specs, 0, ms(at(0), -1)).responses(), 0);
+        // A response at `to` counts only from the next step on.
+        w.record(&specs, at(61), Promoter);
+        assert_eq!(w.tally(&specs, 0, at(60)).promoters, 0);
+        assert_eq!(w.tally(&specs, 0, at(61)).promoters, 1);
     }
 
     #[test]
@@ -418,6 +721,61 @@ mod tests {
         );
         assert_eq!(w.tally(&specs, 0, at(104)).promoters, 2);
         assert_eq!(w.tally(&specs, 1, at(104)).detractors, 2);
+    }
+
+    #[test]
+    fn windows_recount_exactly_on_step_edges() {
+        for specs in configs() {
+            for base in [Timestamp(1_795_305_600_000), Timestamp(-7 * 86_400_000 + 1)] {
+                let nows = edge_nows(&specs, base);
+                let times = edge_responses(&specs, base, &nows);
+                let responses: Vec<(Timestamp, Category)> = times
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (*t, Category::ALL[i % 3]))
+                    .collect();
+                assert_recount(&specs, &responses, &nows);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+
+        /// Random responses and clocks, with many on and next to step edges: every window
+        /// at every `now` holds exactly the responses with `from <= t < to`.
+        #[test]
+        fn windows_recount_like_the_definition(
+            config in 0usize..4,
+            base in -1_000_000_000i64..2_000_000_000_000,
+            // Fractions of the longest window before `base` (or up to the skew after it).
+            offsets in proptest::collection::vec((0u32..=1000, 0usize..3, any::<bool>()), 0..60),
+            later in proptest::collection::vec(0u32..=1000, 1..8),
+        ) {
+            let specs = &configs()[config];
+            let base = Timestamp(base);
+            let longest = specs.longest().millis();
+            let skew = specs.max_future_skew().millis();
+            let mut nows: Vec<Timestamp> = later
+                .iter()
+                .map(|f| base.plus(Span(longest * 2 * i64::from(*f) / 1000)))
+                .collect();
+            nows.extend(edge_nows(specs, base));
+            let mut responses: Vec<(Timestamp, Category)> = offsets
+                .iter()
+                .map(|(f, c, ahead)| {
+                    let t = if *ahead {
+                        base.plus(Span(skew * i64::from(*f) / 1000))
+                    } else {
+                        base.minus(Span(2 * longest * i64::from(*f) / 1000))
+                    };
+                    (t, Category::ALL[*c])
+                })
+                .collect();
+            let edges = edge_responses(specs, base, &nows);
+            responses.extend(edges.iter().step_by(3).map(|t| (*t, Promoter)));
+            assert_recount(specs, &responses, &nows);
+        }
     }
 
     #[test]
@@ -444,31 +802,219 @@ mod tests {
                 );
             }
         }
-        // A window whose bucket width changed starts empty; the others are kept.
-        let other = WindowSpecs::new(&["1h", "24h"], 30, Span::minutes(5)).expect("valid");
+        // A window whose step changed starts empty; the others are kept.
+        let other = WindowSpecs::new(&["1h", "24h"], 120, Span::minutes(5)).expect("valid");
         let partly = SegmentWindows::import(&other, &exported);
         assert_eq!(partly.tally(&other, 0, at(104)).responses(), 0);
         assert!(SegmentWindows::import(&specs, &[]).is_empty());
     }
 
     #[test]
-    fn admission_rules_follow_the_longest_window_and_skew() {
-        let specs = specs();
-        let now = at(24 * 60 + 10);
-        assert_eq!(specs.admit(now, now), Admission::Admitted);
-        assert_eq!(specs.admit(at(10), now), Admission::TooOld);
+    fn export_and_import_with_per_window_steps() {
+        let specs = &configs()[1];
+        let mut w = SegmentWindows::new(specs);
+        for (minute, category) in [
+            (100, Promoter),
+            (104, Detractor),
+            (45, Passive),
+            (-3000, Detractor),
+        ] {
+            w.record(specs, at(minute), category);
+        }
+        let exported = w.export(specs);
+        let steps: Vec<(String, i64)> = exported
+            .iter()
+            .map(|c| (c.window.clone(), c.bucket_ms))
+            .collect();
         assert_eq!(
-            specs.admit(Timestamp(at(10).0 + 1), now),
-            Admission::Admitted
+            steps,
+            [
+                ("1h".to_owned(), 30_000),
+                ("24h".to_owned(), 24 * MINUTE),
+                ("7d".to_owned(), 60 * MINUTE)
+            ]
         );
+        assert_eq!(SegmentWindows::import(specs, &exported), w);
+        // Only the window whose step changed (1h: 30s -> 1m) starts empty.
+        let changed = WindowSpecs::with_resolutions(
+            &["1h", "24h", "7d"],
+            60,
+            &resolutions(&[("7d", Span::hours(1))]),
+            Span::minutes(5),
+        )
+        .expect("valid");
+        let partly = SegmentWindows::import(&changed, &exported);
+        assert_eq!(partly.tally(&changed, 0, at(104)).responses(), 0);
+        assert_eq!(
+            partly.tally(&changed, 1, at(104)),
+            w.tally(specs, 1, at(104))
+        );
+        assert_eq!(
+            partly.tally(&changed, 2, at(104)),
+            w.tally(specs, 2, at(104))
+        );
+    }
+
+    #[test]
+    fn too_old_is_before_the_longest_windows_from() {
+        let specs = specs();
+        // 24h moves in 24-minute steps: at 24h10m it covers [24m, 24h24m).
+        let now = at(24 * 60 + 10);
+        assert_eq!(specs.windows()[1].interval(now), (at(24), at(24 * 60 + 24)));
+        assert_eq!(specs.longest_from(now), at(24));
+        assert_eq!(specs.admit(now, now), Admission::Admitted);
+        assert_eq!(specs.admit(at(24), now), Admission::Admitted);
+        assert_eq!(specs.admit(ms(at(24), -1), now), Admission::TooOld);
+        // Newer than `now - 24h` yet before `from`: it would count nowhere, so it is too old.
+        assert_eq!(specs.admit(ms(at(10), 1), now), Admission::TooOld);
         assert_eq!(
             specs.admit(now.plus(Span::minutes(5)), now),
             Admission::Admitted
         );
         assert_eq!(
-            specs.admit(Timestamp(now.plus(Span::minutes(5)).0 + 1), now),
+            specs.admit(ms(now.plus(Span::minutes(5)), 1), now),
             Admission::Future
         );
+        // With the clock on a step edge, `from` has just moved on.
+        let edge = at(48 * 60);
+        let day = at(24 * 60);
+        assert_eq!(specs.longest_from(ms(edge, -1)), day);
+        assert_eq!(specs.longest_from(edge), day.plus(Span::minutes(24)));
+        assert_eq!(specs.admit(day, ms(edge, -1)), Admission::Admitted);
+        assert_eq!(specs.admit(day, edge), Admission::TooOld);
+    }
+
+    #[test]
+    fn every_admitted_response_counts_in_some_window_once_due() {
+        // With 1h in 1m steps and 61m in 61s steps, the longest window's `from` is not always
+        // the earliest one: `longest_from` is the earliest `from` of all windows, so that a
+        // response at it still counts somewhere.
+        let specs = WindowSpecs::with_resolutions(
+            &["1h", "61m"],
+            60,
+            &resolutions(&[("61m", Span::seconds(61))]),
+            Span(0),
+        )
+        .expect("valid");
+        for now in (0..200_000).step_by(997).map(|s| Timestamp(s * 1_000)) {
+            let earliest = specs
+                .windows()
+                .iter()
+                .map(|w| w.interval(now).0)
+                .min()
+                .expect("windows");
+            assert_eq!(specs.longest_from(now), earliest);
+            assert_eq!(specs.admit(ms(earliest, -1), now), Admission::TooOld);
+            let mut w = SegmentWindows::new(&specs);
+            w.record(&specs, earliest, Promoter);
+            let counted = (0..2).any(|i| w.tally(&specs, i, now).responses() == 1);
+            assert!(
+                counted,
+                "a response at longest_from counts somewhere at {now:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn resolutions_are_per_window() {
+        let specs = WindowSpecs::with_resolutions(
+            &["1h", "24h", "7d", "28d"],
+            60,
+            &resolutions(&[("1h", Span::seconds(10)), ("28d", Span::hours(1))]),
+            Span::minutes(5),
+        )
+        .expect("valid");
+        let steps: Vec<Span> = specs.windows().iter().map(|w| w.bucket()).collect();
+        assert_eq!(
+            steps,
+            [
+                Span::seconds(10),
+                Span::minutes(24),
+                Span::minutes(168),
+                Span::hours(1)
+            ]
+        );
+        assert_eq!(specs.windows()[0].buckets(), 360);
+        assert_eq!(specs.windows()[3].buckets(), 672);
+        assert_eq!(specs.resolution(), Span::seconds(10));
+        assert_eq!(specs.longest(), Span::days(28));
+        assert_eq!(
+            WindowSpecs::with_resolutions(&["1h", "24h", "7d", "28d"], 60, &[], Span::minutes(5)),
+            WindowSpecs::new(&["1h", "24h", "7d", "28d"], 60, Span::minutes(5))
+        );
+        // A resolution makes a window independent of `buckets`.
+        let odd = WindowSpecs::with_resolutions(
+            &["7m"],
+            60,
+            &resolutions(&[("7m", Span::seconds(7))]),
+            Span(0),
+        )
+        .expect("valid");
+        assert_eq!(odd.windows()[0].buckets(), 60);
+    }
+
+    #[test]
+    fn bad_resolutions_are_rejected_with_reasons() {
+        let windows = ["1h", "24h"];
+        let with = |pairs: &[(&str, Span)]| {
+            WindowSpecs::with_resolutions(&windows, 60, &resolutions(pairs), Span(0))
+        };
+        let cases = [
+            (
+                with(&[("1h", Span::seconds(7))]),
+                WindowSpecError::StepNotDivisor {
+                    name: "1h".into(),
+                    step: Span::seconds(7),
+                },
+                "resolution 7s does not divide window \"1h\" into whole steps",
+            ),
+            (
+                with(&[("1h", Span::minutes(2))]),
+                WindowSpecError::StepTooCoarse {
+                    name: "1h".into(),
+                    step: Span::minutes(2),
+                },
+                "window \"1h\" would move in steps of 2m, coarser than 1/60 of its length; use a finer resolution or more buckets",
+            ),
+            (
+                with(&[("24h", Span(0))]),
+                WindowSpecError::NonPositiveStep {
+                    name: "24h".into(),
+                    step: Span(0),
+                },
+                "resolution of window \"24h\" is 0ms; it must be positive",
+            ),
+            (
+                with(&[("24h", Span(-60_000))]),
+                WindowSpecError::NonPositiveStep {
+                    name: "24h".into(),
+                    step: Span(-60_000),
+                },
+                "resolution of window \"24h\" is -60000ms; it must be positive",
+            ),
+            (
+                with(&[("7d", Span::hours(1))]),
+                WindowSpecError::UnknownWindow("7d".into()),
+                "a resolution is given for window \"7d\", which is not in windows.lengths",
+            ),
+            (
+                with(&[("1h", Span::minutes(1)), ("1h", Span::seconds(30))]),
+                WindowSpecError::RepeatedResolution("1h".into()),
+                "two resolutions are given for window \"1h\"",
+            ),
+            (
+                WindowSpecs::new(&windows, 30, Span(0)),
+                WindowSpecError::StepTooCoarse {
+                    name: "1h".into(),
+                    step: Span::minutes(2),
+                },
+                "window \"1h\" would move in steps of 2m, coarser than 1/60 of its length; use a finer resolution or more buckets",
+            ),
+        ];
+        for (got, error, text) in cases {
+            assert_eq!(got, Err(error.clone()));
+            assert_eq!(error.to_string(), text);
+        }
     }
 
     #[test]
@@ -497,6 +1043,10 @@ mod tests {
         assert_eq!(
             WindowSpecs::new::<&str>(&[], 60, Span(0)),
             Err(WindowSpecError::Empty)
+        );
+        assert_eq!(
+            WindowSpecs::new(&["1h"], 60, Span(-1)),
+            Err(WindowSpecError::NegativeSkew)
         );
     }
 }

@@ -90,12 +90,15 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(json!({ "ready": ready, "roles": roles }))).into_response()
 }
 
-/// The JSON form of one segment in one window.
+/// The JSON form of one segment in one window, with the half-open event-time interval
+/// `[from, to)` it counts (RFC 3339 UTC with milliseconds).
 pub fn row_json(row: &Row) -> Value {
     let s = &row.summary;
     json!({
         "segment": row.segment,
         "window": row.window,
+        "from": s.from.to_rfc3339(),
+        "to": s.to.to_rfc3339(),
         "responses": s.tally.responses(),
         "promoters": s.tally.promoters,
         "passives": s.tally.passives,
