@@ -1,16 +1,24 @@
-//! Throughput of the core hot path on realistic ~300-byte survey events: decode + classify
-//! (dedupe, clock) + segment assignment + rolling-window update, one core, no I/O.
+//! Throughput of the core hot path on realistic ~300-byte survey events, one core, no I/O,
+//! through the same functions the services call (no second copy of the pipeline here):
+//!
+//! - `decode`: parsing and validation only.
+//! - `ingest stage`: `Ingest::process` for every event (decode, duplicate check, clock rules,
+//!   segment assignment, alerts) and `Ingest::take_deltas` per batch of 2000.
+//! - `pipeline`: the ingest stage plus `SegmentStore::apply` of every delta (the aggregator's
+//!   window updates), i.e. ingest to counted windows, without Kafka and the delta JSON.
+//! - `restore`: rebuilding 10,000 segments from snapshot messages.
 //!
 //! Run: `cargo bench -p npsflow-core --bench core`. Results go in BENCHMARKS.md.
 
 use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use npsflow_core::{
-    classify, decode, Clock, ClockKind, DuplicateFilter, Ingest, IngestSpec, Outcome, Routing,
-    Scoreboard, SegmentCatalog, SegmentDelta, SegmentId, SegmentSnapshot, SegmentSpec,
+    decode, ClockKind, Ingest, IngestSpec, Routing, SegmentDelta, SegmentSnapshot, SegmentSpec,
     SegmentStore, Span, Timestamp, WindowSpecs,
 };
 
 const EVENTS: usize = 100_000;
+/// Messages per ingest batch.
+const BATCH: usize = 2000;
 /// 2026-11-22T12:00:00Z
 const NOW: i64 = 1_795_348_800_000;
 
@@ -58,49 +66,46 @@ fn events() -> Vec<Vec<u8>> {
         .collect()
 }
 
-struct Pipeline {
-    windows: WindowSpecs,
-    seen: DuplicateFilter,
-    catalog: SegmentCatalog,
-    board: Scoreboard<SegmentId>,
-    ids: Vec<SegmentId>,
+fn windows() -> WindowSpecs {
+    WindowSpecs::new(&["1h", "24h", "7d", "28d"], 60, Span::minutes(5)).expect("valid")
 }
 
-impl Pipeline {
-    fn new() -> Pipeline {
-        let windows =
-            WindowSpecs::new(&["1h", "24h", "7d", "28d"], 60, Span::minutes(5)).expect("valid");
-        let spec = SegmentSpec::new(
-            &["region", "product", "channel", "tier"],
-            &[vec!["region", "product"]],
-            100,
-        )
-        .expect("valid");
-        Pipeline {
-            seen: DuplicateFilter::new(Span::days(28), 1_000_000),
-            catalog: SegmentCatalog::new(spec),
-            board: Scoreboard::new(windows.clone()),
-            windows,
-            ids: Vec::with_capacity(8),
-        }
-    }
+/// The ingest stage as the service configures it by default.
+fn ingest() -> Ingest {
+    let segments = SegmentSpec::new(
+        &["region", "product", "channel", "tier"],
+        &[vec!["region", "product"]],
+        100,
+    )
+    .expect("valid");
+    Ingest::new(IngestSpec {
+        windows: windows(),
+        segments,
+        routing: Routing::new(Default::default(), vec![], "queue"),
+        dedupe_horizon: Span::days(28),
+        dedupe_capacity: 1_000_000,
+        clock: ClockKind::Wall,
+    })
+}
 
-    fn process(&mut self, bytes: &[u8]) -> bool {
-        match classify(
-            bytes,
-            Clock::Wall(Timestamp(NOW)),
-            &self.windows,
-            &mut self.seen,
-        ) {
-            Outcome::Accepted(response) => {
-                self.catalog.assign(&response, &mut self.ids);
-                self.board
-                    .record(&self.ids, response.responded_at, response.score.category());
-                true
-            }
-            _ => false,
+/// Every event through the production path, in batches of `BATCH`: `Ingest::process` each,
+/// `Ingest::take_deltas` per batch, and (with a store) `SegmentStore::apply` each delta.
+/// Returns how many responses the store counted (or the deltas carried, without a store).
+fn run(events: &[Vec<u8>], ingest: &mut Ingest, mut store: Option<&mut SegmentStore>) -> u64 {
+    let mut counted = 0;
+    for (batch, chunk) in events.chunks(BATCH).enumerate() {
+        for (i, e) in chunk.iter().enumerate() {
+            let offset = (batch * BATCH + i) as i64;
+            ingest.process(0, offset, e, Timestamp(NOW));
+        }
+        for delta in ingest.take_deltas() {
+            counted += match store.as_deref_mut() {
+                Some(store) => store.apply(&delta).counted,
+                None => delta.responses.len() as u64,
+            };
         }
     }
+    counted
 }
 
 fn bench(c: &mut Criterion) {
@@ -116,41 +121,26 @@ fn bench(c: &mut Criterion) {
         b.iter(|| events.iter().filter(|e| decode(e).is_ok()).count())
     });
 
-    group.bench_function("decode+classify+segment+window", |b| {
+    group.bench_function("ingest stage (decisions, alerts, deltas per 2000)", |b| {
         b.iter_batched(
-            Pipeline::new,
-            |mut pipeline| {
-                let accepted = events.iter().filter(|e| pipeline.process(e)).count();
-                assert_eq!(accepted, events.len());
-                pipeline
+            ingest,
+            |mut ingest| {
+                assert!(run(&events, &mut ingest, None) > 0);
+                ingest
             },
             BatchSize::PerIteration,
         )
     });
-    group.bench_function("ingest stage (decisions, alerts, deltas per 2000)", |b| {
+    group.bench_function("pipeline (ingest, deltas per 2000, aggregate apply)", |b| {
         b.iter_batched(
-            || {
-                let p = Pipeline::new();
-                Ingest::new(IngestSpec {
-                    windows: p.windows,
-                    segments: p.catalog.spec().clone(),
-                    routing: Routing::new(Default::default(), vec![], "queue"),
-                    dedupe_horizon: Span::days(28),
-                    dedupe_capacity: 1_000_000,
-                    clock: ClockKind::Wall,
-                })
-            },
-            |mut ingest| {
-                let mut deltas = 0;
-                for (offset, chunk) in events.chunks(2000).enumerate() {
-                    for (i, e) in chunk.iter().enumerate() {
-                        let offset = (offset * 2000 + i) as i64;
-                        ingest.process(0, offset, e, Timestamp(NOW));
-                    }
-                    deltas += ingest.take_deltas().len();
-                }
-                assert!(deltas > 0);
-                ingest
+            || (ingest(), SegmentStore::new(windows())),
+            |(mut ingest, mut store)| {
+                // 6 segments per event (all, 4 dimensions, region+product), all accepted.
+                assert_eq!(
+                    run(&events, &mut ingest, Some(&mut store)),
+                    6 * EVENTS as u64
+                );
+                (ingest, store)
             },
             BatchSize::PerIteration,
         )
@@ -167,8 +157,7 @@ use group::benches;
 /// snapshot messages; restoring means parsing each and rebuilding its windows.
 fn restore(c: &mut Criterion) {
     const SEGMENTS: usize = 10_000;
-    let windows =
-        WindowSpecs::new(&["1h", "24h", "7d", "28d"], 60, Span::minutes(5)).expect("valid");
+    let windows = windows();
     let mut store = SegmentStore::new(windows.clone());
     let mut offset = 0;
     let mut snapshots = Vec::with_capacity(SEGMENTS);

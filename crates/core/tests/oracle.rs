@@ -521,7 +521,7 @@ impl Pipeline {
             Action::Snapshot(selector) => {
                 for segment in self.store.board().segments() {
                     let pick = segment.len() as u8 ^ selector;
-                    if pick % 2 == 0 || selector < 64 {
+                    if pick.is_multiple_of(2) || selector < 64 {
                         let snapshot = self.store.snapshot(segment).expect("known segment");
                         self.saved.insert(segment.clone(), snapshot.to_json());
                     }
