@@ -544,11 +544,14 @@ fn build_table(run: &str, now: i64) -> Table {
     t.add("comment-number", body, Invalid("wrong_type"));
     let body = t
         .msg("unknown-fields")
-        .set("x-extra", r#"{"deep":[1,2,{"x":null}],"n":1e400}"#)
+        .set("x-extra", r#"{"deep":[1,2,{"x":null}],"n":-0.5e-3}"#)
         .set("😀", "\"ok\"")
         .set("", "\"empty key\"")
         .bytes();
     t.add("unknown-fields", body, Accepted);
+    // Valid JSON grammar, beyond f64: ignored like any unknown field.
+    let body = t.msg("unknown-1e400").set("x-big", "1e400").bytes();
+    t.add("unknown-1e400", body, Accepted);
 
     // --- segments
     for (label, raw, expected) in [
@@ -1987,4 +1990,56 @@ fn which(program: &str) -> Option<PathBuf> {
             .map(|dir| dir.join(program))
             .find(|path| path.is_file())
     })
+}
+
+/// The table itself, checked with serde_json alone (no broker, no npsflow code): sizes are
+/// exact, bytes that must not be UTF-8 are not, `not_json` cases are not JSON, `not_object`
+/// ones are JSON but not objects, and accepted ones are valid by the contract's rules.
+#[test]
+fn the_case_table_is_what_it_says() {
+    let now = npsflow_runtime::wall_now().millis();
+    let table = build_table("selfcheck", now);
+    assert!(table.cases.len() >= 60, "{} cases", table.cases.len());
+    assert_eq!(flood_payloads(&table).len(), FLOOD);
+    let size = |label: &str| {
+        let case = table.cases.iter().find(|c| c.label == label).expect(label);
+        case.payload.as_ref().expect("payload").len()
+    };
+    assert_eq!(size("size-999800"), 999_800);
+    assert_eq!(size("size-1MiB"), 1 << 20);
+    assert_eq!(size("size-at-limit"), MAX_MESSAGE_BYTES);
+    assert_eq!(size("size-limit+1"), MAX_MESSAGE_BYTES + 1);
+    assert_eq!(size("size-10MiB"), 10 << 20);
+    for case in &table.cases {
+        let Some(payload) = &case.payload else {
+            continue;
+        };
+        let label = &case.label;
+        let utf8 = std::str::from_utf8(payload).is_ok();
+        assert_eq!(
+            utf8,
+            case.expected != Expect::Invalid("not_utf8"),
+            "{label}: UTF-8 {utf8}"
+        );
+        if label.starts_with("deep-") || label.starts_with("size-") || label == "unknown-1e400" {
+            continue; // beyond serde_json's limits, or checked by size above
+        }
+        let json: Result<serde_json::Value, _> = serde_json::from_slice(payload);
+        match &case.expected {
+            Expect::Invalid("not_utf8") => {}
+            Expect::Invalid("not_json") => assert!(json.is_err(), "{label} is JSON"),
+            Expect::Invalid("not_object") => {
+                assert!(json.is_ok_and(|j| !j.is_object()), "{label}")
+            }
+            Expect::Accepted => {
+                let json = json.unwrap_or_else(|e| panic!("{label}: {e}"));
+                let id = json["response_id"].as_str().expect(label);
+                assert!((1..=128).contains(&id.chars().count()), "{label}");
+                assert!(json["score"].as_u64().is_some_and(|s| s <= 10), "{label}");
+                assert!(json["customer_id"].is_string(), "{label}");
+                assert!(json["responded_at"].is_string(), "{label}");
+            }
+            _ => assert!(json.is_ok(), "{label} is not JSON"),
+        }
+    }
 }
