@@ -14,6 +14,12 @@
 //! `from <= responded_at < to`. The counts are computed from that very interval, so the
 //! numbers served and the interval stated with them cannot disagree.
 //!
+//! A response is `too_old` when `t < from` of the longest window at `now`
+//! ([`WindowSpecs::longest_from`]), so every accepted response counts in at least one window;
+//! it is `future` when `t > now + max_future_skew`. A response ahead of the clock but within
+//! the skew counts once `to` has passed it; a late one counts in every window whose
+//! interval still holds it.
+//!
 //! A ring of slots per window and segment holds one tally per step of the window, plus
 //! headroom for responses up to the allowed clock skew ahead of `now`. Memory per segment is
 //! therefore fixed, whatever the traffic, and proportional to the number of steps: about
