@@ -134,7 +134,26 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Config {
             action: ConfigAction::Check,
         } => {
+            // Every problem at once, each naming its key and environment variable and never
+            // a value; on success the effective settings, secret properties redacted, with
+            // the layers they came from as TOML comments (variable names only).
             let config = load_config(cli.config.as_deref())?;
+            let mut variables: Vec<String> = std::env::vars_os()
+                .filter_map(|(name, _)| name.into_string().ok())
+                .filter(|name| name.starts_with(npsflow_runtime::config::ENV_PREFIX))
+                .collect();
+            variables.sort();
+            println!("# effective configuration: the embedded defaults");
+            if let Some(path) = &cli.config {
+                println!("# < {}", path.display());
+            }
+            for name in &variables {
+                println!("# < {name}");
+            }
+            println!(
+                "# values of secret kafka.properties are shown as {}",
+                npsflow_runtime::config::REDACTED
+            );
             print!("{}", config.redacted_toml());
             eprintln!("configuration is valid");
         }
