@@ -47,10 +47,10 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
     }
     let config = Arc::new(Config::load(config_path, env)?);
     npsflow_runtime::init_logging(&config.settings.log);
-    for (topic, partitions) in npsflow_runtime::topics::planned(&config.settings) {
+    for topic in npsflow_runtime::topics::planned(&config.settings) {
         cluster
-            .create_topic(&topic, partitions, 1)
-            .with_context(|| format!("creating {topic} on the embedded broker"))?;
+            .create_topic(&topic.name, topic.partitions, 1)
+            .with_context(|| format!("creating {} on the embedded broker", topic.name))?;
     }
 
     let roles = Role::ALL;
@@ -81,9 +81,12 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
         let _ = stop.send(true);
     });
 
-    let producer: FutureProducer =
-        npsflow_runtime::kafka::producer_config(&config.settings.kafka, "npsflow-demo-traffic")
-            .create()?;
+    let producer: FutureProducer = npsflow_runtime::kafka::producer_config(
+        &config.settings.kafka,
+        "npsflow-demo-traffic",
+        config.settings.topics.max_message_bytes as usize,
+    )
+    .create()?;
     let generator = tokio::spawn(generate(
         producer,
         config.settings.topics.responses.clone(),

@@ -35,9 +35,12 @@ pub async fn run(args: LoadgenArgs, config: &Config) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.invalid_share) && (0.0..=1.0).contains(&args.duplicate_share),
         "shares must be between 0 and 1"
     );
-    let producer: FutureProducer =
-        npsflow_runtime::kafka::producer_config(&config.settings.kafka, "npsflow-loadgen")
-            .create()?;
+    let producer: FutureProducer = npsflow_runtime::kafka::producer_config(
+        &config.settings.kafka,
+        "npsflow-loadgen",
+        config.settings.topics.max_message_bytes as usize,
+    )
+    .create()?;
     let topic = &config.settings.topics.responses;
     let mut traffic = Traffic::new(args.seed);
     traffic.invalid_share = args.invalid_share;

@@ -10,7 +10,6 @@ use npsflow_core::{
     SegmentDelta, SegmentSnapshot, SegmentStore, Timestamp, WindowSpecs, WindowSummary,
 };
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use rdkafka::Message;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -218,8 +217,16 @@ pub async fn run(
     let consumer: StreamConsumer<RoleContext> =
         kafka::consumer_config(&settings.kafka, group, "npsflow-aggregate")
             .create_with_context(context)?;
-    let producer: FutureProducer =
-        kafka::producer_config(&settings.kafka, "npsflow-aggregate-producer").create()?;
+    let producer = kafka::role_producer(
+        kafka::producer_config(
+            &settings.kafka,
+            "npsflow-aggregate-producer",
+            settings.topics.max_message_bytes as usize,
+        ),
+        ROLE,
+        health.clone(),
+        metrics.clone(),
+    )?;
     consumer.subscribe(&[topics.segment_deltas.as_str()])?;
     info!(topic = %topics.segment_deltas, %group, "aggregate started");
     let max = settings.ingest.batch_max_messages;
@@ -289,17 +296,17 @@ pub async fn run(
                 .iter()
                 .filter_map(|(partition, segment)| {
                     let snapshot = view.snapshot(*partition, segment)?;
-                    Some(Outgoing {
-                        topic: topics.state.clone(),
-                        partition: Some(*partition),
-                        key: Some(segment.clone().into_bytes()),
-                        payload: Some(snapshot.to_json()),
-                        headers: rdkafka::message::OwnedHeaders::new(),
-                    })
+                    Some(Outgoing::new(
+                        &topics.state,
+                        Some(*partition),
+                        Some(segment.clone().into_bytes()),
+                        Some(snapshot.to_json()),
+                        rdkafka::message::OwnedHeaders::new(),
+                    ))
                 })
                 .collect()
         };
-        kafka::deliver_all(&producer, &snapshots, &metrics).await;
+        kafka::deliver_all(&producer, &snapshots, &metrics).await?;
         let owned: Vec<(String, i32, i64)> = {
             let view = view.read().unwrap_or_else(|e| e.into_inner());
             kafka::last_offsets(&batch)

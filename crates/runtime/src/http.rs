@@ -32,7 +32,7 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{segment}", get(segment))
@@ -68,6 +68,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// Liveness: 200 while every role runs and no partition is stalled; 503 with the reason per
+/// role otherwise, so an orchestrator restarts the process.
+async fn healthz(State(state): State<AppState>) -> Response {
+    let roles: serde_json::Map<String, Value> = state
+        .health
+        .snapshot()
+        .into_iter()
+        .map(|(role, h)| {
+            let value =
+                json!({ "live": h.live(), "failed": h.failed, "stalled_partitions": h.stalled });
+            (role.to_owned(), value)
+        })
+        .collect();
+    let live = roles.values().all(|r| r["live"] == json!(true));
+    let status = if live {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(json!({ "live": live, "roles": roles }))).into_response()
+}
+
 async fn readyz(State(state): State<AppState>) -> Response {
     let roles: serde_json::Map<String, Value> = state
         .health
@@ -75,7 +97,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
         .into_iter()
         .map(|(role, h)| {
             let value = json!({
-                "ready": h.ready(), "connected": h.connected, "joined": h.joined,
+                "ready": h.ready(), "connected": h.connected, "producing": h.producing, "joined": h.joined,
                 "restored": h.restored,
             });
             (role.to_owned(), value)

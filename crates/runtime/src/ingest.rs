@@ -1,14 +1,25 @@
-//! The ingest role: consumes `survey.responses` in batches, lets the core decide each
-//! message, and delivers what the batch caused (dead letters byte-for-byte, detractor alerts,
-//! segment deltas) before storing the batch's offsets. One commit point per batch.
+//! The ingest role, in two steps on one consumer group:
+//!
+//! 1. Repartition: messages from `survey.responses` are validated; invalid ones go to the
+//!    dead-letter topic byte-for-byte, valid ones are forwarded unchanged (with their
+//!    original key and source coordinates in headers) to the internal topic
+//!    `npsflow.responses-by-id`, keyed by `response_id`. So every copy of a response, whatever
+//!    key or partition it was sent with, lands on one partition of that topic.
+//! 2. Decide: messages from the repartition topic get their outcome from the core (duplicate,
+//!    too old, future, accepted), detractors get an alert, and accepted responses become
+//!    segment deltas. Dead letters are rebuilt exactly as the message was received.
+//!
+//! Both steps deliver what a batch caused before storing the batch's offsets (one commit
+//! point per batch); a message too large to dead-letter whole is dead-lettered without its
+//! value.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use npsflow_core::{ClockKind, Ingest, IngestSpec, Route};
+use npsflow_core::{repartition_key, ClockKind, Ingest, IngestSpec, Route, Source};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, Producer};
+use rdkafka::producer::Producer;
 use rdkafka::Message;
 use tokio::sync::watch;
 use tracing::info;
@@ -22,7 +33,7 @@ use crate::{wall_now, RuntimeError};
 /// The role's name in logs, metrics and health.
 pub const ROLE: &str = "ingest";
 
-/// Header names on dead letters and alerts.
+/// Header names on dead letters, forwarded messages and alerts.
 pub mod headers {
     /// Machine-readable reason code.
     pub const ERROR: &str = "npsflow-error";
@@ -34,6 +45,10 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "npsflow-source-partition";
     /// Offset of the message.
     pub const SOURCE_OFFSET: &str = "npsflow-source-offset";
+    /// The message's original key, on forwarded messages (absent: the key was null).
+    pub const SOURCE_KEY: &str = "npsflow-source-key";
+    /// Size in bytes of a message dead-lettered without its value.
+    pub const ORIGINAL_SIZE: &str = "npsflow-original-size";
 }
 
 /// The core's ingest spec from the configuration.
@@ -51,19 +66,255 @@ pub fn spec(config: &Config) -> IngestSpec {
     }
 }
 
-fn source_headers(base: OwnedHeaders, message: &OwnedMessage) -> OwnedHeaders {
+/// A message as it was received on the input topic: where, its key, headers and bytes.
+struct Received<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    key: Option<&'a [u8]>,
+    /// The original headers, without the ones npsflow added when forwarding.
+    headers: Vec<Header<'a, &'a [u8]>>,
+    payload: Option<&'a [u8]>,
+}
+
+impl<'a> Received<'a> {
+    /// A message read from the input topic itself.
+    fn direct<M: Message>(message: &'a M) -> Received<'a> {
+        Received {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: message.key(),
+            headers: message
+                .headers()
+                .map_or_else(Vec::new, |h| h.iter().collect()),
+            payload: message.payload(),
+        }
+    }
+
+    /// A message read from the repartition topic: the original, from the headers the
+    /// repartition step added at the end. A message without them stands for itself.
+    fn forwarded<M: Message>(message: &'a M) -> Received<'a> {
+        let mut all: Vec<Header<'a, &'a [u8]>> = message
+            .headers()
+            .map_or_else(Vec::new, |h| h.iter().collect());
+        let mut found = Received::direct(message);
+        let (mut topic, mut partition, mut offset, mut key) = (None, None, None, None);
+        while let Some(last) = all.last() {
+            let value = last.value;
+            match last.key {
+                headers::SOURCE_TOPIC => topic = value.and_then(|v| std::str::from_utf8(v).ok()),
+                headers::SOURCE_PARTITION => partition = value.and_then(parse_number),
+                headers::SOURCE_OFFSET => offset = value.and_then(parse_number),
+                headers::SOURCE_KEY => key = value,
+                _ => break,
+            }
+            all.pop();
+        }
+        if let (Some(topic), Some(partition), Some(offset)) = (topic, partition, offset) {
+            found.topic = topic;
+            found.partition = partition as i32;
+            found.offset = offset;
+            found.key = key;
+            found.headers = all;
+        }
+        found
+    }
+
+    fn source(&self) -> Source {
+        Source {
+            partition: self.partition,
+            offset: self.offset,
+        }
+    }
+
+    /// The original headers followed by `extra` and the source coordinates.
+    fn headers_with(&self, extra: &[(&str, &[u8])]) -> OwnedHeaders {
+        let mut out = OwnedHeaders::new_with_capacity(self.headers.len() + extra.len() + 3);
+        for header in &self.headers {
+            out = out.insert(Header {
+                key: header.key,
+                value: header.value,
+            });
+        }
+        for (key, value) in extra {
+            out = out.insert(Header {
+                key,
+                value: Some(*value),
+            });
+        }
+        source_headers(out, self.topic, self.partition, self.offset)
+    }
+
+    /// The dead letter of this message: its original key, bytes and headers, plus why and
+    /// where it came from. Its fallback, used when it cannot be written whole, has no value
+    /// and says the original size.
+    fn dead_letter(&self, topic: &str, code: &str, detail: &str) -> Outgoing {
+        let size = self.payload.map_or(0, <[u8]>::len).to_string();
+        let without_value = Outgoing::new(
+            topic,
+            None,
+            self.key.map(<[u8]>::to_vec),
+            None,
+            self.headers_with(&[
+                (headers::ERROR, code.as_bytes()),
+                (headers::ERROR_DETAIL, detail.as_bytes()),
+                (headers::ORIGINAL_SIZE, size.as_bytes()),
+            ]),
+        );
+        Outgoing {
+            fallback: Some(Box::new(without_value)),
+            ..Outgoing::new(
+                topic,
+                None,
+                self.key.map(<[u8]>::to_vec),
+                self.payload.map(<[u8]>::to_vec),
+                self.headers_with(&[
+                    (headers::ERROR, code.as_bytes()),
+                    (headers::ERROR_DETAIL, detail.as_bytes()),
+                ]),
+            )
+        }
+    }
+}
+
+/// Where a message of the repartition topic was first read, and its bytes: what the
+/// duplicate memory is rebuilt from.
+pub fn forwarded_source<M: Message>(message: &M) -> (Source, Vec<u8>) {
+    let received = Received::forwarded(message);
+    (
+        received.source(),
+        received.payload.unwrap_or_default().to_vec(),
+    )
+}
+
+fn parse_number(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+fn source_headers(base: OwnedHeaders, topic: &str, partition: i32, offset: i64) -> OwnedHeaders {
     base.insert(Header {
         key: headers::SOURCE_TOPIC,
-        value: Some(message.topic()),
+        value: Some(topic),
     })
     .insert(Header {
         key: headers::SOURCE_PARTITION,
-        value: Some(&message.partition().to_string()),
+        value: Some(&partition.to_string()),
     })
     .insert(Header {
         key: headers::SOURCE_OFFSET,
-        value: Some(&message.offset().to_string()),
+        value: Some(&offset.to_string()),
     })
+}
+
+/// Step 1 for one input message: forward it keyed by `response_id`, or dead-letter it.
+fn repartition(
+    message: &OwnedMessage,
+    config: &Config,
+    metrics: &Metrics,
+    records: &mut Vec<Outgoing>,
+) {
+    let topics = &config.settings.topics;
+    let received = Received::direct(message);
+    let payload = message.payload().unwrap_or_default();
+    match repartition_key(payload, topics.max_message_bytes as usize) {
+        Ok(response_id) => {
+            // The original headers, then ours: Received::forwarded takes ours off the end.
+            let mut out = OwnedHeaders::new_with_capacity(received.headers.len() + 4);
+            for header in &received.headers {
+                out = out.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+            let out = source_headers(out, received.topic, received.partition, received.offset);
+            let out = match received.key {
+                Some(key) => out.insert(Header {
+                    key: headers::SOURCE_KEY,
+                    value: Some(key),
+                }),
+                None => out,
+            };
+            records.push(Outgoing::new(
+                &topics.responses_by_id,
+                None,
+                Some(response_id.as_bytes().to_vec()),
+                Some(payload.to_vec()),
+                out,
+            ));
+        }
+        Err(reason) => {
+            let code = reason.code();
+            metrics.events.with_label_values(&["invalid"]).inc();
+            metrics.dead_letters.with_label_values(&[code]).inc();
+            records.push(received.dead_letter(&topics.dead_letters, code, &reason.to_string()));
+        }
+    }
+}
+
+/// Step 2 for one repartitioned message: the core decides; dead letter, alert, delta.
+fn decide(
+    ingest: &mut Ingest,
+    message: &OwnedMessage,
+    now: npsflow_core::Timestamp,
+    config: &Config,
+    metrics: &Metrics,
+    records: &mut Vec<Outgoing>,
+) {
+    let topics = &config.settings.topics;
+    let received = Received::forwarded(message);
+    let payload = message.payload().unwrap_or_default();
+    let decision = ingest.process_forwarded(
+        message.partition(),
+        message.offset(),
+        received.source(),
+        payload,
+        now,
+    );
+    if decision.is_resent() {
+        metrics.resent.inc();
+        return;
+    }
+    metrics.events.with_label_values(&[decision.outcome]).inc();
+    if let Some((code, detail)) = &decision.dead_letter {
+        metrics.dead_letters.with_label_values(&[code]).inc();
+        records.push(received.dead_letter(&topics.dead_letters, code, detail));
+    }
+    if let Some(t) = decision.event_time {
+        let lag = (now.millis() - t.millis()) as f64 / 1000.0;
+        metrics.event_time_lag.observe(lag.max(0.0));
+    }
+    if decision.overflowed_values > 0 {
+        metrics
+            .overflowed
+            .inc_by(u64::from(decision.overflowed_values));
+    }
+    if let Some(alert) = decision.alert {
+        metrics
+            .alerts
+            .with_label_values(&["detractor", alert.severity.as_str()])
+            .inc();
+        let owner = match alert.route {
+            Route::AccountManager => "account_manager",
+            _ => alert.owner.as_str(),
+        };
+        metrics
+            .alerts_by_owner
+            .with_label_values(&[owner, alert.route.as_str()])
+            .inc();
+        records.push(Outgoing::new(
+            &topics.followups,
+            None,
+            Some(alert.customer_id.clone().into_bytes()),
+            Some(alert.to_json()),
+            source_headers(
+                OwnedHeaders::new(),
+                received.topic,
+                received.partition,
+                received.offset,
+            ),
+        ));
+    }
 }
 
 /// Decides a batch and builds the records it causes. Pure apart from reading the clock.
@@ -77,79 +328,28 @@ fn decide_batch(
     let now = wall_now();
     let mut records = Vec::new();
     for message in batch {
-        let payload = message.payload().unwrap_or_default();
-        let decision = ingest.process(message.partition(), message.offset(), payload, now);
-        metrics.events.with_label_values(&[decision.outcome]).inc();
-        if let Some((code, detail)) = &decision.dead_letter {
-            metrics.dead_letters.with_label_values(&[code]).inc();
-            let mut headers = OwnedHeaders::new();
-            if let Some(original) = message.headers() {
-                for header in original.iter() {
-                    headers = headers.insert(header);
-                }
-            }
-            let headers = headers
-                .insert(Header {
-                    key: headers::ERROR,
-                    value: Some(*code),
-                })
-                .insert(Header {
-                    key: headers::ERROR_DETAIL,
-                    value: Some(detail.as_str()),
-                });
-            records.push(Outgoing {
-                partition: None,
-                topic: topics.dead_letters.clone(),
-                key: message.key().map(<[u8]>::to_vec),
-                payload: message.payload().map(<[u8]>::to_vec),
-                headers: source_headers(headers, message),
-            });
-        }
-        if let Some(t) = decision.event_time {
-            let lag = (now.millis() - t.millis()) as f64 / 1000.0;
-            metrics.event_time_lag.observe(lag.max(0.0));
-        }
-        if decision.overflowed_values > 0 {
-            metrics
-                .overflowed
-                .inc_by(u64::from(decision.overflowed_values));
-        }
-        if let Some(alert) = decision.alert {
-            metrics
-                .alerts
-                .with_label_values(&["detractor", alert.severity.as_str()])
-                .inc();
-            let owner = match alert.route {
-                Route::AccountManager => "account_manager",
-                _ => alert.owner.as_str(),
-            };
-            metrics
-                .alerts_by_owner
-                .with_label_values(&[owner, alert.route.as_str()])
-                .inc();
-            records.push(Outgoing {
-                partition: None,
-                topic: topics.followups.clone(),
-                key: Some(alert.customer_id.clone().into_bytes()),
-                payload: Some(alert.to_json()),
-                headers: source_headers(OwnedHeaders::new(), message),
-            });
+        if message.topic() == topics.responses_by_id {
+            decide(ingest, message, now, config, metrics, &mut records);
+        } else {
+            repartition(message, config, metrics, &mut records);
         }
     }
     for delta in ingest.take_deltas() {
-        records.push(Outgoing {
-            partition: None,
-            topic: topics.segment_deltas.clone(),
-            key: Some(delta.segment.clone().into_bytes()),
-            payload: Some(delta.to_json()),
-            headers: OwnedHeaders::new(),
-        });
+        records.push(Outgoing::new(
+            &topics.segment_deltas,
+            None,
+            Some(delta.segment.clone().into_bytes()),
+            Some(delta.to_json()),
+            OwnedHeaders::new(),
+        ));
     }
-    records
+    let max = kafka::max_record_bytes(topics.max_message_bytes as usize);
+    kafka::fit_records(records, max, metrics)
 }
 
-/// Rebuilds the duplicate memory of newly assigned input partitions from the messages just
-/// before the group's committed offset, before any new message of them is decided.
+/// Rebuilds the duplicate memory of newly assigned repartition-topic partitions from the
+/// messages just before the group's committed offset, before any new message of them is
+/// decided.
 async fn restore_dedupe(
     config: &Config,
     health: &Health,
@@ -164,9 +364,9 @@ async fn restore_dedupe(
     for partition in partitions {
         let kafka = config.settings.kafka.clone();
         let group = config.settings.kafka.ingest_group.clone();
-        let topic = config.settings.topics.responses.clone();
+        let topic = config.settings.topics.responses_by_id.clone();
         let started = Instant::now();
-        let payloads = tokio::task::spawn_blocking(move || {
+        let messages = tokio::task::spawn_blocking(move || {
             crate::state::read_before_commit(
                 &kafka,
                 &group,
@@ -180,12 +380,12 @@ async fn restore_dedupe(
         .map_err(|e| RuntimeError::Task(e.to_string()))??;
         let now = wall_now();
         ingest.forget_partition(partition);
-        for payload in &payloads {
-            ingest.remember(partition, payload, now);
+        for (source, payload) in &messages {
+            ingest.remember(partition, *source, payload, now);
         }
         info!(
             partition,
-            messages = payloads.len(),
+            messages = messages.len(),
             millis = started.elapsed().as_millis() as u64,
             "duplicate memory restored"
         );
@@ -217,7 +417,11 @@ pub async fn run(
         &settings.kafka.ingest_group,
         "npsflow-ingest",
     );
-    let mut producer_config = kafka::producer_config(&settings.kafka, "npsflow-ingest-producer");
+    let mut producer_config = kafka::producer_config(
+        &settings.kafka,
+        "npsflow-ingest-producer",
+        settings.topics.max_message_bytes as usize,
+    );
     if transactional {
         // Offsets are committed inside each batch's transaction, never by the consumer.
         consumer_config.set("enable.auto.commit", "false");
@@ -228,7 +432,7 @@ pub async fn run(
         producer_config.set("transactional.id", &id);
     }
     let consumer: StreamConsumer<RoleContext> = consumer_config.create_with_context(context)?;
-    let producer: FutureProducer = producer_config.create()?;
+    let producer = kafka::role_producer(producer_config, ROLE, health.clone(), metrics.clone())?;
     if transactional {
         let producer = producer.clone();
         tokio::task::spawn_blocking(move || {
@@ -238,8 +442,9 @@ pub async fn run(
         .map_err(|e| RuntimeError::Task(e.to_string()))??;
         info!("exactly-once: transactions initialised");
     }
-    consumer.subscribe(&[settings.topics.responses.as_str()])?;
-    info!(topic = %settings.topics.responses, group = %settings.kafka.ingest_group, "ingest started");
+    let by_id = settings.topics.responses_by_id.as_str();
+    consumer.subscribe(&[settings.topics.responses.as_str(), by_id])?;
+    info!(topic = %settings.topics.responses, repartition_topic = %by_id, group = %settings.kafka.ingest_group, "ingest started");
 
     let mut ingest = Ingest::new(spec(&config));
     let max_messages = settings.ingest.batch_max_messages;
@@ -250,21 +455,26 @@ pub async fn run(
         kafka::receive_batch(&consumer, max_messages, max_wait, idle, &mut shutdown).await
     {
         let started = Instant::now();
-        let mut assigned = Vec::new();
-        let mut revoked = Vec::new();
+        // Only the repartition topic's partitions hold state (duplicate memory and clock).
+        let mut assigned: Vec<i32> = Vec::new();
+        let mut revoked: Vec<(String, i32)> = Vec::new();
         for change in consumer.context().take_changes() {
             match change {
                 AssignmentChange::Revoked(partitions) => {
-                    for (_, partition) in partitions {
-                        ingest.forget_partition(partition);
-                        assigned.retain(|p| *p != partition);
-                        revoked.push(partition);
+                    for (topic, partition) in partitions {
+                        if topic == by_id {
+                            ingest.forget_partition(partition);
+                            assigned.retain(|p| *p != partition);
+                        }
+                        revoked.push((topic, partition));
                     }
                 }
                 AssignmentChange::Assigned(partitions) => {
-                    for (_, partition) in partitions {
-                        revoked.retain(|p| *p != partition);
-                        assigned.push(partition);
+                    for (topic, partition) in partitions {
+                        revoked.retain(|(t, p)| !(*t == topic && *p == partition));
+                        if topic == by_id {
+                            assigned.push(partition);
+                        }
                     }
                 }
             }
@@ -276,7 +486,11 @@ pub async fn run(
         // which decides them with that partition's full duplicate memory.
         let batch: Vec<OwnedMessage> = batch
             .into_iter()
-            .filter(|m| !revoked.contains(&m.partition()))
+            .filter(|m| {
+                !revoked
+                    .iter()
+                    .any(|(t, p)| t == m.topic() && *p == m.partition())
+            })
             .collect();
         let records = decide_batch(&mut ingest, &batch, &config, &metrics);
         let offsets = kafka::last_offsets(&batch);
@@ -285,19 +499,15 @@ pub async fn run(
                 .group_metadata()
                 .ok_or_else(|| RuntimeError::Task("the consumer has no group metadata".into()))?;
             let (producer, metrics) = (producer.clone(), metrics.clone());
+            let next = kafka::next_offsets(&offsets);
             tokio::task::spawn_blocking(move || {
-                kafka::commit_transaction(
-                    &producer,
-                    &records,
-                    &kafka::next_offsets(&offsets),
-                    &group,
-                    &metrics,
-                )
+                kafka::commit_transaction(&producer, &records, &next, &group, &metrics)
             })
             .await
             .map_err(|e| RuntimeError::Task(e.to_string()))??;
+            kafka::record_progress(&consumer, &offsets);
         } else {
-            kafka::deliver_all(&producer, &records, &metrics).await;
+            kafka::deliver_all(&producer, &records, &metrics).await?;
             kafka::store_offsets(&consumer, &offsets);
         }
         let evicted = ingest.dedupe_evicted_early();

@@ -1,6 +1,9 @@
 //! Kafka plumbing shared by the roles: client configuration (our defaults, then every
 //! user-given librdkafka property), the consumer context that tracks assignments, broker
-//! connectivity and lag, and reliable delivery of a batch of output records.
+//! connectivity, lag and progress, and delivery of a batch of output records: transient
+//! errors are retried until the broker takes the record, permanent ones (too large, unknown
+//! topic, not authorised, ...) are never retried forever: the record's fallback (a dead
+//! letter without its value) is sent instead, or the role stops with the error.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +14,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
@@ -59,11 +62,31 @@ pub fn consumer_config(kafka: &KafkaSettings, group: &str, client_id: &str) -> C
     merge(config, client_config(kafka, client_id))
 }
 
+/// Bytes allowed on top of the input's size limit for what npsflow adds to a record it
+/// forwards or dead-letters (its own headers): the producers' `message.max.bytes` and the
+/// size limit `topics create` gives the topics that carry input messages.
+pub const HEADER_ALLOWANCE: usize = 64 * 1024;
+
+/// The size limit of the topics that carry whole input messages (the repartition topic and
+/// the dead-letter topic), and of the producers that write them.
+pub fn max_record_bytes(max_message_bytes: usize) -> usize {
+    max_message_bytes.saturating_add(HEADER_ALLOWANCE)
+}
+
 /// An idempotent producer with the Java client's partitioner, that retries until delivery:
-/// a broker outage pauses the role instead of failing messages.
-pub fn producer_config(kafka: &KafkaSettings, client_id: &str) -> ClientConfig {
+/// a broker outage pauses the role instead of failing messages. Records up to
+/// `max_message_bytes` (the input's limit) plus [`HEADER_ALLOWANCE`] are accepted.
+pub fn producer_config(
+    kafka: &KafkaSettings,
+    client_id: &str,
+    max_message_bytes: usize,
+) -> ClientConfig {
     let mut config = ClientConfig::new();
     config
+        .set(
+            "message.max.bytes",
+            max_record_bytes(max_message_bytes).to_string(),
+        )
         .set("enable.idempotence", "true")
         .set("partitioner", "murmur2_random")
         .set("message.timeout.ms", "0")
@@ -77,6 +100,71 @@ fn merge(mut base: ClientConfig, overrides: ClientConfig) -> ClientConfig {
         base.set(name, value);
     }
     base
+}
+
+/// The context of a role's producer: publishes whether it reaches a broker (its statistics
+/// come from the producer's own polling thread, so they keep coming while the role waits
+/// for a delivery, when the role's consumer is not polled).
+pub struct ProducerHealth {
+    role: &'static str,
+    health: Arc<Health>,
+    metrics: Metrics,
+}
+
+impl ProducerHealth {
+    /// A context for `role`'s producer.
+    pub fn new(role: &'static str, health: Arc<Health>, metrics: Metrics) -> ProducerHealth {
+        ProducerHealth {
+            role,
+            health,
+            metrics,
+        }
+    }
+}
+
+/// Sets `npsflow_stalled_partitions{role}` from the role's health now.
+fn publish_stalled(health: &Health, metrics: &Metrics, role: &'static str) {
+    let stalled = health.snapshot().get(role).map_or(0, |h| h.stalled);
+    metrics
+        .stalled_partitions
+        .with_label_values(&[role])
+        .set(stalled as i64);
+}
+
+impl ClientContext for ProducerHealth {
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.state == "UP" && b.nodeid >= 0);
+        self.health.set_producing(self.role, up);
+        publish_stalled(&self.health, &self.metrics, self.role);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown)
+        ) {
+            self.health.set_producing(self.role, false);
+        }
+        warn!(role = self.role, %error, reason, "kafka producer error");
+    }
+}
+
+/// A role's producer.
+pub type RoleProducer = FutureProducer<ProducerHealth>;
+
+/// Creates `role`'s producer from `config`, reporting its connectivity to `health`.
+pub fn role_producer(
+    mut config: ClientConfig,
+    role: &'static str,
+    health: Arc<Health>,
+    metrics: Metrics,
+) -> Result<RoleProducer, KafkaError> {
+    health.set_producing(role, false);
+    config.set("statistics.interval.ms", "1000");
+    config.create_with_context(ProducerHealth::new(role, health, metrics))
 }
 
 /// A change of a consumer's assignment, seen by the role loop after it happens.
@@ -134,6 +222,8 @@ impl ClientContext for RoleContext {
             .connected
             .with_label_values(&[self.role])
             .set(i64::from(up));
+        let now = std::time::Instant::now();
+        let mut ends = Vec::new();
         for (topic_name, topic) in &statistics.topics {
             for (id, partition) in &topic.partitions {
                 if *id < 0 {
@@ -146,8 +236,24 @@ impl ClientContext for RoleContext {
                         .with_label_values(&labels)
                         .set(partition.consumer_lag);
                 }
+                let end = if partition.ls_offset >= 0 {
+                    partition.ls_offset
+                } else {
+                    partition.hi_offset
+                };
+                let position = partition.committed_offset.max(partition.stored_offset);
+                ends.push((topic_name, *id, partition.lo_offset, end, position));
             }
         }
+        self.health.progress(self.role, |watch| {
+            for (topic, partition, start, end, position) in ends {
+                if position >= 0 {
+                    watch.progressed(topic, partition, position, now);
+                }
+                watch.observed(topic, partition, start, end, now);
+            }
+        });
+        publish_stalled(&self.health, &self.metrics, self.role);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -180,6 +286,10 @@ impl ConsumerContext for RoleContext {
             AssignmentChange::Revoked(p) => ("revoke", p.len()),
         };
         info!(role = self.role, event, partitions = count, "rebalance");
+        self.health.progress(self.role, |watch| match &change {
+            AssignmentChange::Assigned(p) => watch.assigned(p),
+            AssignmentChange::Revoked(p) => watch.revoked(p),
+        });
         self.metrics
             .rebalances
             .with_label_values(&[self.group.as_str(), event])
@@ -205,46 +315,138 @@ pub struct Outgoing {
     pub payload: Option<Vec<u8>>,
     /// Headers.
     pub headers: OwnedHeaders,
+    /// What to send instead if the broker or the producer rejects this record for good (for
+    /// a dead letter: the same without its value). `None`: such a rejection stops the role.
+    pub fallback: Option<Box<Outgoing>>,
 }
 
-/// Delivers every record, retrying failed ones until they are acknowledged. Returns when all
-/// are delivered; never drops a record.
-pub async fn deliver_all(producer: &FutureProducer, records: &[Outgoing], metrics: &Metrics) {
+impl Outgoing {
+    /// A record without a fallback.
+    pub fn new(
+        topic: &str,
+        partition: Option<i32>,
+        key: Option<Vec<u8>>,
+        payload: Option<Vec<u8>>,
+        headers: OwnedHeaders,
+    ) -> Outgoing {
+        Outgoing {
+            topic: topic.to_owned(),
+            partition,
+            key,
+            payload,
+            headers,
+            fallback: None,
+        }
+    }
+
+    fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
+        let mut record = FutureRecord::to(&self.topic).headers(self.headers.clone());
+        if let Some(key) = &self.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(partition) = self.partition {
+            record = record.partition(partition);
+        }
+        if let Some(payload) = &self.payload {
+            record = record.payload(payload.as_slice());
+        }
+        record
+    }
+}
+
+/// A record the broker or the producer rejected for good, with no fallback left.
+#[derive(Debug, thiserror::Error)]
+#[error("a record for topic {topic} was rejected for good: {error}")]
+pub struct DeliveryError {
+    /// The record's topic.
+    pub topic: String,
+    /// The rejection.
+    pub error: KafkaError,
+}
+
+/// Whether a delivery error is one that retrying cannot fix: the record is too large, the
+/// topic does not exist or may not be written, the record is malformed, or the producer is
+/// in a fatal state. Everything else (timeouts, broker transport errors, leader changes,
+/// full queues) is transient.
+pub fn is_permanent(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    let Some(code) = error.rdkafka_error_code() else {
+        return false;
+    };
+    matches!(
+        code,
+        C::MessageSizeTooLarge
+            | C::MessageBatchTooLarge
+            | C::InvalidMessageSize
+            | C::InvalidRecord
+            | C::InvalidMessage
+            | C::InvalidTopic
+            | C::UnknownTopic
+            | C::UnknownPartition
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::TransactionalIdAuthorizationFailed
+            | C::SaslAuthenticationFailed
+            | C::Authentication
+            | C::UnsupportedForMessageFormat
+            | C::InvalidRequiredAcks
+            | C::InvalidArgument
+            | C::Fatal
+    )
+}
+
+/// Delivers every record. Transient failures are retried with backoff until the broker
+/// takes the record (a broker outage pauses the role, it never drops a record). A record
+/// rejected for good is replaced by its fallback; without one, the role gets the error.
+pub async fn deliver_all(
+    producer: &RoleProducer,
+    records: &[Outgoing],
+    metrics: &Metrics,
+) -> Result<(), DeliveryError> {
     let mut pending: Vec<&Outgoing> = records.iter().collect();
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
-        let results = futures::future::join_all(pending.iter().map(|r| {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&r.topic).headers(r.headers.clone());
-            if let Some(key) = &r.key {
-                record = record.key(key.as_slice());
-            }
-            if let Some(partition) = r.partition {
-                record = record.partition(partition);
-            }
-            if let Some(payload) = &r.payload {
-                record = record.payload(payload.as_slice());
-            }
-            producer.send(record, Timeout::Never)
-        }))
+        let results = futures::future::join_all(
+            pending
+                .iter()
+                .map(|r| producer.send(r.record(), Timeout::Never)),
+        )
         .await;
-        let mut failed = Vec::new();
+        let mut retry = Vec::new();
+        let mut transient = false;
         for (record, result) in pending.iter().zip(results) {
-            if let Err((error, _)) = result {
+            let Err((error, _)) = result else {
+                continue;
+            };
+            if !is_permanent(&error) {
                 warn!(topic = %record.topic, %error, "delivery failed; retrying");
-                metrics
-                    .produce_errors
-                    .with_label_values(&[record.topic.as_str()])
-                    .inc();
-                failed.push(*record);
+                metrics.produce_error(&record.topic, "transient");
+                transient = true;
+                retry.push(*record);
+                continue;
+            }
+            metrics.produce_error(&record.topic, "permanent");
+            match &record.fallback {
+                Some(fallback) => {
+                    warn!(topic = %record.topic, %error, "record rejected for good; sending its fallback");
+                    metrics.dead_letters_without_value.inc();
+                    retry.push(fallback.as_ref());
+                }
+                None => {
+                    return Err(DeliveryError {
+                        topic: record.topic.clone(),
+                        error,
+                    })
+                }
             }
         }
-        if !failed.is_empty() {
+        if transient {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(10));
         }
-        pending = failed;
+        pending = retry;
     }
+    Ok(())
 }
 
 /// Commits the stored offsets (if `commit`), leaves the group and closes the consumer, on a
@@ -273,10 +475,12 @@ pub async fn close_consumer(
 
 /// Produces `records` and commits the input `offsets` (the next offset to read, per
 /// partition) in one Kafka transaction, retrying the whole transaction after abortable or
-/// retriable errors. Blocking. Returns an error only when the producer can no longer be used
-/// (fenced by a newer instance, or a fatal error).
+/// retriable errors. Blocking. Returns an error when the producer can no longer be used
+/// (fenced by a newer instance, or a fatal error) or a record is rejected for good (records
+/// that cannot fit are replaced by their fallback before they get here, see
+/// [`fit_records`]).
 pub fn commit_transaction(
-    producer: &FutureProducer,
+    producer: &RoleProducer,
     records: &[Outgoing],
     offsets: &rdkafka::TopicPartitionList,
     group: &rdkafka::consumer::ConsumerGroupMetadata,
@@ -288,17 +492,7 @@ pub fn commit_transaction(
         let attempt = (|| {
             producer.begin_transaction()?;
             for r in records {
-                let mut record: FutureRecord<'_, [u8], [u8]> =
-                    FutureRecord::to(&r.topic).headers(r.headers.clone());
-                if let Some(key) = &r.key {
-                    record = record.key(key.as_slice());
-                }
-                if let Some(payload) = &r.payload {
-                    record = record.payload(payload.as_slice());
-                }
-                if let Some(partition) = r.partition {
-                    record = record.partition(partition);
-                }
+                let mut record = r.record();
                 loop {
                     match producer.send_result(record) {
                         // Delivery is confirmed by the commit below.
@@ -325,15 +519,42 @@ pub fn commit_transaction(
         if fatal {
             return Err(error);
         }
+        if is_permanent(&error) {
+            return Err(error);
+        }
         warn!(%error, "transaction failed; aborting and retrying the batch");
-        metrics
-            .produce_errors
-            .with_label_values(&["transaction"])
-            .inc();
+        metrics.produce_error("transaction", "transient");
         let _ = producer.abort_transaction(timeout);
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Replaces every record that cannot fit in `max_bytes` (its key, value and headers, with a
+/// little room for the record's framing) by its fallback. A transaction cannot swap one
+/// record for another after the broker rejects it, so this is decided before sending.
+pub fn fit_records(records: Vec<Outgoing>, max_bytes: usize, metrics: &Metrics) -> Vec<Outgoing> {
+    records
+        .into_iter()
+        .map(|record| {
+            let headers: usize = record
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 16)
+                .sum();
+            let size = record.key.as_ref().map_or(0, Vec::len)
+                + record.payload.as_ref().map_or(0, Vec::len)
+                + headers
+                + 128;
+            match record.fallback {
+                Some(fallback) if size > max_bytes => {
+                    metrics.dead_letters_without_value.inc();
+                    *fallback
+                }
+                _ => record,
+            }
+        })
+        .collect()
 }
 
 /// The offsets to commit after a batch: one past the last message, per partition.
@@ -381,6 +602,13 @@ pub async fn receive_batch(
             Err(_) => break,
         }
     }
+    let context = consumer.context();
+    let now = std::time::Instant::now();
+    context.health.progress(context.role, |watch| {
+        for message in &batch {
+            watch.received(message.topic(), message.partition(), message.offset(), now);
+        }
+    });
     Some(batch)
 }
 
@@ -411,4 +639,17 @@ pub fn store_offsets(consumer: &StreamConsumer<RoleContext>, offsets: &[(String,
             tracing::debug!(%error, partition, "offset not stored");
         }
     }
+    record_progress(consumer, offsets);
+}
+
+/// Tells the role's progress watch that everything up to these offsets (the last processed
+/// per partition) is done.
+pub fn record_progress(consumer: &StreamConsumer<RoleContext>, offsets: &[(String, i32, i64)]) {
+    let context = consumer.context();
+    let now = std::time::Instant::now();
+    context.health.progress(context.role, |watch| {
+        for (topic, partition, offset) in offsets {
+            watch.progressed(topic, *partition, offset + 1, now);
+        }
+    });
 }

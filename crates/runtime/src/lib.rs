@@ -45,6 +45,9 @@ pub enum RuntimeError {
     /// A role task panicked or was cancelled.
     #[error("role task failed: {0}")]
     Task(String),
+    /// A record was rejected for good and had no fallback.
+    #[error(transparent)]
+    Delivery(#[from] kafka::DeliveryError),
 }
 
 /// The wall clock as the core's timestamp.
@@ -102,8 +105,17 @@ impl Process {
             &topics.dead_letters,
             &topics.followups,
             &topics.segment_deltas,
+            &topics.responses_by_id,
         ] {
-            metrics.produce_errors.with_label_values(&[topic.as_str()]);
+            for kind in ["transient", "permanent"] {
+                metrics
+                    .produce_errors
+                    .with_label_values(&[topic.as_str(), kind]);
+            }
+        }
+        for role in roles {
+            metrics.stalled_partitions.with_label_values(&[role.name()]);
+            metrics.role_up.with_label_values(&[role.name()]).set(1);
         }
         let view = roles.contains(&Role::Aggregate).then(|| {
             let view = Arc::new(RwLock::new(aggregate::AggregateView::new(
@@ -115,7 +127,9 @@ impl Process {
         });
         Process {
             metrics,
-            health: Arc::new(health::Health::default()),
+            health: Arc::new(health::Health::new(std::time::Duration::from_millis(
+                config.stall_timeout.millis().max(1) as u64,
+            ))),
             view,
         }
     }
@@ -130,52 +144,76 @@ impl Process {
     }
 }
 
-/// Runs `roles` and the HTTP server until `shutdown` turns true; returns the first error.
+/// Runs `roles` and the HTTP server until `shutdown` turns true. A role that stops with an
+/// error (or stops at all before shutdown) fails the whole process: its health turns
+/// not-live, the other roles are asked to finish and commit, and the error is returned, so
+/// the binary exits non-zero and an orchestrator restarts it with its own backoff.
 pub async fn run(
     config: Arc<Config>,
     roles: &[Role],
     process: Process,
     listener: tokio::net::TcpListener,
-    shutdown: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), RuntimeError> {
+    // The roles stop on the caller's shutdown, or when one of them fails.
+    let (stop, stopping) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
-    for role in roles {
-        let (config, process, shutdown) = (config.clone(), process.clone(), shutdown.clone());
-        match role {
-            Role::Ingest => {
-                tasks.spawn(ingest::run(
-                    config,
-                    process.metrics,
-                    process.health,
-                    shutdown,
-                ));
-            }
-            Role::Aggregate => {
-                let view = process
-                    .view
-                    .clone()
-                    .expect("view exists with the aggregate role");
-                tasks.spawn(aggregate::run(
-                    config,
-                    process.metrics,
-                    process.health,
-                    view,
-                    shutdown,
-                ));
-            }
-        }
+    for &role in roles {
+        let (config, process, stopping) = (config.clone(), process.clone(), stopping.clone());
+        tasks.spawn(async move {
+            let result = match role {
+                Role::Ingest => {
+                    ingest::run(config, process.metrics, process.health, stopping).await
+                }
+                Role::Aggregate => {
+                    let view = process
+                        .view
+                        .clone()
+                        .expect("view exists with the aggregate role");
+                    aggregate::run(config, process.metrics, process.health, view, stopping).await
+                }
+            };
+            (role, result)
+        });
     }
-    let mut http_shutdown = shutdown.clone();
+    let http_stopping = stopping.clone();
     let http = tokio::spawn(http::serve(listener, process.app_state(), async move {
-        let _ = http_shutdown.wait_for(|stop| *stop).await;
+        let mut stopping = http_stopping;
+        let _ = stopping.wait_for(|stop| *stop).await;
     }));
     let mut result = Ok(());
-    while let Some(joined) = tasks.join_next().await {
-        let outcome = joined
-            .map_err(|e| RuntimeError::Task(e.to_string()))
-            .and_then(|r| r);
+    loop {
+        let joined = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop), if !*stop.borrow() => {
+                let _ = stop.send(true);
+                continue;
+            }
+            joined = tasks.join_next() => joined,
+        };
+        let Some(joined) = joined else { break };
+        let (role, outcome) = match joined {
+            Ok((role, outcome)) => (Some(role), outcome),
+            Err(error) => (None, Err(RuntimeError::Task(error.to_string()))),
+        };
+        let outcome = match outcome {
+            Ok(()) if !*stop.borrow() => Err(RuntimeError::Task(format!(
+                "the {} role stopped on its own",
+                role.map_or("unknown", Role::name)
+            ))),
+            other => other,
+        };
         if let Err(error) = outcome {
-            tracing::error!(%error, "role stopped");
+            let name = role.map_or("unknown", Role::name);
+            tracing::error!(role = name, %error, "role stopped with an error; the process exits");
+            if let Some(role) = role {
+                process.health.set_failed(role.name());
+                process
+                    .metrics
+                    .role_up
+                    .with_label_values(&[role.name()])
+                    .set(0);
+            }
+            let _ = stop.send(true);
             if result.is_ok() {
                 result = Err(error);
             }

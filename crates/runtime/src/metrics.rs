@@ -47,8 +47,19 @@ pub struct Metrics {
     pub connected: IntGaugeVec,
     /// `npsflow_batch_seconds{role}`: time from a batch's first message to its commit point.
     pub batch_seconds: prometheus::HistogramVec,
-    /// `npsflow_produce_errors_total{topic}`.
+    /// `npsflow_produce_errors_total{topic,kind}`: `transient` (retried) or `permanent`.
     pub produce_errors: IntCounterVec,
+    /// `npsflow_dead_letters_without_value_total`: dead letters written without the
+    /// message's bytes because they could not be written whole.
+    pub dead_letters_without_value: IntCounter,
+    /// `npsflow_resent_messages_total`: input messages forwarded again by a replay of the
+    /// repartition step and recognised as the same message (no outcome of their own).
+    pub resent: IntCounter,
+    /// `npsflow_stalled_partitions{role}`: assigned partitions with messages waiting whose
+    /// position has not moved for longer than `health.stall_timeout`.
+    pub stalled_partitions: IntGaugeVec,
+    /// `npsflow_role_up{role}`: 1 while the role runs, 0 once it has stopped with an error.
+    pub role_up: IntGaugeVec,
     /// `npsflow_segments{}`: segments owned by this process.
     pub segments_owned: Gauge,
 }
@@ -189,9 +200,47 @@ impl Metrics {
         let produce_errors = counter_vec(
             &registry,
             "npsflow_produce_errors_total",
-            "Failed deliveries (retried until they succeed), by topic.",
-            &["topic"],
+            "Failed deliveries by topic and kind: transient ones are retried until they succeed, permanent ones are replaced by their fallback or stop the role.",
+            &["topic", "kind"],
         );
+        let dead_letters_without_value = IntCounter::new(
+            "npsflow_dead_letters_without_value_total",
+            "Dead letters written without the message's bytes (too large to write whole).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(dead_letters_without_value.clone()))
+            .expect("registered once");
+        let resent = IntCounter::new(
+            "npsflow_resent_messages_total",
+            "Input messages forwarded twice by a replay of the repartition step; the copy has no effect.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(resent.clone()))
+            .expect("registered once");
+        let stalled_partitions = IntGaugeVec::new(
+            Opts::new(
+                "npsflow_stalled_partitions",
+                "Assigned partitions with messages waiting whose position has not moved for longer than health.stall_timeout.",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(stalled_partitions.clone()))
+            .expect("registered once");
+        let role_up = IntGaugeVec::new(
+            Opts::new(
+                "npsflow_role_up",
+                "1 while a role runs; 0 once it has stopped with an error (the process then exits).",
+            ),
+            &["role"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(role_up.clone()))
+            .expect("registered once");
         let segments_owned = Gauge::new(
             "npsflow_segments",
             "Segments whose windows this process owns.",
@@ -215,8 +264,17 @@ impl Metrics {
             connected,
             batch_seconds,
             produce_errors,
+            dead_letters_without_value,
+            resent,
+            stalled_partitions,
+            role_up,
             segments_owned,
         }
+    }
+
+    /// Counts a failed delivery to `topic`: `kind` is `transient` or `permanent`.
+    pub fn produce_error(&self, topic: &str, kind: &str) {
+        self.produce_errors.with_label_values(&[topic, kind]).inc();
     }
 
     /// Adds the segment gauges, read from the aggregate role's state at every scrape.

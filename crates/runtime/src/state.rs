@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use npsflow_core::SegmentSnapshot;
+use npsflow_core::{SegmentSnapshot, Source};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::warn;
@@ -94,9 +94,9 @@ pub fn check_copartitioned(
     Ok(())
 }
 
-/// Reads back the payloads of input partition `partition` from `count` messages before the
-/// group's committed offset up to it, to rebuild duplicate memory. Blocking; bounded by
-/// `limit`. Empty if the group has no committed offset yet.
+/// Reads back the messages of repartition-topic partition `partition` from `count` messages
+/// before the group's committed offset up to it, as (source, bytes), to rebuild duplicate
+/// memory. Blocking; bounded by `limit`. Empty if the group has no committed offset yet.
 pub fn read_before_commit(
     kafka: &KafkaSettings,
     group: &str,
@@ -104,7 +104,7 @@ pub fn read_before_commit(
     partition: i32,
     count: i64,
     limit: Duration,
-) -> Result<Vec<Vec<u8>>, RuntimeError> {
+) -> Result<Vec<(Source, Vec<u8>)>, RuntimeError> {
     let mut config = client_config(kafka, "npsflow-dedupe-restore");
     config
         .set("group.id", group)
@@ -124,11 +124,11 @@ pub fn read_before_commit(
     if count <= 0 || start >= end {
         return Ok(Vec::new());
     }
-    let mut payloads = Vec::with_capacity((end - start) as usize);
+    let mut messages = Vec::with_capacity((end - start) as usize);
     read_range(&consumer, topic, partition, start, end, limit, |message| {
-        payloads.push(message.payload().unwrap_or_default().to_vec());
+        messages.push(crate::ingest::forwarded_source(message));
     })?;
-    Ok(payloads)
+    Ok(messages)
 }
 
 /// Hands every message of `partition` at offsets `start..end` to `each`, in order. Blocking;

@@ -20,18 +20,55 @@ pub enum TopicResult {
     Existed(String),
 }
 
-/// Every topic npsflow uses, with its partition count: the input, deltas and state topics
-/// get `topics.partitions` (they are what scales; state is co-partitioned with deltas), the
-/// others a third of that, at least one.
-pub fn planned(settings: &Settings) -> Vec<(String, i32)> {
+/// One topic npsflow uses: its name, partition count and topic configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedTopic {
+    /// Name.
+    pub name: String,
+    /// Partitions.
+    pub partitions: i32,
+    /// Topic-level configuration (`cleanup.policy`, `max.message.bytes`).
+    pub config: Vec<(&'static str, String)>,
+}
+
+/// Every topic npsflow uses. The input, repartition, deltas and state topics get
+/// `topics.partitions` (they are what scales; state is co-partitioned with deltas), the
+/// others a third of that, at least one. The input accepts messages up to
+/// `topics.max_message_bytes`; the topics that carry whole input messages (repartition and
+/// dead letters) accept that plus room for npsflow's headers. State is compacted.
+pub fn planned(settings: &Settings) -> Vec<PlannedTopic> {
     let t = &settings.topics;
     let small = (t.partitions / 3).max(1);
+    let input_limit = t.max_message_bytes.to_string();
+    let carried_limit = crate::kafka::max_record_bytes(t.max_message_bytes as usize).to_string();
+    let topic = |name: &str, partitions: i32, config: Vec<(&'static str, String)>| PlannedTopic {
+        name: name.to_owned(),
+        partitions,
+        config,
+    };
     vec![
-        (t.responses.clone(), t.partitions),
-        (t.segment_deltas.clone(), t.partitions),
-        (t.state.clone(), t.partitions),
-        (t.followups.clone(), small),
-        (t.dead_letters.clone(), small),
+        topic(
+            &t.responses,
+            t.partitions,
+            vec![("max.message.bytes", input_limit)],
+        ),
+        topic(
+            &t.responses_by_id,
+            t.partitions,
+            vec![("max.message.bytes", carried_limit.clone())],
+        ),
+        topic(&t.segment_deltas, t.partitions, vec![]),
+        topic(
+            &t.state,
+            t.partitions,
+            vec![("cleanup.policy", "compact".to_owned())],
+        ),
+        topic(&t.followups, small, vec![]),
+        topic(
+            &t.dead_letters,
+            small,
+            vec![("max.message.bytes", carried_limit)],
+        ),
     ]
 }
 
@@ -42,17 +79,15 @@ pub async fn create(settings: &Settings) -> Result<Vec<TopicResult>, RuntimeErro
     let plan = planned(settings);
     let new_topics: Vec<NewTopic<'_>> = plan
         .iter()
-        .map(|(name, partitions)| {
-            let topic = NewTopic::new(
-                name,
-                *partitions,
-                TopicReplication::Fixed(settings.topics.replication),
-            );
-            if *name == settings.topics.state {
-                topic.set("cleanup.policy", "compact")
-            } else {
-                topic
-            }
+        .map(|planned| {
+            planned.config.iter().fold(
+                NewTopic::new(
+                    &planned.name,
+                    planned.partitions,
+                    TopicReplication::Fixed(settings.topics.replication),
+                ),
+                |topic, (key, value)| topic.set(key, value),
+            )
         })
         .collect();
     let options = AdminOptions::new()

@@ -26,8 +26,10 @@ fn broker(extra: &[(&str, &str)]) -> (Cluster, String, Arc<Config>) {
     let cluster = MockCluster::new(1).expect("mock cluster");
     let brokers = cluster.bootstrap_servers();
     let config = config(&brokers, extra);
-    for (topic, partitions) in npsflow_runtime::topics::planned(&config.settings) {
-        cluster.create_topic(&topic, partitions, 1).expect("topic");
+    for topic in npsflow_runtime::topics::planned(&config.settings) {
+        cluster
+            .create_topic(&topic.name, topic.partitions, 1)
+            .expect("topic");
     }
     (cluster, brokers, config)
 }
@@ -264,13 +266,13 @@ async fn broker_errors_are_retried_and_nothing_is_lost() {
             .process
             .metrics
             .produce_errors
-            .with_label_values(&[topics.followups.as_str()])
+            .with_label_values(&[topics.followups.as_str(), "transient"])
             .get()
             + pipeline
                 .process
                 .metrics
                 .produce_errors
-                .with_label_values(&[topics.segment_deltas.as_str()])
+                .with_label_values(&[topics.segment_deltas.as_str(), "transient"])
                 .get()
             == 0,
         "librdkafka retries transient errors itself; none reach the role"
@@ -327,9 +329,16 @@ async fn a_broker_outage_pauses_work_and_readiness_then_both_resume() {
 
     cluster.broker_down(-1).expect("broker down");
     wait_until("readiness to drop", || !pipeline.process.health.ready()).await;
+    wait_until("the consumer to see the outage", || {
+        !pipeline.process.health.snapshot()["ingest"].connected
+    })
+    .await;
     let (status, body) = pipeline.get("/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!(body["roles"]["ingest"]["connected"], false);
+    // An outage is not a stall: liveness stays.
+    let (status, body) = pipeline.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     // Messages sent during the outage wait in the producer; nothing is lost or failed.
     let during = tokio::spawn({
         let brokers = brokers.clone();
@@ -463,7 +472,7 @@ async fn exactly_once_commits_outputs_and_offsets_in_transactions() {
             .process
             .metrics
             .produce_errors
-            .with_label_values(&["transaction"])
+            .with_label_values(&["transaction", "transient"])
             .get(),
         0
     );
@@ -475,5 +484,180 @@ async fn exactly_once_commits_outputs_and_offsets_in_transactions() {
         .map(|i| npsflow_core::alert_id(&format!("t{i}")))
         .collect();
     assert_eq!(ids, expected);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resend_is_a_duplicate_whatever_its_key_or_partition() {
+    let (_cluster, brokers, config) = broker(&[]);
+    let topics = config.settings.topics.clone();
+    let body = response("rk", 3, "");
+    let plain = OwnedHeaders::new();
+    let copies = vec![
+        (Some("cust-rk"), body.clone(), plain.clone()),
+        (Some("another-key"), body.clone(), plain.clone()),
+        (None, body.clone(), plain.clone()),
+        (Some("yet-another"), body.clone(), plain.clone()),
+    ];
+    produce(&brokers, &topics.responses, &copies).await;
+    // And once on every partition explicitly.
+    for partition in 0..3 {
+        produce_to(&brokers, &topics.responses, partition, &body).await;
+    }
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("all seven copies to be decided", || {
+        pipeline.total_events() == 7
+    })
+    .await;
+    assert_eq!(pipeline.events("accepted"), 1);
+    assert_eq!(pipeline.events("duplicate"), 6);
+    let alerts = read_topic(&brokers, &topics.followups, 1);
+    assert_eq!(alerts.len(), 1, "one alert for the one response");
+    wait_until("the aggregator to count it", || {
+        let view = pipeline.process.view.as_ref().expect("view");
+        let rows = view
+            .read()
+            .expect("lock")
+            .segment("all", npsflow_runtime::wall_now())
+            .unwrap_or_default();
+        rows.first().map(|r| r.summary.tally.responses()) == Some(1)
+    })
+    .await;
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_messages_cost_one_dead_letter_and_stop_nothing() {
+    // Input limit 100,000 bytes; the producers refuse records over 50,000 (as a broker
+    // with a smaller dead-letter topic would), so a 60,000-byte dead letter is rejected for
+    // good and must go out without its value.
+    let (_cluster, brokers, config) = broker(&[
+        ("NPSFLOW__TOPICS__MAX_MESSAGE_BYTES", "100000"),
+        ("NPSFLOW__KAFKA__PROPERTIES__MESSAGE_MAX_BYTES", "50000"),
+    ]);
+    let topics = config.settings.topics.clone();
+    let rejected_by_producer = vec![b'x'; 60_000]; // not_json, too big for the producer
+    let over_the_limit = vec![b'{'; 300_000]; // too_large: never decoded
+    let plain = OwnedHeaders::new();
+    let traced = OwnedHeaders::new().insert(Header {
+        key: "trace-id",
+        value: Some("t-1"),
+    });
+    let messages = vec![
+        (Some("big-1"), rejected_by_producer.clone(), traced),
+        (None, over_the_limit.clone(), plain.clone()),
+        (Some("cust-ok"), response("ok", 9, ""), plain.clone()),
+    ];
+    produce_large(&brokers, &topics.responses, &messages).await;
+    let pipeline = Pipeline::start(&config).await;
+    wait_until("the valid message after the big ones", || {
+        pipeline.events("accepted") == 1
+    })
+    .await;
+    assert_eq!(pipeline.events("invalid"), 2);
+    let dead = read_topic(&brokers, &topics.dead_letters, 2);
+    assert_eq!(dead.len(), 2, "one dead letter per oversized message");
+    let mut reasons = BTreeSet::new();
+    for letter in &dead {
+        assert!(letter.payload().is_none(), "written without its value");
+        let reason = header(letter, "npsflow-error").expect("reason");
+        let size = header(letter, "npsflow-original-size").expect("size");
+        match reason.as_str() {
+            "not_json" => {
+                assert_eq!(size, "60000");
+                assert_eq!(letter.key(), Some(&b"big-1"[..]));
+                assert_eq!(header(letter, "trace-id").as_deref(), Some("t-1"));
+            }
+            "too_large" => {
+                assert_eq!(size, "300000");
+                assert_eq!(letter.key(), None);
+            }
+            other => panic!("unexpected reason {other}"),
+        }
+        assert!(header(letter, "npsflow-source-offset").is_some());
+        assert_eq!(
+            header(letter, "npsflow-source-topic").as_deref(),
+            Some(topics.responses.as_str())
+        );
+        reasons.insert(reason);
+    }
+    assert_eq!(reasons.len(), 2);
+    assert_eq!(pipeline.process.metrics.dead_letters_without_value.get(), 2);
+    assert!(
+        pipeline
+            .process
+            .metrics
+            .produce_errors
+            .with_label_values(&[topics.dead_letters.as_str(), "permanent"])
+            .get()
+            >= 1,
+        "the producer's rejection was classified permanent"
+    );
+    let (status, _) = pipeline.get("/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    pipeline.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_error_without_a_fallback_stops_the_process() {
+    let (cluster, brokers, config) = broker(&[]);
+    let topics = config.settings.topics.clone();
+    produce_to(&brokers, &topics.responses, 0, &response("denied", 9, "")).await;
+    // The broker's errors apply to the next produce requests of any client: the pipeline's.
+    let denied = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED];
+    cluster.request_errors(RDKafkaApiKey::Produce, &denied.repeat(20));
+    let pipeline = Pipeline::start(&config).await;
+    let health = pipeline.process.health.clone();
+    let result = tokio::time::timeout(PATIENCE, pipeline.finished())
+        .await
+        .expect("the process stops by itself");
+    let error = result.expect_err("with an error").to_string();
+    assert!(error.contains("rejected for good"), "{error}");
+    assert!(!health.live(), "liveness says so until the process exits");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_that_cannot_move_fails_liveness_until_it_moves_again() {
+    let (cluster, brokers, config) = broker(&[("NPSFLOW__HEALTH__STALL_TIMEOUT", "2s")]);
+    let topics = config.settings.topics.clone();
+    produce_to(&brokers, &topics.responses, 1, &response("stuck", 9, "")).await;
+    // Then every produce request fails with a retriable error for a while: nothing is
+    // delivered, so no offset moves while the message waits.
+    let busy = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS];
+    cluster.request_errors(RDKafkaApiKey::Produce, &busy.repeat(25));
+    let pipeline = Pipeline::start(&config).await;
+    let mut failed = None;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while failed.is_none() && tokio::time::Instant::now() < deadline {
+        let (status, body) = pipeline.get("/healthz").await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            failed = Some(body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let body = failed.expect("liveness fails while the partition is stuck");
+    assert_eq!(body["roles"]["ingest"]["stalled_partitions"], 1, "{body}");
+    wait_until("the stall to show in the metric", || {
+        pipeline
+            .process
+            .metrics
+            .render()
+            .contains("npsflow_stalled_partitions{role=\"ingest\"} 1")
+    })
+    .await;
+    // Once the errors are used up the message goes through and liveness recovers.
+    wait_until("the message to be decided", || {
+        pipeline.events("accepted") == 1
+    })
+    .await;
+    let mut live = false;
+    for _ in 0..100 {
+        if pipeline.get("/healthz").await.0 == StatusCode::OK {
+            live = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(live, "liveness recovers");
     pipeline.stop().await;
 }

@@ -69,6 +69,11 @@ impl Pipeline {
         self.task.await.expect("joined").expect("clean stop");
     }
 
+    /// Waits until the pipeline stops by itself, and returns how.
+    pub async fn finished(self) -> Result<(), npsflow_runtime::RuntimeError> {
+        self.task.await.expect("joined")
+    }
+
     pub fn events(&self, outcome: &str) -> u64 {
         self.process
             .metrics
@@ -141,6 +146,46 @@ pub async fn produce(
     });
     for result in futures::future::join_all(sends).await {
         result.expect("delivered");
+    }
+}
+
+/// One message without a key on an explicit partition.
+pub async fn produce_to(brokers: &str, topic: &str, partition: i32, payload: &[u8]) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .expect("producer");
+    let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic)
+        .payload(payload)
+        .partition(partition);
+    producer
+        .send(record, Timeout::Never)
+        .await
+        .expect("delivered");
+}
+
+/// Like [`produce`], with a producer that accepts messages of up to 20 MB.
+pub async fn produce_large(
+    brokers: &str,
+    topic: &str,
+    messages: &[(Option<&str>, Vec<u8>, OwnedHeaders)],
+) {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("message.max.bytes", "20000000")
+        .create()
+        .expect("producer");
+    for (key, payload, headers) in messages {
+        let mut record = FutureRecord::to(topic)
+            .payload(payload.as_slice())
+            .headers(headers.clone());
+        if let Some(key) = key {
+            record = record.key(*key);
+        }
+        producer
+            .send(record, Timeout::Never)
+            .await
+            .expect("delivered");
     }
 }
 
