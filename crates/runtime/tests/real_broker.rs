@@ -30,6 +30,7 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
     );
     let names = [
         ("NPSFLOW__TOPICS__RESPONSES", format!("{run}.responses")),
+        ("NPSFLOW__TOPICS__RESPONSES_BY_ID", format!("{run}.by-id")),
         ("NPSFLOW__TOPICS__DEAD_LETTERS", format!("{run}.dlq")),
         ("NPSFLOW__TOPICS__FOLLOWUPS", format!("{run}.followups")),
         ("NPSFLOW__TOPICS__SEGMENT_DELTAS", format!("{run}.deltas")),
