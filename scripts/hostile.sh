@@ -33,9 +33,12 @@ trap 'status=$?; cleanup' EXIT
 scripts/tansu.sh stop "$port"
 scripts/tansu.sh start "$port"
 cargo build -j2 -p npsflow
+# A copy of the binary: the run is not affected by a rebuild meanwhile, and other tiers'
+# clean-ups (`pkill -f .../target/debug/npsflow run`) leave this process alone.
+cp target/debug/npsflow "$work/npsflow"
 
 export NPSFLOW_HOSTILE_BROKERS="127.0.0.1:$port" \
-  NPSFLOW_HOSTILE_BIN="$PWD/target/debug/npsflow" \
+  NPSFLOW_HOSTILE_BIN="$work/npsflow" \
   NPSFLOW_HOSTILE_DIR="$work" \
   NPSFLOW_HOSTILE_PIDFILE="$pidfile"
 cargo test -j2 -p npsflow-runtime --test hostile -- --ignored --nocapture
