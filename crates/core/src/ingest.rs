@@ -239,7 +239,7 @@ impl Ingest {
 fn dead_letter_detail(outcome: &Outcome<'_>) -> String {
     match outcome {
         Outcome::Invalid(reason) => reason.to_string(),
-        Outcome::TooOld => "responded_at is older than the longest window".into(),
+        Outcome::TooOld => "responded_at is before the start (from) of the longest window".into(),
         Outcome::Future => "responded_at is further ahead of the clock than allowed".into(),
         Outcome::Accepted(_) | Outcome::Duplicate | Outcome::Resent => String::new(),
     }

@@ -7,7 +7,8 @@
 //! - [`time`]: timestamps and spans.
 //! - [`response`]: decoding and validating a survey-response message.
 //! - [`segment`]: which segments a response counts in; canonical names; the value cap.
-//! - [`window`]: bucketed rolling windows; too-old and future rules.
+//! - [`window`]: rolling windows over [from, to) intervals, with per-window resolution;
+//!   too-old and future rules.
 //! - [`dedupe`]: duplicate detection by `response_id`.
 //! - [`intake`]: one outcome per message.
 //! - [`alert`]: detractor alerts, routing, severity.
