@@ -1090,8 +1090,9 @@ impl Reader {
     }
 
     /// A table of strings; from the environment one variable per entry, `k=v,k=v` or a JSON
-    /// object. With `flatten`, nested tables become dotted names (`sasl.mechanisms = ...`
-    /// written without quotes in TOML is a nested table).
+    /// object. With `flatten` (for `kafka.properties`), nested tables become dotted names
+    /// (`sasl.mechanisms = ...` written without quotes in TOML is a nested table), and
+    /// numbers and booleans their text.
     fn string_table(
         &mut self,
         section: &mut Section,
@@ -1133,6 +1134,16 @@ impl Reader {
             match node.raw {
                 Raw::Table(inner) if flatten => {
                     self.table_entries(key, &format!("{full}."), inner, flatten, out)
+                }
+                // librdkafka properties are text: `"linger.ms" = 5` means "5".
+                Raw::Toml(toml::Value::Integer(number)) if flatten => {
+                    out.insert(full, number.to_string());
+                }
+                Raw::Toml(toml::Value::Float(number)) if flatten => {
+                    out.insert(full, number.to_string());
+                }
+                Raw::Toml(toml::Value::Boolean(flag)) if flatten => {
+                    out.insert(full, flag.to_string());
                 }
                 raw => {
                     if let Some(value) = self.string_value(&entry_key, raw) {
@@ -2056,7 +2067,14 @@ x = 1
         assert_eq!(properties["security.protocol"], "SSL");
         assert_eq!(properties["ssl.ca.location"], "/ca");
 
-        let found = problems(Some("[kafka.properties]\n\"linger.ms\" = 5\n"), &[]);
+        // Numbers and booleans are text to librdkafka.
+        let file = "[kafka.properties]\n\"linger.ms\" = 5\nenable.idempotence = true\n";
+        let config = load(Some(file), &[]).expect("valid");
+        let properties = &config.settings.kafka.properties;
+        assert_eq!(properties["linger.ms"], "5");
+        assert_eq!(properties["enable.idempotence"], "true");
+
+        let found = problems(Some("[kafka.properties]\n\"linger.ms\" = [5]\n"), &[]);
         assert_eq!(found.len(), 1, "{found:#?}");
         let problem = the_problem(&found, "`kafka.properties.\"linger.ms\"`");
         assert!(
@@ -2064,7 +2082,7 @@ x = 1
             "{problem}"
         );
         assert!(
-            problem.contains("expected a string, found an integer"),
+            problem.contains("expected a string, found an array"),
             "{problem}"
         );
     }
