@@ -581,6 +581,20 @@ fn apply_env(
         ));
         return;
     }
+    if let [section] = path.as_slice() {
+        // Applying it would replace the whole section, hiding its other keys' problems.
+        let key = Key::default().name(section);
+        problems.push(if root.contains_key(section) {
+            format!(
+                "`{key}` ({var}): a section is set key by key, as {}__KEY; set in the \
+                 environment",
+                key.env()
+            )
+        } else {
+            format!("unknown key `{key}` ({var}); set in the environment")
+        });
+        return;
+    }
     // Property names have dots: NPSFLOW__KAFKA__PROPERTIES__SASL_MECHANISMS sets
     // `sasl.mechanisms`.
     if path.len() == 3 && path[0] == "kafka" && path[1] == "properties" {
@@ -1938,6 +1952,18 @@ x = 1
         the_problem(&found, "unknown key `http.listen.port`");
         the_problem(&found, "set by two environment variables");
         the_problem(&found, "NPSFLOW__KAFKA____BROKERS names no key");
+    }
+
+    #[test]
+    fn a_variable_naming_a_section_hides_nothing_in_it() {
+        let file = "[windows]\nlengths = [\"1h\", \"soon\"]\n";
+        let found = problems(Some(file), &[("NPSFLOW__WINDOWS", "x")]);
+        assert_eq!(found.len(), 2, "{found:#?}");
+        the_problem(
+            &found,
+            "`windows` (NPSFLOW__WINDOWS): a section is set key by key",
+        );
+        the_problem(&found, "`windows.lengths[1]`");
     }
 
     #[test]
