@@ -12,6 +12,9 @@ cargo test --workspace -j2
 echo "== end-to-end tests against a real broker (Tansu)"
 ./scripts/e2e.sh
 
+echo "== hostile input and requests on a real broker"
+./scripts/hostile.sh
+
 echo "== chaos: kills, rebalances and a broker outage on a real broker"
 ./scripts/chaos.sh
 

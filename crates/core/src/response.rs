@@ -359,6 +359,27 @@ enum Json<'a> {
     Other,
 }
 
+/// `score` as written: an integer literal is read exactly from its text, so one too large for
+/// any integer type (`100000000000000000000`, which JSON parsers turn into a float) is out
+/// of range, while `7.0` or `1e1` is a wrong type.
+struct ScoreToken<'a>(Json<'a>);
+
+impl<'de> Deserialize<'de> for ScoreToken<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let raw: &'de serde_json::value::RawValue = Deserialize::deserialize(deserializer)?;
+        let text = raw.get();
+        let digits = text.strip_prefix('-').unwrap_or(text);
+        let json = if text == "null" {
+            Json::Null
+        } else if !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()) {
+            text.parse().map_or(Json::BigInt, Json::Int)
+        } else {
+            Json::Other
+        };
+        Ok(ScoreToken(json))
+    }
+}
+
 impl<'de> Deserialize<'de> for Json<'de> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(JsonVisitor)
@@ -539,7 +560,12 @@ impl<'de> Visitor<'de> for DocumentVisitor {
             let d = &mut duplicate;
             match key.as_ref() {
                 "response_id" => put(&mut fields.response_id, map.next_value()?, "response_id", d),
-                "score" => put(&mut fields.score, map.next_value()?, "score", d),
+                "score" => put(
+                    &mut fields.score,
+                    map.next_value::<ScoreToken<'de>>()?.0,
+                    "score",
+                    d,
+                ),
                 "responded_at" => put(
                     &mut fields.responded_at,
                     map.next_value()?,
@@ -658,6 +684,21 @@ mod tests {
         assert_eq!(reason(&with("score", "\"7\"")), wrong_type);
         assert_eq!(reason(&with("score", "true")), wrong_type);
         assert_eq!(reason(&with("score", "11")), InvalidReason::ScoreOutOfRange);
+        // Written as-is (a JSON library would turn the long integer into a float).
+        let raw = |score: &str| VALID.replace(r#""score":3"#, &format!(r#""score":{score}"#));
+        assert_eq!(
+            reason(&raw("100000000000000000000")),
+            InvalidReason::ScoreOutOfRange,
+            "an integer too large for any integer type is still an integer"
+        );
+        assert_eq!(
+            reason(&raw("-100000000000000000000")),
+            InvalidReason::ScoreOutOfRange
+        );
+        assert_eq!(reason(&raw("1e1")), wrong_type);
+        assert_eq!(reason(&raw("[7]")), wrong_type);
+        assert_eq!(reason(&raw("-0.0")), wrong_type);
+        assert_eq!(decode(raw(" 7 ").as_bytes()).map(|r| r.score.value()), Ok(7));
         assert_eq!(reason(&with("score", "-1")), InvalidReason::ScoreOutOfRange);
         assert_eq!(
             reason(&with("score", "18446744073709551615")),
