@@ -99,11 +99,6 @@ pub struct KafkaSettings {
     pub ingest_group: String,
     /// Consumer group of the aggregate role.
     pub aggregate_group: String,
-    /// Consumer group of the stage that reads `topics.responses` and repartitions the
-    /// responses by `response_id` onto `topics.responses_by_id`.
-    pub repartition_group: String,
-    /// Consumer group of the follow-up role (reserved for it).
-    pub followup_group: String,
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -113,8 +108,6 @@ impl fmt::Debug for KafkaSettings {
             .field("properties", &redact_properties(&self.properties))
             .field("ingest_group", &self.ingest_group)
             .field("aggregate_group", &self.aggregate_group)
-            .field("repartition_group", &self.repartition_group)
-            .field("followup_group", &self.followup_group)
             .finish()
     }
 }
@@ -1239,8 +1232,6 @@ impl Reader {
             properties: self.string_table(&mut s, "properties", true),
             ingest_group: self.string(&mut s, "ingest_group"),
             aggregate_group: self.string(&mut s, "aggregate_group"),
-            repartition_group: self.string(&mut s, "repartition_group"),
-            followup_group: self.string(&mut s, "followup_group"),
         };
         self.finish(s);
 
@@ -1409,8 +1400,6 @@ impl Reader {
         let groups = [
             ("kafka.ingest_group", &s.kafka.ingest_group),
             ("kafka.aggregate_group", &s.kafka.aggregate_group),
-            ("kafka.repartition_group", &s.kafka.repartition_group),
-            ("kafka.followup_group", &s.kafka.followup_group),
         ];
         for (i, (name, group)) in groups.iter().enumerate() {
             if group.trim().is_empty() {
@@ -1784,8 +1773,6 @@ mod tests {
         let s = &config.settings;
         assert_eq!(s.topics.responses_by_id, "npsflow.responses-by-id");
         assert_eq!(s.topics.max_message_bytes, 1_048_588);
-        assert_eq!(s.kafka.repartition_group, "npsflow-repartition");
-        assert_eq!(s.kafka.followup_group, "npsflow-followup");
         assert_eq!(s.health.stall_timeout, "60s");
         assert_eq!(config.stall_timeout, Span::seconds(60));
         assert!(s.windows.resolutions.is_empty());
@@ -2271,8 +2258,7 @@ format = "S3cr3tMarker"
     fn new_keys_are_validated() {
         let file = r#"
 [kafka]
-repartition_group = "npsflow-ingest"
-followup_group = ""
+aggregate_group = "npsflow-ingest"
 [topics]
 responses_by_id = "survey.responses"
 max_message_bytes = 1000
@@ -2280,12 +2266,8 @@ max_message_bytes = 1000
 stall_timeout = "0s"
 "#;
         let found = problems(Some(file), &[]);
-        assert_eq!(found.len(), 5, "{found:#?}");
-        the_problem(&found, "`kafka.repartition_group` (NPSFLOW__KAFKA__REPARTITION_GROUP): is the same group as `kafka.ingest_group`");
-        the_problem(
-            &found,
-            "`kafka.followup_group` (NPSFLOW__KAFKA__FOLLOWUP_GROUP): must not be empty",
-        );
+        assert_eq!(found.len(), 4, "{found:#?}");
+        the_problem(&found, "`kafka.aggregate_group` (NPSFLOW__KAFKA__AGGREGATE_GROUP): is the same group as `kafka.ingest_group`");
         the_problem(&found, "`topics.responses_by_id` (NPSFLOW__TOPICS__RESPONSES_BY_ID): is the same topic as `topics.responses`");
         the_problem(&found, "`topics.max_message_bytes` (NPSFLOW__TOPICS__MAX_MESSAGE_BYTES): expected a whole number from 1024");
         the_problem(
