@@ -9,16 +9,20 @@ cd "$(dirname "$0")/.."
 port="${NPSFLOW_CHAOS_PORT:-19192}"
 messages=20000 seconds=60 outage=30
 if [ "${1:-}" = "--long" ]; then messages=200000 seconds=600 outage=30; fi
-stop_all() {
-  # npsflow processes the test started are left behind if it fails hard: stop them too.
-  pkill -f "$PWD/target/debug/npsflow run" 2>/dev/null || true
-  scripts/tansu.sh stop "$port"
-}
-stop_all
 # Tansu resolves sqlite paths relative to its working directory (the repository root).
 work=".tmp/chaos-$$"
 mkdir -p "$work"
+stop_all() {
+  # npsflow processes the test started are left behind if it fails hard: stop them by the
+  # pids it recorded (never by name: other runs on the machine are not ours).
+  if [ -f "$work/pids" ]; then
+    while read -r pid; do kill -9 "$pid" 2>/dev/null || true; done <"$work/pids"
+  fi
+  scripts/tansu.sh stop "$port"
+}
+scripts/tansu.sh stop "$port"
 trap 'stop_all; rm -rf "$work"' EXIT
+export NPSFLOW_CHAOS_PIDFILE="$PWD/$work/pids"
 
 storage="sqlite:///$work/tansu.db"
 scripts/tansu.sh start "$port" "$storage"

@@ -164,31 +164,34 @@ async fn restore_assigned(
     partitions: Vec<i32>,
 ) -> Result<(), RuntimeError> {
     health.set_restored(ROLE, false);
+    let kafka = config.settings.kafka.clone();
+    let topic = config.settings.topics.state.clone();
+    let started = std::time::Instant::now();
+    let wanted = partitions.clone();
+    let restored = tokio::task::spawn_blocking(move || {
+        crate::state::read_snapshots(&kafka, &topic, &wanted, RESTORE_LIMIT)
+    })
+    .await
+    .map_err(|e| RuntimeError::Task(e.to_string()))??;
+    let mut view = view.write().unwrap_or_else(|e| e.into_inner());
     for partition in partitions {
-        let kafka = config.settings.kafka.clone();
-        let topic = config.settings.topics.state.clone();
-        let started = std::time::Instant::now();
-        let snapshots = tokio::task::spawn_blocking(move || {
-            crate::state::read_snapshots(&kafka, &topic, partition, RESTORE_LIMIT)
-        })
-        .await
-        .map_err(|e| RuntimeError::Task(e.to_string()))??;
+        let snapshots = restored.get(&partition).map_or(&[][..], Vec::as_slice);
         info!(
             partition,
             segments = snapshots.len(),
             millis = started.elapsed().as_millis() as u64,
             "restored"
         );
-        view.write()
-            .unwrap_or_else(|e| e.into_inner())
-            .restore(partition, &snapshots);
+        view.restore(partition, snapshots);
     }
+    drop(view);
     health.set_restored(ROLE, true);
     Ok(())
 }
 
-/// The longest a partition's restore may take before the role gives up and stops.
-const RESTORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(45);
+/// The longest a partition's restore may take before the role gives up (and the process
+/// exits to be restarted). The consumer stays in its group meanwhile.
+const RESTORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
 
 /// Runs the aggregate role until `shutdown` turns true. Per batch of deltas: apply what was
 /// not applied before, write the snapshot of every segment the batch touched to the state
@@ -232,8 +235,13 @@ pub async fn run(
     let max = settings.ingest.batch_max_messages;
     let wait = std::time::Duration::from_millis(config.batch_max_wait.millis() as u64);
     let idle = std::time::Duration::from_millis(500);
-    while let Some(batch) = kafka::receive_batch(&consumer, max, wait, idle, &mut shutdown).await {
+    // Deltas received but not applied yet because the assignment changed meanwhile.
+    let mut carried: Vec<rdkafka::message::OwnedMessage> = Vec::new();
+    while let Some(received) = kafka::receive_batch(&consumer, max, wait, idle, &mut shutdown).await
+    {
         let started = std::time::Instant::now();
+        let mut batch = std::mem::take(&mut carried);
+        batch.extend(received);
         let mut assigned = Vec::new();
         for change in consumer.context().take_changes() {
             match change {
@@ -251,7 +259,15 @@ pub async fn run(
         }
         let role_health = health.snapshot().get(ROLE).copied().unwrap_or_default();
         if !assigned.is_empty() {
-            restore_assigned(&config, &health, &view, assigned).await?;
+            let restore = restore_assigned(&config, &health, &view, assigned);
+            let (restored, held) = kafka::keep_polling(&consumer, restore).await;
+            restored?;
+            batch.extend(held);
+            if consumer.context().has_changes() {
+                // Partitions moved during the restore: attend to that before applying.
+                carried = batch;
+                continue;
+            }
         } else if role_health.joined && !role_health.restored {
             // Joined with nothing new to restore (e.g. an empty assignment).
             health.set_restored(ROLE, true);

@@ -347,6 +347,10 @@ fn decide_batch(
     kafka::fit_records(records, max, metrics)
 }
 
+/// The longest one partition's duplicate memory may take to read back before the role gives
+/// up (and the process exits to be restarted). The consumer stays in its group meanwhile.
+const RESTORE_LIMIT: std::time::Duration = std::time::Duration::from_secs(180);
+
 /// Rebuilds the duplicate memory of newly assigned repartition-topic partitions from the
 /// messages just before the group's committed offset, before any new message of them is
 /// decided.
@@ -361,24 +365,19 @@ async fn restore_dedupe(
         return Ok(());
     }
     health.set_restored(ROLE, false);
+    let kafka = config.settings.kafka.clone();
+    let group = config.settings.kafka.ingest_group.clone();
+    let topic = config.settings.topics.responses_by_id.clone();
+    let started = Instant::now();
+    let wanted = partitions.clone();
+    let mut restored = tokio::task::spawn_blocking(move || {
+        crate::state::read_before_commit(&kafka, &group, &topic, &wanted, count, RESTORE_LIMIT)
+    })
+    .await
+    .map_err(|e| RuntimeError::Task(e.to_string()))??;
+    let now = wall_now();
     for partition in partitions {
-        let kafka = config.settings.kafka.clone();
-        let group = config.settings.kafka.ingest_group.clone();
-        let topic = config.settings.topics.responses_by_id.clone();
-        let started = Instant::now();
-        let messages = tokio::task::spawn_blocking(move || {
-            crate::state::read_before_commit(
-                &kafka,
-                &group,
-                &topic,
-                partition,
-                count,
-                std::time::Duration::from_secs(45),
-            )
-        })
-        .await
-        .map_err(|e| RuntimeError::Task(e.to_string()))??;
-        let now = wall_now();
+        let messages = restored.remove(&partition).unwrap_or_default();
         ingest.forget_partition(partition);
         for (source, payload) in &messages {
             ingest.remember(partition, *source, payload, now);
@@ -451,10 +450,14 @@ pub async fn run(
     let max_wait = std::time::Duration::from_millis(config.batch_max_wait.millis() as u64);
     let mut evicted_reported = 0;
     let idle = std::time::Duration::from_millis(500);
-    while let Some(batch) =
+    // Messages received but not decided yet because the assignment changed meanwhile.
+    let mut carried: Vec<OwnedMessage> = Vec::new();
+    while let Some(received) =
         kafka::receive_batch(&consumer, max_messages, max_wait, idle, &mut shutdown).await
     {
         let started = Instant::now();
+        let mut batch = std::mem::take(&mut carried);
+        batch.extend(received);
         // Only the repartition topic's partitions hold state (duplicate memory and clock).
         let mut assigned: Vec<i32> = Vec::new();
         let mut revoked: Vec<(String, i32)> = Vec::new();
@@ -480,7 +483,15 @@ pub async fn run(
             }
         }
         if !assigned.is_empty() {
-            restore_dedupe(&config, &health, &mut ingest, assigned).await?;
+            let restore = restore_dedupe(&config, &health, &mut ingest, assigned);
+            let (restored, held) = kafka::keep_polling(&consumer, restore).await;
+            restored?;
+            batch.extend(held);
+            if consumer.context().has_changes() {
+                // Partitions moved during the restore: attend to that before deciding.
+                carried = batch;
+                continue;
+            }
         }
         // Messages fetched just before their partition was revoked belong to the new owner,
         // which decides them with that partition's full duplicate memory.

@@ -202,6 +202,15 @@ impl RoleContext {
     pub fn take_changes(&self) -> Vec<AssignmentChange> {
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
+
+    /// True if the assignment changed since the last [`RoleContext::take_changes`].
+    pub fn has_changes(&self) -> bool {
+        !self
+            .changes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
 }
 
 fn partitions(list: &rdkafka::TopicPartitionList) -> Vec<(String, i32)> {
@@ -610,6 +619,42 @@ pub async fn receive_batch(
         }
     });
     Some(batch)
+}
+
+/// Runs `restore` while the consumer stays in its group: its assigned partitions are paused
+/// and it keeps being polled, so heartbeats, rebalance callbacks and the poll interval are
+/// served however long the restore takes. Messages it still hands out (fetched before the
+/// pause) are returned in order, to be decided after the restore.
+pub async fn keep_polling<T>(
+    consumer: &StreamConsumer<RoleContext>,
+    restore: impl std::future::Future<Output = T>,
+) -> (T, Vec<OwnedMessage>) {
+    let paused = consumer.assignment().ok();
+    if let Some(list) = &paused {
+        if let Err(error) = consumer.pause(list) {
+            tracing::debug!(%error, "pausing for a restore");
+        }
+    }
+    tokio::pin!(restore);
+    let mut held = Vec::new();
+    let result = loop {
+        tokio::select! {
+            result = &mut restore => break result,
+            received = consumer.recv() => match received {
+                Ok(message) => held.push(message.detach()),
+                Err(error) => {
+                    tracing::debug!(%error, "consume error during a restore");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    };
+    if let Some(list) = &paused {
+        if let Err(error) = consumer.resume(list) {
+            tracing::debug!(%error, "resuming after a restore");
+        }
+    }
+    (result, held)
 }
 
 /// The last offset of each (topic, partition) in a batch.

@@ -15,33 +15,37 @@ use crate::config::KafkaSettings;
 use crate::kafka::client_config;
 use crate::RuntimeError;
 
-/// Reads partition `partition` of the state topic from its start to its current end and
-/// returns one snapshot per segment: the one that has applied the most (compaction may not
-/// have run yet, so older snapshots can still be there). Blocking; bounded by `limit`.
+/// Reads the given partitions of the state topic from their start to their current end,
+/// all at once, and returns per partition one snapshot per segment: the one that has applied
+/// the most (compaction may not have run yet, so older snapshots can still be there).
+/// Blocking; bounded by `limit`.
 pub fn read_snapshots(
     kafka: &KafkaSettings,
     topic: &str,
-    partition: i32,
+    partitions: &[i32],
     limit: Duration,
-) -> Result<Vec<SegmentSnapshot>, RuntimeError> {
+) -> Result<BTreeMap<i32, Vec<SegmentSnapshot>>, RuntimeError> {
     let mut config = client_config(kafka, "npsflow-restore");
     config
         .set("group.id", "npsflow-restore")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
     let consumer: BaseConsumer = config.create()?;
-    let (low, high) = consumer.fetch_watermarks(topic, partition, limit)?;
-    let mut latest: BTreeMap<String, SegmentSnapshot> = BTreeMap::new();
-    if high <= low {
-        return Ok(Vec::new());
+    let mut ranges = Vec::with_capacity(partitions.len());
+    for &partition in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, partition, limit)?;
+        ranges.push((partition, low, high));
     }
-    read_range(&consumer, topic, partition, low, high, limit, |message| {
+    let mut latest: BTreeMap<i32, BTreeMap<String, SegmentSnapshot>> =
+        partitions.iter().map(|p| (*p, BTreeMap::new())).collect();
+    read_ranges(&consumer, topic, &ranges, limit, |partition, message| {
         let Some(key) = message
             .key()
             .map(|k| String::from_utf8_lossy(k).into_owned())
         else {
             return;
         };
+        let latest = latest.entry(partition).or_default();
         match message.payload().map(SegmentSnapshot::from_json) {
             None => {
                 latest.remove(&key);
@@ -59,7 +63,10 @@ pub fn read_snapshots(
             }
         }
     })?;
-    Ok(latest.into_values().collect())
+    Ok(latest
+        .into_iter()
+        .map(|(partition, snapshots)| (partition, snapshots.into_values().collect()))
+        .collect())
 }
 
 /// Fails unless `state` has at least as many partitions as `deltas`: a segment's snapshot
@@ -94,74 +101,98 @@ pub fn check_copartitioned(
     Ok(())
 }
 
-/// Reads back the messages of repartition-topic partition `partition` from `count` messages
-/// before the group's committed offset up to it, as (source, bytes), to rebuild duplicate
-/// memory. Blocking; bounded by `limit`. Empty if the group has no committed offset yet.
+/// Reads back the messages of the given repartition-topic partitions, all at once, from
+/// `count` messages before the group's committed offset up to it, as (source, bytes) per
+/// partition, to rebuild duplicate memory. Blocking; bounded by `limit`. A partition without
+/// a committed offset has nothing to read.
 pub fn read_before_commit(
     kafka: &KafkaSettings,
     group: &str,
     topic: &str,
-    partition: i32,
+    partitions: &[i32],
     count: i64,
     limit: Duration,
-) -> Result<Vec<(Source, Vec<u8>)>, RuntimeError> {
+) -> Result<BTreeMap<i32, Vec<(Source, Vec<u8>)>>, RuntimeError> {
     let mut config = client_config(kafka, "npsflow-dedupe-restore");
     config
         .set("group.id", group)
         .set("enable.auto.commit", "false");
     let consumer: BaseConsumer = config.create()?;
     let mut wanted = TopicPartitionList::new();
-    wanted.add_partition(topic, partition);
-    let committed = consumer.committed_offsets(wanted, limit)?;
-    let Some(Offset::Offset(end)) = committed
-        .find_partition(topic, partition)
-        .map(|e| e.offset())
-    else {
-        return Ok(Vec::new());
-    };
-    let (low, _) = consumer.fetch_watermarks(topic, partition, limit)?;
-    let start = low.max(end - count);
-    if count <= 0 || start >= end {
-        return Ok(Vec::new());
+    for &partition in partitions {
+        wanted.add_partition(topic, partition);
     }
-    let mut messages = Vec::with_capacity((end - start) as usize);
-    read_range(&consumer, topic, partition, start, end, limit, |message| {
-        messages.push(crate::ingest::forwarded_source(message));
+    let committed = consumer.committed_offsets(wanted, limit)?;
+    let mut ranges = Vec::with_capacity(partitions.len());
+    let mut messages: BTreeMap<i32, Vec<(Source, Vec<u8>)>> =
+        partitions.iter().map(|p| (*p, Vec::new())).collect();
+    for &partition in partitions {
+        let Some(Offset::Offset(end)) = committed
+            .find_partition(topic, partition)
+            .map(|e| e.offset())
+        else {
+            continue;
+        };
+        let (low, _) = consumer.fetch_watermarks(topic, partition, limit)?;
+        ranges.push((partition, low.max(end - count.max(0)), end));
+    }
+    read_ranges(&consumer, topic, &ranges, limit, |partition, message| {
+        messages
+            .entry(partition)
+            .or_default()
+            .push(crate::ingest::forwarded_source(message));
     })?;
     Ok(messages)
 }
 
-/// Hands every message of `partition` at offsets `start..end` to `each`, in order. Blocking;
-/// fails if that takes longer than `limit`.
-fn read_range(
+/// Hands every message of each `(partition, start, end)` range (offsets `start..end`) to
+/// `each`, in offset order per partition, reading all partitions at once. Blocking; fails if
+/// that takes longer than `limit`.
+fn read_ranges(
     consumer: &BaseConsumer,
     topic: &str,
-    partition: i32,
-    start: i64,
-    end: i64,
+    ranges: &[(i32, i64, i64)],
     limit: Duration,
-    mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>),
+    mut each: impl FnMut(i32, &rdkafka::message::BorrowedMessage<'_>),
 ) -> Result<(), RuntimeError> {
     let mut list = TopicPartitionList::new();
-    list.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    // partition -> (next offset wanted, end)
+    let mut pending: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
+    for &(partition, start, end) in ranges.iter().filter(|(_, start, end)| start < end) {
+        list.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        pending.insert(partition, (start, end));
+    }
+    if pending.is_empty() {
+        return Ok(());
+    }
     consumer.assign(&list)?;
     let deadline = Instant::now() + limit;
-    let mut position = start;
-    while position < end {
+    while !pending.is_empty() {
         if Instant::now() > deadline {
+            let behind: Vec<String> = pending
+                .iter()
+                .map(|(p, (at, end))| format!("partition {p} at {at} of {end}"))
+                .collect();
             return Err(RuntimeError::Restore(format!(
-                "partition {partition} of {topic}: read up to offset {position} of {end} in {limit:?}"
+                "{topic}: not read back in {limit:?}: {}",
+                behind.join(", ")
             )));
         }
         let Some(received) = consumer.poll(Duration::from_millis(200)) else {
             continue;
         };
         let message = received?;
-        if message.offset() >= end {
-            break;
+        let partition = message.partition();
+        let Some((next, end)) = pending.get_mut(&partition) else {
+            continue;
+        };
+        if message.offset() < *end {
+            *next = message.offset() + 1;
+            each(partition, &message);
         }
-        position = message.offset() + 1;
-        each(&message);
+        if message.offset() + 1 >= *end {
+            pending.remove(&partition);
+        }
     }
     Ok(())
 }

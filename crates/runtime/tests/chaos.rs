@@ -84,6 +84,16 @@ impl Fleet {
             .stderr(log)
             .spawn()
             .expect("npsflow starts");
+        // The script kills what a failed run leaves behind by these pids, never by name.
+        if let Ok(path) = std::env::var("NPSFLOW_CHAOS_PIDFILE") {
+            use std::io::Write;
+            let mut file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .expect("pid file");
+            writeln!(file, "{}", child.id()).expect("pid written");
+        }
         self.running.push((port, child));
         port
     }
