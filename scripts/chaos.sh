@@ -28,6 +28,9 @@ storage="sqlite:///$work/tansu.db"
 scripts/tansu.sh start "$port" "$storage"
 cargo build -j2 -p npsflow
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
+# Three partitions per topic: still moved on every kill and resize, and a load Tansu's sqlite
+# storage keeps up with on two cores (six saturate it, and reads back slow down to minutes).
+export NPSFLOW__TOPICS__PARTITIONS=3
 target/debug/npsflow topics create
 
 export NPSFLOW_CHAOS_BROKERS="127.0.0.1:$port" NPSFLOW_CHAOS_PORT="$port" \

@@ -45,8 +45,6 @@ pub mod headers {
     pub const SOURCE_PARTITION: &str = "npsflow-source-partition";
     /// Offset of the message.
     pub const SOURCE_OFFSET: &str = "npsflow-source-offset";
-    /// The message's original key, on forwarded messages (absent: the key was null).
-    pub const SOURCE_KEY: &str = "npsflow-source-key";
     /// Size in bytes of a message dead-lettered without its value.
     pub const ORIGINAL_SIZE: &str = "npsflow-original-size";
 }
@@ -65,6 +63,9 @@ pub fn spec(config: &Config) -> IngestSpec {
         },
     }
 }
+
+/// The first bytes of a message wrapped for the repartition topic.
+const ENVELOPE_MAGIC: &[u8] = b"NPF1";
 
 /// A message as it was received on the input topic: where, its key, headers and bytes.
 struct Received<'a> {
@@ -92,33 +93,92 @@ impl<'a> Received<'a> {
         }
     }
 
-    /// A message read from the repartition topic: the original, from the headers the
-    /// repartition step added at the end. A message without them stands for itself.
+    /// A message read from the repartition topic: the original, unwrapped from the envelope
+    /// the repartition step put it in. A message that is not an envelope stands for itself.
     fn forwarded<M: Message>(message: &'a M) -> Received<'a> {
-        let mut all: Vec<Header<'a, &'a [u8]>> = message
-            .headers()
-            .map_or_else(Vec::new, |h| h.iter().collect());
-        let mut found = Received::direct(message);
-        let (mut topic, mut partition, mut offset, mut key) = (None, None, None, None);
-        while let Some(last) = all.last() {
-            let value = last.value;
-            match last.key {
-                headers::SOURCE_TOPIC => topic = value.and_then(|v| std::str::from_utf8(v).ok()),
-                headers::SOURCE_PARTITION => partition = value.and_then(parse_number),
-                headers::SOURCE_OFFSET => offset = value.and_then(parse_number),
-                headers::SOURCE_KEY => key = value,
-                _ => break,
+        message
+            .payload()
+            .and_then(Received::from_envelope)
+            .unwrap_or_else(|| Received::direct(message))
+    }
+
+    /// The message wrapped for the repartition topic, so that it carries everything a dead
+    /// letter needs: `NPF1`, source partition (i32) and offset (i64), source topic, key (or
+    /// none), header count and headers, then the original bytes. Big-endian lengths; -1
+    /// stands for a null key, header value or payload. Kept in the value rather than in
+    /// Kafka headers, which some brokers store at a high cost per header.
+    fn to_envelope(&self) -> Vec<u8> {
+        fn bytes(out: &mut Vec<u8>, value: Option<&[u8]>) {
+            match value {
+                Some(v) => {
+                    out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
             }
-            all.pop();
         }
-        if let (Some(topic), Some(partition), Some(offset)) = (topic, partition, offset) {
-            found.topic = topic;
-            found.partition = partition as i32;
-            found.offset = offset;
-            found.key = key;
-            found.headers = all;
+        let payload = self.payload.unwrap_or_default();
+        let mut out = Vec::with_capacity(payload.len() + 64);
+        out.extend_from_slice(ENVELOPE_MAGIC);
+        out.extend_from_slice(&self.partition.to_be_bytes());
+        out.extend_from_slice(&self.offset.to_be_bytes());
+        bytes(&mut out, Some(self.topic.as_bytes()));
+        bytes(&mut out, self.key);
+        out.extend_from_slice(&(self.headers.len() as i32).to_be_bytes());
+        for header in &self.headers {
+            bytes(&mut out, Some(header.key.as_bytes()));
+            bytes(&mut out, header.value);
         }
-        found
+        bytes(&mut out, self.payload);
+        out
+    }
+
+    /// The message inside an envelope (see [`Received::to_envelope`]), if it is one.
+    fn from_envelope(envelope: &'a [u8]) -> Option<Received<'a>> {
+        struct Reader<'a>(&'a [u8]);
+        impl<'a> Reader<'a> {
+            fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+                let (head, rest) = (self.0.get(..n)?, self.0.get(n..)?);
+                self.0 = rest;
+                Some(head)
+            }
+            fn i32(&mut self) -> Option<i32> {
+                Some(i32::from_be_bytes(self.take(4)?.try_into().ok()?))
+            }
+            fn i64(&mut self) -> Option<i64> {
+                Some(i64::from_be_bytes(self.take(8)?.try_into().ok()?))
+            }
+            fn bytes(&mut self) -> Option<Option<&'a [u8]>> {
+                match self.i32()? {
+                    -1 => Some(None),
+                    n => Some(Some(self.take(usize::try_from(n).ok()?)?)),
+                }
+            }
+            fn text(&mut self) -> Option<&'a str> {
+                std::str::from_utf8(self.bytes()??).ok()
+            }
+        }
+        let mut r = Reader(envelope.strip_prefix(ENVELOPE_MAGIC)?);
+        let partition = r.i32()?;
+        let offset = r.i64()?;
+        let topic = r.text()?;
+        let key = r.bytes()?;
+        let count = usize::try_from(r.i32()?).ok()?;
+        let mut headers = Vec::with_capacity(count.min(1024));
+        for _ in 0..count {
+            let key = r.text()?;
+            let value = r.bytes()?;
+            headers.push(Header { key, value });
+        }
+        let payload = r.bytes()?;
+        r.0.is_empty().then_some(Received {
+            topic,
+            partition,
+            offset,
+            key,
+            headers,
+            payload,
+        })
     }
 
     fn source(&self) -> Source {
@@ -188,10 +248,6 @@ pub fn forwarded_source<M: Message>(message: &M) -> (Source, Vec<u8>) {
     )
 }
 
-fn parse_number(value: &[u8]) -> Option<i64> {
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
 fn source_headers(base: OwnedHeaders, topic: &str, partition: i32, offset: i64) -> OwnedHeaders {
     base.insert(Header {
         key: headers::SOURCE_TOPIC,
@@ -218,31 +274,13 @@ fn repartition(
     let received = Received::direct(message);
     let payload = message.payload().unwrap_or_default();
     match repartition_key(payload, topics.max_message_bytes as usize) {
-        Ok(response_id) => {
-            // The original headers, then ours: Received::forwarded takes ours off the end.
-            let mut out = OwnedHeaders::new_with_capacity(received.headers.len() + 4);
-            for header in &received.headers {
-                out = out.insert(Header {
-                    key: header.key,
-                    value: header.value,
-                });
-            }
-            let out = source_headers(out, received.topic, received.partition, received.offset);
-            let out = match received.key {
-                Some(key) => out.insert(Header {
-                    key: headers::SOURCE_KEY,
-                    value: Some(key),
-                }),
-                None => out,
-            };
-            records.push(Outgoing::new(
-                &topics.responses_by_id,
-                None,
-                Some(response_id.as_bytes().to_vec()),
-                Some(payload.to_vec()),
-                out,
-            ));
-        }
+        Ok(response_id) => records.push(Outgoing::new(
+            &topics.responses_by_id,
+            None,
+            Some(response_id.as_bytes().to_vec()),
+            Some(received.to_envelope()),
+            OwnedHeaders::new(),
+        )),
         Err(reason) => {
             let code = reason.code();
             metrics.events.with_label_values(&["invalid"]).inc();
@@ -263,7 +301,7 @@ fn decide(
 ) {
     let topics = &config.settings.topics;
     let received = Received::forwarded(message);
-    let payload = message.payload().unwrap_or_default();
+    let payload = received.payload.unwrap_or_default();
     let decision = ingest.process_forwarded(
         message.partition(),
         message.offset(),
@@ -548,4 +586,67 @@ fn host_name() -> String {
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "npsflow".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_envelope_carries_the_message_exactly() {
+        let headers = vec![
+            Header {
+                key: "trace-id",
+                value: Some(&b"abc"[..]),
+            },
+            Header {
+                key: "empty",
+                value: None,
+            },
+        ];
+        for (key, payload) in [
+            (Some(&b"cust-1"[..]), Some(&b"{\"response_id\":\"r\"}"[..])),
+            (None, Some(&b""[..])),
+            (Some(&b""[..]), None),
+        ] {
+            let original = Received {
+                topic: "survey.responses",
+                partition: 7,
+                offset: 1 << 40,
+                key,
+                headers: headers.clone(),
+                payload,
+            };
+            let envelope = original.to_envelope();
+            let back = Received::from_envelope(&envelope).expect("an envelope");
+            assert_eq!(
+                (
+                    back.topic,
+                    back.partition,
+                    back.offset,
+                    back.key,
+                    back.payload
+                ),
+                (
+                    original.topic,
+                    original.partition,
+                    original.offset,
+                    original.key,
+                    original.payload
+                )
+            );
+            let pairs = |h: &[Header<'_, &[u8]>]| -> Vec<(String, Option<Vec<u8>>)> {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                    .collect()
+            };
+            assert_eq!(pairs(&back.headers), pairs(&original.headers));
+            // Anything cut short or with bytes left over is not an envelope.
+            assert!(Received::from_envelope(&envelope[..envelope.len() - 1]).is_none());
+            let mut longer = envelope.clone();
+            longer.push(0);
+            assert!(Received::from_envelope(&longer).is_none());
+        }
+        assert!(Received::from_envelope(b"{\"response_id\":1}").is_none());
+    }
 }

@@ -78,7 +78,6 @@ impl Fleet {
             .env("NPSFLOW__KAFKA__BROKERS", &self.brokers)
             .env("NPSFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env("NPSFLOW__LOG__FORMAT", "json")
-            .env("NPSFLOW__INGEST__BATCH_MAX_WAIT", "50ms")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)

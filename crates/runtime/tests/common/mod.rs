@@ -123,17 +123,36 @@ pub fn fail_fast() {
     });
 }
 
+/// One idempotent producer per broker address, kept for the test binary's life: making one
+/// per call costs a connection and a producer id each time, which slows a test that sends
+/// many small chunks (the chaos test) to a crawl.
+fn producer_for(brokers: &str) -> FutureProducer {
+    static PRODUCERS: std::sync::OnceLock<std::sync::Mutex<BTreeMap<String, FutureProducer>>> =
+        std::sync::OnceLock::new();
+    let mut producers = PRODUCERS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    producers
+        .entry(brokers.to_owned())
+        .or_insert_with(|| {
+            ClientConfig::new()
+                .set("bootstrap.servers", brokers)
+                .set("enable.idempotence", "true")
+                .set("partitioner", "murmur2_random")
+                .set("linger.ms", "5")
+                .create()
+                .expect("producer")
+        })
+        .clone()
+}
+
 pub async fn produce(
     brokers: &str,
     topic: &str,
     messages: &[(Option<&str>, Vec<u8>, OwnedHeaders)],
 ) {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .create()
-        .expect("producer");
+    let producer = producer_for(brokers);
     // All in flight at once; the idempotent producer keeps each partition's order.
     let sends = messages.iter().map(|(key, payload, headers)| {
         let mut record = FutureRecord::to(topic)

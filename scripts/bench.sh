@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on a real broker (Tansu, sqlite storage, loopback). N seeded messages
+# are produced first; then, on the same broker and data:
+#   1. the transport floor: a bare rdkafka consumer reads all N and does nothing else
+#      (crates/cli/examples/transport_floor.rs);
+#   2. `npsflow run` (release build, default configuration, every role) consumes them from
+#      the earliest offset until every message has its outcome and the aggregator has
+#      applied every accepted response.
+# For each: events per CPU-second (user+sys of the process), wall events/s, max RSS; then the
+# ratio. A benchmark, not a test: it asserts nothing about speed.
+#   scripts/bench.sh [N]                       # default 200000
+#   NPSFLOW_BENCH_BIN=path scripts/bench.sh    # measure another build of npsflow
+set -euo pipefail
+cd "$(dirname "$0")/.."
+count="${1:-200000}"
+port="${NPSFLOW_BENCH_PORT:-19392}"
+http_port="${NPSFLOW_BENCH_HTTP_PORT:-19466}"
+work=".tmp/bench-$$"
+mkdir -p "$work"
+run_pid=""
+cleanup() {
+  [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null || true
+  scripts/tansu.sh stop "$port"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+cargo build -j2 --release -p npsflow --bins --example transport_floor
+floor=target/release/examples/transport_floor
+bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
+# Tansu resolves sqlite paths relative to its working directory (the repository root).
+scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
+export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
+export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
+export NPSFLOW__LOG__FORMAT=json
+"$bin" topics create >/dev/null
+echo "== producing $count seeded messages"
+"$bin" loadgen --count "$count" --rate 0 --seed 7 >/dev/null 2>&1
+
+# Prints "wall_ns cpu_ticks rss_kib" of a finished or running process.
+measure() { # pid start_ns
+  local end_ns utime stime rss
+  end_ns=$(date +%s%N)
+  read -r utime stime < <(awk '{print $14, $15}' "/proc/$1/stat")
+  rss=$(awk '/VmHWM/ {print $2}' "/proc/$1/status")
+  echo "$((end_ns - $2)) $((utime + stime)) $rss"
+}
+
+echo "== transport floor: a bare consumer reads all $count"
+start_ns=$(date +%s%N)
+# It prints its own CPU ticks and peak RSS just before it exits.
+read -r floor_ticks floor_rss < <("$floor" "127.0.0.1:$port" survey.responses "$count")
+floor_figures="$(($(date +%s%N) - start_ns)) $floor_ticks $floor_rss"
+
+metric() { awk -v name="$1" '$1 ~ "^"name {s += $2} END {printf "%d", s}' "$work/metrics.txt"; }
+echo "== npsflow run until all $count are decided and applied"
+start_ns=$(date +%s%N)
+"$bin" run >"$work/run.log" 2>&1 &
+run_pid=$!
+while :; do
+  curl -sf "http://127.0.0.1:$http_port/metrics" >"$work/metrics.txt" 2>/dev/null || true
+  total=$(metric 'npsflow_events_total')
+  accepted=$(metric 'npsflow_events_total\{outcome="accepted"\}')
+  applied=$(metric 'npsflow_delta_responses_total\{result="applied"\}')
+  # Every accepted response counts in segment `all` and at least one more delta.
+  if [ "$total" -ge "$count" ] && [ "$applied" -ge "$accepted" ] && [ "$accepted" -gt 0 ]; then
+    break
+  fi
+  kill -0 "$run_pid" 2>/dev/null || { echo "npsflow exited" >&2; tail "$work/run.log" >&2; exit 1; }
+  sleep 0.1
+done
+run_figures=$(measure "$run_pid" "$start_ns")
+kill -INT "$run_pid"
+wait "$run_pid" || true
+run_pid=""
+
+python3 - "$count" "$(getconf CLK_TCK)" "$floor_figures" "$run_figures" <<'EOF'
+import sys
+count, ticks = int(sys.argv[1]), int(sys.argv[2])
+rows = []
+for name, figures in (("transport floor", sys.argv[3]), ("npsflow run", sys.argv[4])):
+    wall_ns, cpu_ticks, rss_kib = (int(x) for x in figures.split())
+    wall, cpu = wall_ns / 1e9, cpu_ticks / ticks
+    rows.append((name, count / cpu, count / wall, rss_kib / 1024, wall, cpu))
+print(f"{'':18}{'events/cpu-s':>14}{'wall events/s':>15}{'max rss MiB':>13}{'wall s':>9}{'cpu s':>8}")
+for name, per_cpu, per_wall, rss, wall, cpu in rows:
+    print(f"{name:18}{per_cpu:>14,.0f}{per_wall:>15,.0f}{rss:>13,.0f}{wall:>9.2f}{cpu:>8.2f}")
+print(f"npsflow costs {rows[0][1] / rows[1][1]:.1f}x the transport floor's CPU per event ({count} messages)")
+EOF
