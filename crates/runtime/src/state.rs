@@ -101,6 +101,9 @@ pub fn check_copartitioned(
     Ok(())
 }
 
+/// A message read back to rebuild duplicate memory: where it was first read, and its bytes.
+pub type Remembered = (Source, Vec<u8>);
+
 /// Reads back the messages of the given repartition-topic partitions, all at once, from
 /// `count` messages before the group's committed offset up to it, as (source, bytes) per
 /// partition, to rebuild duplicate memory. Blocking; bounded by `limit`. A partition without
@@ -112,7 +115,7 @@ pub fn read_before_commit(
     partitions: &[i32],
     count: i64,
     limit: Duration,
-) -> Result<BTreeMap<i32, Vec<(Source, Vec<u8>)>>, RuntimeError> {
+) -> Result<BTreeMap<i32, Vec<Remembered>>, RuntimeError> {
     let mut config = client_config(kafka, "npsflow-dedupe-restore");
     config
         .set("group.id", group)
@@ -124,7 +127,7 @@ pub fn read_before_commit(
     }
     let committed = consumer.committed_offsets(wanted, limit)?;
     let mut ranges = Vec::with_capacity(partitions.len());
-    let mut messages: BTreeMap<i32, Vec<(Source, Vec<u8>)>> =
+    let mut messages: BTreeMap<i32, Vec<Remembered>> =
         partitions.iter().map(|p| (*p, Vec::new())).collect();
     for &partition in partitions {
         let Some(Offset::Offset(end)) = committed
