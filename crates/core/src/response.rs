@@ -698,7 +698,10 @@ mod tests {
         assert_eq!(reason(&raw("1e1")), wrong_type);
         assert_eq!(reason(&raw("[7]")), wrong_type);
         assert_eq!(reason(&raw("-0.0")), wrong_type);
-        assert_eq!(decode(raw(" 7 ").as_bytes()).map(|r| r.score.value()), Ok(7));
+        assert_eq!(
+            decode(raw(" 7 ").as_bytes()).map(|r| r.score.value()),
+            Ok(7)
+        );
         assert_eq!(reason(&with("score", "-1")), InvalidReason::ScoreOutOfRange);
         assert_eq!(
             reason(&with("score", "18446744073709551615")),
