@@ -122,6 +122,22 @@ impl ProducerHealth {
     }
 }
 
+/// True if the client has a connection up to at least one real broker.
+fn broker_up(statistics: &Statistics) -> bool {
+    statistics
+        .brokers
+        .values()
+        .any(|b| b.state == "UP" && b.nodeid >= 0)
+}
+
+/// True for the client error that says no broker can be reached.
+fn all_brokers_down(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::AllBrokersDown)
+    )
+}
+
 /// Sets `npsflow_stalled_partitions{role}` from the role's health now.
 fn publish_stalled(health: &Health, metrics: &Metrics, role: &'static str) {
     let stalled = health.snapshot().get(role).map_or(0, |h| h.stalled);
@@ -133,19 +149,13 @@ fn publish_stalled(health: &Health, metrics: &Metrics, role: &'static str) {
 
 impl ClientContext for ProducerHealth {
     fn stats(&self, statistics: Statistics) {
-        let up = statistics
-            .brokers
-            .values()
-            .any(|b| b.state == "UP" && b.nodeid >= 0);
+        let up = broker_up(&statistics);
         self.health.set_producing(self.role, up);
         publish_stalled(&self.health, &self.metrics, self.role);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown)
-        ) {
+        if all_brokers_down(&error) {
             self.health.set_producing(self.role, false);
         }
         warn!(role = self.role, %error, reason, "kafka producer error");
@@ -222,10 +232,7 @@ fn partitions(list: &rdkafka::TopicPartitionList) -> Vec<(String, i32)> {
 
 impl ClientContext for RoleContext {
     fn stats(&self, statistics: Statistics) {
-        let up = statistics
-            .brokers
-            .values()
-            .any(|b| b.state == "UP" && b.nodeid >= 0);
+        let up = broker_up(&statistics);
         self.health.set_connected(self.role, up);
         self.metrics
             .connected
@@ -266,10 +273,7 @@ impl ClientContext for RoleContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown)
-        ) {
+        if all_brokers_down(&error) {
             self.health.set_connected(self.role, false);
             self.metrics
                 .connected
