@@ -5,8 +5,9 @@
 //! `/readyz` is ready only when every role is connected, joined and restored. `/healthz`
 //! (liveness) fails when a role has stopped with an error, or when a partition is stalled:
 //! messages wait in it (received by the role, or on the broker past the role's position),
-//! the role's consumer and producer both reach a broker, and its position has not moved for
-//! longer than `health.stall_timeout`. [`ProgressWatch`] decides stalls from what it is
+//! the role's consumer and producer both reach a broker, its state is restored (a restore has
+//! its own time limit), and its position has not moved for longer than
+//! `health.stall_timeout`. [`ProgressWatch`] decides stalls from what it is
 //! told, with `now` passed in, so it is tested without a clock; a broker outage is not a
 //! stall (readiness covers it).
 
@@ -236,7 +237,8 @@ impl Health {
             .map(|(role, state)| {
                 let mut health = state.health;
                 // Without a broker nothing can move: that is an outage, which readiness shows.
-                health.stalled = if health.connected && health.producing {
+                // A restore is bounded by its own time limit (the role fails past it).
+                health.stalled = if health.connected && health.producing && health.restored {
                     state.progress.stalled(now, self.stall_timeout).len()
                 } else {
                     0
@@ -389,6 +391,8 @@ mod tests {
             "producer outage"
         );
         health.set_producing("ingest", true);
+        assert_eq!(health.snapshot_at(later)["ingest"].stalled, 0, "restoring");
+        health.set_restored("ingest", true);
         assert_eq!(health.snapshot_at(later)["ingest"].stalled, 1);
         assert!(!health.snapshot_at(later)["ingest"].live());
     }
