@@ -100,11 +100,6 @@ impl ProgressWatch {
         }
     }
 
-    /// Everything forgotten (the consumer is closing).
-    pub fn clear(&mut self) {
-        self.partitions.clear();
-    }
-
     /// The role's position in a partition (the next offset it will process), e.g. after a
     /// batch's offsets are stored or committed. A position that moves resets the stall clock.
     pub fn progressed(&mut self, topic: &str, partition: i32, position: i64, now: Instant) {

@@ -23,7 +23,7 @@ use common::*;
 use npsflow_runtime::traffic::Traffic;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use serde_json::Value;
 
 struct Settings {
@@ -145,45 +145,12 @@ fn tansu(action: &str, s: &Settings) {
     );
 }
 
-/// Every message of a topic up to its current end.
+/// The payloads of every message of a topic up to its current end.
 fn read_all(brokers: &str, topic: &str) -> Vec<Vec<u8>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("chaos-reader-{topic}"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .expect("metadata");
-    let mut ends = HashMap::new();
-    let mut list = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
-            .expect("watermarks");
-        if high > low {
-            ends.insert(partition.id(), high);
-            list.add_partition_offset(topic, partition.id(), Offset::Beginning)
-                .expect("partition");
-        }
-    }
-    let mut payloads = Vec::new();
-    if ends.is_empty() {
-        return payloads;
-    }
-    consumer.assign(&list).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ends.is_empty() && Instant::now() < deadline {
-        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
-            payloads.push(message.payload().unwrap_or_default().to_vec());
-            if ends.get(&message.partition()) == Some(&(message.offset() + 1)) {
-                ends.remove(&message.partition());
-            }
-        }
-    }
-    assert!(ends.is_empty(), "read {topic} to its end");
-    payloads
+    read_to_end(brokers, topic)
+        .iter()
+        .map(|m| m.payload().unwrap_or_default().to_vec())
+        .collect()
 }
 
 /// The end of `topic` minus the group's committed offsets, summed over partitions.

@@ -26,12 +26,11 @@ use std::time::{Duration, Instant};
 use common::header;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Partitions of the input topic.
@@ -1076,51 +1075,6 @@ async fn send(
         .map_err(|(e, _)| e.to_string())
 }
 
-/// Every message of `topic` up to its current end (read with a fresh group, from the start).
-fn read_all(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("hostile-reader-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(30))
-        .expect("metadata");
-    let mut ends = HashMap::new();
-    let mut list = TopicPartitionList::new();
-    for partition in metadata.topics()[0].partitions() {
-        let (low, high) = consumer
-            .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
-            .expect("watermarks");
-        if high > low {
-            ends.insert(partition.id(), high);
-            list.add_partition_offset(topic, partition.id(), Offset::Beginning)
-                .expect("partition");
-        }
-    }
-    let mut messages = Vec::new();
-    if ends.is_empty() {
-        return messages;
-    }
-    consumer.assign(&list).expect("assign");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !ends.is_empty() && Instant::now() < deadline {
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(message)) => {
-                if ends.get(&message.partition()) == Some(&(message.offset() + 1)) {
-                    ends.remove(&message.partition());
-                }
-                messages.push(message.detach());
-            }
-            Some(Err(e)) => println!("hostile: reading {topic}: {e}"),
-            None => {}
-        }
-    }
-    assert!(ends.is_empty(), "read {topic} to its end: {ends:?} left");
-    messages
-}
-
 // ---------------------------------------------------------------------------------------
 // The process
 // ---------------------------------------------------------------------------------------
@@ -1590,7 +1544,7 @@ async fn hostile_input_never_stops_or_corrupts_the_pipeline() {
     }
 
     // --- the dead-letter topic
-    let dead_letters = read_all(&brokers, &dlq);
+    let dead_letters = common::read_to_end(&brokers, &dlq);
     println!("hostile: {} dead letters on {dlq}", dead_letters.len());
     check_dead_letters(&mut table, &dead_letters, &input, &mut failures);
 

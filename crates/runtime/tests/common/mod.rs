@@ -2,9 +2,9 @@
 //! broker): a pipeline running every role in-process, producing, reading topics back.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
@@ -239,6 +239,58 @@ pub fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<OwnedMessage>
             messages.push(message.detach());
         }
     }
+    messages
+}
+
+/// Every message of `topic` up to its current end (read with a fresh group, from the start).
+pub fn read_to_end(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set(
+            "group.id",
+            format!(
+                "reader-to-end-{topic}-{}-{}",
+                std::process::id(),
+                rand_suffix()
+            ),
+        )
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .expect("metadata");
+    let mut ends = HashMap::new();
+    let mut list = TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
+            .expect("watermarks");
+        if high > low {
+            ends.insert(partition.id(), high);
+            list.add_partition_offset(topic, partition.id(), Offset::Beginning)
+                .expect("partition");
+        }
+    }
+    let mut messages = Vec::new();
+    if ends.is_empty() {
+        return messages;
+    }
+    consumer.assign(&list).expect("assign");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ends.is_empty() && Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                if ends.get(&message.partition()) == Some(&(message.offset() + 1)) {
+                    ends.remove(&message.partition());
+                }
+                messages.push(message.detach());
+            }
+            Some(Err(e)) => println!("reading {topic}: {e}"),
+            None => {}
+        }
+    }
+    assert!(ends.is_empty(), "read {topic} to its end: {ends:?} left");
     messages
 }
 
