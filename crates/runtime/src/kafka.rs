@@ -615,11 +615,22 @@ pub async fn receive_batch(
             Err(_) => break,
         }
     }
+    // Per partition, the first and last offsets received: what the progress watch needs,
+    // without a lookup per message.
+    let mut spans: Vec<(&str, i32, i64, i64)> = Vec::new();
+    for message in &batch {
+        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
+        match spans.iter_mut().find(|s| s.0 == topic && s.1 == partition) {
+            Some(span) => span.3 = span.3.max(offset),
+            None => spans.push((topic, partition, offset, offset)),
+        }
+    }
     let context = consumer.context();
     let now = std::time::Instant::now();
     context.health.progress(context.role, |watch| {
-        for message in &batch {
-            watch.received(message.topic(), message.partition(), message.offset(), now);
+        for &(topic, partition, first, last) in &spans {
+            watch.received(topic, partition, first, now);
+            watch.received(topic, partition, last, now);
         }
     });
     Some(batch)
