@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 use npsflow_core::Span;
-use npsflow_runtime::aggregate::Row;
 use npsflow_runtime::traffic::Traffic;
+use npsflow_runtime::view::Row;
 use npsflow_runtime::{wall_now, Config, Process, Role};
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -195,11 +195,8 @@ pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
         text.push('\n');
     }
     let m = &process.metrics;
-    let outcome = |o: &str| m.events.with_label_values(&[o]).get();
-    let alerts: u64 = ["high", "medium", "low"]
-        .iter()
-        .map(|s| m.alerts.with_label_values(&["detractor", s]).get())
-        .sum();
+    let outcome = |o: &str| m.outcome_count(o);
+    let alerts = m.alert_count();
     let dead_letters = outcome("invalid") + outcome("too_old") + outcome("future");
     text.push_str(&format!(
         "\nevents: {} accepted, {} duplicate, {} invalid, {} too old, {} future | detractor alerts: {alerts} | dead letters: {dead_letters}\n",

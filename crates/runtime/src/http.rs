@@ -12,9 +12,9 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
-use crate::aggregate::{AggregateView, Row};
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::view::{AggregateView, Row};
 use crate::wall_now;
 
 /// What the handlers read.

@@ -20,12 +20,10 @@ use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::Message;
-use tokio::sync::watch;
-use tracing::{info, warn};
 
 use crate::config::KafkaSettings;
 use crate::health::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{events, Metrics};
 
 /// Client settings common to every client: brokers, client id, stats, then the user's
 /// properties (which win).
@@ -140,11 +138,8 @@ fn all_brokers_down(error: &KafkaError) -> bool {
 
 /// Sets `npsflow_stalled_partitions{role}` from the role's health now.
 fn publish_stalled(health: &Health, metrics: &Metrics, role: &'static str) {
-    let stalled = health.snapshot().get(role).map_or(0, |h| h.stalled);
-    metrics
-        .stalled_partitions
-        .with_label_values(&[role])
-        .set(stalled as i64);
+    let count = health.snapshot().get(role).map_or(0, |h| h.stalled);
+    events::PartitionsStalled { role, count }.emit(metrics);
 }
 
 impl ClientContext for ProducerHealth {
@@ -158,7 +153,12 @@ impl ClientContext for ProducerHealth {
         if all_brokers_down(&error) {
             self.health.set_producing(self.role, false);
         }
-        warn!(role = self.role, %error, reason, "kafka producer error");
+        events::KafkaClientFailed {
+            client: &format!("{}-producer", self.role),
+            error: &error,
+            reason,
+        }
+        .emit(&self.metrics);
     }
 }
 
@@ -213,6 +213,11 @@ impl RoleContext {
         std::mem::take(&mut *self.changes.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
+    /// The health the context reports to.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
     /// True if the assignment changed since the last [`RoleContext::take_changes`].
     pub fn has_changes(&self) -> bool {
         !self
@@ -234,10 +239,11 @@ impl ClientContext for RoleContext {
     fn stats(&self, statistics: Statistics) {
         let up = broker_up(&statistics);
         self.health.set_connected(self.role, up);
-        self.metrics
-            .connected
-            .with_label_values(&[self.role])
-            .set(i64::from(up));
+        events::BrokerConnectivity {
+            client: self.role,
+            up,
+        }
+        .emit(&self.metrics);
         let now = std::time::Instant::now();
         let mut ends = Vec::new();
         for (topic_name, topic) in &statistics.topics {
@@ -245,12 +251,14 @@ impl ClientContext for RoleContext {
                 if *id < 0 {
                     continue;
                 }
-                let labels = [self.group.as_str(), topic_name.as_str(), &id.to_string()];
                 if partition.consumer_lag >= 0 {
-                    self.metrics
-                        .consumer_lag
-                        .with_label_values(&labels)
-                        .set(partition.consumer_lag);
+                    events::LagObserved {
+                        group: &self.group,
+                        topic: topic_name,
+                        partition: *id,
+                        lag: partition.consumer_lag,
+                    }
+                    .emit(&self.metrics);
                 }
                 let end = if partition.ls_offset >= 0 {
                     partition.ls_offset
@@ -275,12 +283,18 @@ impl ClientContext for RoleContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if all_brokers_down(&error) {
             self.health.set_connected(self.role, false);
-            self.metrics
-                .connected
-                .with_label_values(&[self.role])
-                .set(0);
+            events::BrokerConnectivity {
+                client: self.role,
+                up: false,
+            }
+            .emit(&self.metrics);
         }
-        warn!(role = self.role, %error, reason, "kafka client error");
+        events::KafkaClientFailed {
+            client: self.role,
+            error: &error,
+            reason,
+        }
+        .emit(&self.metrics);
     }
 }
 
@@ -290,7 +304,11 @@ impl ConsumerContext for RoleContext {
             Rebalance::Assign(list) => AssignmentChange::Assigned(partitions(list)),
             Rebalance::Revoke(list) => AssignmentChange::Revoked(partitions(list)),
             Rebalance::Error(error) => {
-                warn!(role = self.role, %error, "rebalance error");
+                events::RebalanceFailed {
+                    role: self.role,
+                    error,
+                }
+                .emit(&self.metrics);
                 return;
             }
         };
@@ -298,15 +316,21 @@ impl ConsumerContext for RoleContext {
             AssignmentChange::Assigned(p) => ("assign", p.len()),
             AssignmentChange::Revoked(p) => ("revoke", p.len()),
         };
-        info!(role = self.role, event, partitions = count, "rebalance");
+        events::Rebalanced {
+            role: self.role,
+            group: &self.group,
+            event,
+            partitions: count,
+        }
+        .emit(&self.metrics);
         self.health.progress(self.role, |watch| match &change {
             AssignmentChange::Assigned(p) => watch.assigned(p),
             AssignmentChange::Revoked(p) => watch.revoked(p),
         });
-        self.metrics
-            .rebalances
-            .with_label_values(&[self.group.as_str(), event])
-            .inc();
+        if matches!(change, AssignmentChange::Assigned(_)) {
+            // Not ready until the role has restored what it needs for them.
+            self.health.set_restored(self.role, false);
+        }
         self.health.set_joined(self.role);
         self.changes
             .lock()
@@ -432,17 +456,23 @@ pub async fn deliver_all(
                 continue;
             };
             if !is_permanent(&error) {
-                warn!(topic = %record.topic, %error, "delivery failed; retrying");
-                metrics.produce_error(&record.topic, "transient");
+                events::DeliveryRetried {
+                    topic: &record.topic,
+                    error: &error,
+                }
+                .emit(metrics);
                 transient = true;
                 retry.push(*record);
                 continue;
             }
-            metrics.produce_error(&record.topic, "permanent");
+            events::RecordRejected {
+                topic: &record.topic,
+                error: &error,
+                fallback: record.fallback.is_some(),
+            }
+            .emit(metrics);
             match &record.fallback {
                 Some(fallback) => {
-                    warn!(topic = %record.topic, %error, "record rejected for good; sending its fallback");
-                    metrics.dead_letters_without_value.inc();
                     retry.push(fallback.as_ref());
                 }
                 None => {
@@ -468,21 +498,27 @@ pub async fn deliver_all(
 pub async fn close_consumer(
     consumer: StreamConsumer<RoleContext>,
     role: &'static str,
+    metrics: &Metrics,
     commit: bool,
     limit: Duration,
 ) {
+    let task_metrics = metrics.clone();
     let closing = tokio::task::spawn_blocking(move || {
         if commit {
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-                info!(role, %error, "final commit skipped");
+                events::FinalCommitSkipped {
+                    role,
+                    error: &error,
+                }
+                .emit(&task_metrics);
             }
         }
         consumer.unsubscribe();
         drop(consumer);
     });
     match tokio::time::timeout(limit, closing).await {
-        Ok(_) => info!(role, "consumer closed"),
-        Err(_) => warn!(role, "broker unreachable: closing without a final commit"),
+        Ok(_) => events::Closed { role }.emit(metrics),
+        Err(_) => events::ClosedWithoutCommit { role }.emit(metrics),
     }
 }
 
@@ -535,8 +571,7 @@ pub fn commit_transaction(
         if is_permanent(&error) {
             return Err(error);
         }
-        warn!(%error, "transaction failed; aborting and retrying the batch");
-        metrics.produce_error("transaction", "transient");
+        events::TransactionRetried { error: &error }.emit(metrics);
         let _ = producer.abort_transaction(timeout);
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(10));
@@ -561,7 +596,11 @@ pub fn fit_records(records: Vec<Outgoing>, max_bytes: usize, metrics: &Metrics) 
                 + 128;
             match record.fallback {
                 Some(fallback) if size > max_bytes => {
-                    metrics.dead_letters_without_value.inc();
+                    events::RecordShrunk {
+                        topic: &record.topic,
+                        size,
+                    }
+                    .emit(metrics);
                     *fallback
                 }
                 _ => record,
@@ -577,99 +616,6 @@ pub fn next_offsets(offsets: &[(String, i32, i64)]) -> rdkafka::TopicPartitionLi
         let _ = list.add_partition_offset(topic, *partition, rdkafka::Offset::Offset(offset + 1));
     }
     list
-}
-
-/// Receives the next batch: waits up to `idle` for a first message (an empty batch if none
-/// comes, so that the role still attends to rebalances), then takes more until `max`
-/// messages or `wait` has passed. `None` once `shutdown` turns true (or its sender is gone).
-pub async fn receive_batch(
-    consumer: &StreamConsumer<RoleContext>,
-    max: usize,
-    wait: Duration,
-    idle: Duration,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Option<Vec<OwnedMessage>> {
-    let first = tokio::select! {
-        _ = shutdown.wait_for(|stop| *stop) => return None,
-        received = tokio::time::timeout(idle, consumer.recv()) => received,
-    };
-    let mut batch = Vec::new();
-    match first {
-        Ok(Ok(message)) => batch.push(message.detach()),
-        Ok(Err(error)) => {
-            // Typically the broker is unreachable: wait a little instead of spinning.
-            warn!(%error, "consume error");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-            return Some(batch);
-        }
-        Err(_) => return Some(batch),
-    }
-    let deadline = tokio::time::Instant::now() + wait;
-    while batch.len() < max {
-        match tokio::time::timeout_at(deadline, consumer.recv()).await {
-            Ok(Ok(message)) => batch.push(message.detach()),
-            Ok(Err(error)) => {
-                warn!(%error, "consume error");
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    // Per partition, the first and last offsets received: what the progress watch needs,
-    // without a lookup per message.
-    let mut spans: Vec<(&str, i32, i64, i64)> = Vec::new();
-    for message in &batch {
-        let (topic, partition, offset) = (message.topic(), message.partition(), message.offset());
-        match spans.iter_mut().find(|s| s.0 == topic && s.1 == partition) {
-            Some(span) => span.3 = span.3.max(offset),
-            None => spans.push((topic, partition, offset, offset)),
-        }
-    }
-    let context = consumer.context();
-    let now = std::time::Instant::now();
-    context.health.progress(context.role, |watch| {
-        for &(topic, partition, first, last) in &spans {
-            watch.received(topic, partition, first, now);
-            watch.received(topic, partition, last, now);
-        }
-    });
-    Some(batch)
-}
-
-/// Runs `restore` while the consumer stays in its group: its assigned partitions are paused
-/// and it keeps being polled, so heartbeats, rebalance callbacks and the poll interval are
-/// served however long the restore takes. Messages it still hands out (fetched before the
-/// pause) are returned in order, to be decided after the restore.
-pub async fn keep_polling<T>(
-    consumer: &StreamConsumer<RoleContext>,
-    restore: impl std::future::Future<Output = T>,
-) -> (T, Vec<OwnedMessage>) {
-    let paused = consumer.assignment().ok();
-    if let Some(list) = &paused {
-        if let Err(error) = consumer.pause(list) {
-            tracing::debug!(%error, "pausing for a restore");
-        }
-    }
-    tokio::pin!(restore);
-    let mut held = Vec::new();
-    let result = loop {
-        tokio::select! {
-            result = &mut restore => break result,
-            received = consumer.recv() => match received {
-                Ok(message) => held.push(message.detach()),
-                Err(error) => {
-                    tracing::debug!(%error, "consume error during a restore");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    };
-    if let Some(list) = &paused {
-        if let Err(error) = consumer.resume(list) {
-            tracing::debug!(%error, "resuming after a restore");
-        }
-    }
-    (result, held)
 }
 
 /// The last offset of each (topic, partition) in a batch.

@@ -1,19 +1,22 @@
-//! npsflow-runtime: the I/O shell around `npsflow-core`. Kafka role loops, configuration,
-//! Prometheus metrics, the HTTP API, logging, and the embedded demo broker.
+//! npsflow-runtime: the I/O shell around `npsflow-core`. The role engine and the roles on it,
+//! configuration, Prometheus metrics, the HTTP API, logging, and the embedded demo broker.
 //!
 //! - [`config`]: layered settings, checked into the core's types.
+//! - [`engine`]: the one driver of every role (receive, restore, deliver, commit, timers).
 //! - [`kafka`]: client configuration, consumer context, reliable delivery.
-//! - [`ingest`]: the ingest role.
-//! - [`aggregate`]: the aggregate role and the segment view it serves.
-//! - [`metrics`]: the Prometheus registry.
+//! - [`ingest`]: the ingest role; [`envelope`]: how it carries messages byte-exact.
+//! - [`aggregate`]: the aggregate role; [`view`]: the segment query model it writes.
+//! - [`metrics`]: the Prometheus registry; [`metrics::events`]: everything reported.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`, `/v1/segments`.
-//! - [`health`]: readiness per role.
-//! - [`state`]: snapshots on the compacted state topic; restore.
+//! - [`health`]: readiness and liveness per role.
+//! - [`state`]: reading role state back from Kafka on assignment.
 //! - [`traffic`]: realistic survey traffic (demo and load generator).
 //! - [`topics`]: topic creation.
 
 pub mod aggregate;
 pub mod config;
+pub mod engine;
+pub mod envelope;
 pub mod health;
 pub mod http;
 pub mod ingest;
@@ -22,6 +25,7 @@ pub mod metrics;
 pub mod state;
 pub mod topics;
 pub mod traffic;
+pub mod view;
 
 use std::sync::{Arc, RwLock};
 
@@ -39,12 +43,21 @@ pub enum RuntimeError {
     /// The HTTP server failed.
     #[error("http: {0}")]
     Io(#[from] std::io::Error),
-    /// State could not be restored or the topics do not fit together.
-    #[error("state: {0}")]
-    Restore(String),
-    /// A role task panicked or was cancelled.
-    #[error("role task failed: {0}")]
-    Task(String),
+    /// State could not be read back in time.
+    #[error(transparent)]
+    Restore(#[from] state::RestoreTimedOut),
+    /// The topics do not exist or do not fit together.
+    #[error(transparent)]
+    Topics(#[from] state::TopicError),
+    /// A task panicked or was cancelled.
+    #[error("a task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    /// A role stopped although nobody asked it to.
+    #[error("the {0} role stopped on its own")]
+    StoppedOnItsOwn(&'static str),
+    /// The transactional consumer has no group metadata (it has not joined its group).
+    #[error("the consumer has no group metadata")]
+    NoGroupMetadata,
     /// A record was rejected for good and had no fallback.
     #[error(transparent)]
     Delivery(#[from] kafka::DeliveryError),
@@ -93,7 +106,7 @@ pub struct Process {
     /// Health.
     pub health: Arc<health::Health>,
     /// Segment view, when the aggregate role runs.
-    pub view: Option<Arc<RwLock<aggregate::AggregateView>>>,
+    pub view: Option<Arc<RwLock<view::AggregateView>>>,
 }
 
 impl Process {
@@ -101,24 +114,19 @@ impl Process {
     pub fn new(config: &Config, roles: &[Role]) -> Process {
         let metrics = metrics::Metrics::new();
         let topics = &config.settings.topics;
-        for topic in [
-            &topics.dead_letters,
-            &topics.followups,
-            &topics.segment_deltas,
-            &topics.responses_by_id,
-        ] {
-            for kind in ["transient", "permanent"] {
-                metrics
-                    .produce_errors
-                    .with_label_values(&[topic.as_str(), kind]);
-            }
-        }
-        for role in roles {
-            metrics.stalled_partitions.with_label_values(&[role.name()]);
-            metrics.role_up.with_label_values(&[role.name()]).set(1);
-        }
+        let names: Vec<&str> = roles.iter().map(|r| r.name()).collect();
+        metrics.prepare(
+            &names,
+            &[
+                &topics.dead_letters,
+                &topics.followups,
+                &topics.segment_deltas,
+                &topics.responses_by_id,
+                &topics.state,
+            ],
+        );
         let view = roles.contains(&Role::Aggregate).then(|| {
-            let view = Arc::new(RwLock::new(aggregate::AggregateView::new(
+            let view = Arc::new(RwLock::new(view::AggregateView::new(
                 config.windows.clone(),
                 config.settings.windows.clock,
             )));
@@ -158,19 +166,20 @@ pub async fn run(
     // The roles stop on the caller's shutdown, or when one of them fails.
     let (stop, stopping) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
+    let engine = engine::Engine {
+        config,
+        metrics: process.metrics.clone(),
+        health: process.health.clone(),
+        clock: Arc::new(engine::WallClock),
+    };
     for &role in roles {
-        let (config, process, stopping) = (config.clone(), process.clone(), stopping.clone());
+        let (engine, view, stopping) = (engine.clone(), process.view.clone(), stopping.clone());
         tasks.spawn(async move {
-            let result = match role {
-                Role::Ingest => {
-                    ingest::run(config, process.metrics, process.health, stopping).await
-                }
-                Role::Aggregate => {
-                    let view = process
-                        .view
-                        .clone()
-                        .expect("view exists with the aggregate role");
-                    aggregate::run(config, process.metrics, process.health, view, stopping).await
+            let result = match (role, view) {
+                (Role::Ingest, _) => ingest::run(engine, stopping).await,
+                (Role::Aggregate, Some(view)) => aggregate::run(engine, view, stopping).await,
+                (Role::Aggregate, None) => {
+                    Err(RuntimeError::StoppedOnItsOwn(Role::Aggregate.name()))
                 }
             };
             (role, result)
@@ -193,25 +202,23 @@ pub async fn run(
         let Some(joined) = joined else { break };
         let (role, outcome) = match joined {
             Ok((role, outcome)) => (Some(role), outcome),
-            Err(error) => (None, Err(RuntimeError::Task(error.to_string()))),
+            Err(error) => (None, Err(RuntimeError::Task(error))),
         };
-        let outcome = match outcome {
-            Ok(()) if !*stop.borrow() => Err(RuntimeError::Task(format!(
-                "the {} role stopped on its own",
-                role.map_or("unknown", Role::name)
-            ))),
-            other => other,
+        let outcome = match (outcome, role) {
+            (Ok(()), Some(role)) if !*stop.borrow() => {
+                Err(RuntimeError::StoppedOnItsOwn(role.name()))
+            }
+            (other, _) => other,
         };
         if let Err(error) = outcome {
             let name = role.map_or("unknown", Role::name);
-            tracing::error!(role = name, %error, "role stopped with an error; the process exits");
+            metrics::events::RoleFailed {
+                role: name,
+                error: &error,
+            }
+            .emit(&process.metrics);
             if let Some(role) = role {
                 process.health.set_failed(role.name());
-                process
-                    .metrics
-                    .role_up
-                    .with_label_values(&[role.name()])
-                    .set(0);
             }
             let _ = stop.send(true);
             if result.is_ok() {

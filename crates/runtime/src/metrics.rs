@@ -1,8 +1,15 @@
 //! Prometheus metrics: one registry per process with every counter, gauge and histogram the
 //! contract names, and a collector that turns the aggregate role's segment windows into
 //! `npsflow_segment_*` gauges at scrape time (so windows drain as the clock moves, and a
-//! segment with no responses has no NPS gauge at all). Label values are bounded: outcomes,
-//! reasons, severities and routes are fixed sets; segments are capped by configuration.
+//! segment with no responses has no NPS gauge at all).
+//!
+//! The fields are private: everything that happens is an [`events`] struct whose `emit`
+//! writes the log line and the metric together, so names stay consistent and every warning
+//! is counted. Label values are bounded: outcomes, reasons, severities and routes are the
+//! core's fixed sets, topics and owners come from configuration, segments are capped by it.
+//! The per-message counters are resolved to their label values once, at start.
+
+pub mod events;
 
 use std::sync::{Arc, RwLock};
 
@@ -11,65 +18,85 @@ use npsflow_core::{Category, Outcome, Severity};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::aggregate::AggregateView;
+use crate::view::AggregateView;
 
-/// Every metric of one process.
+/// Every metric of one process. Cheap to clone (the metrics are shared).
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// `npsflow_events_total{outcome}`.
-    pub events: IntCounterVec,
+    /// `npsflow_events_total{outcome}`, one counter per [`Outcome::LABELS`] entry.
+    outcomes: Arc<[IntCounter; Outcome::LABELS.len()]>,
     /// `npsflow_dead_letters_total{reason}`.
-    pub dead_letters: IntCounterVec,
-    /// `npsflow_alerts_total{kind,severity}`.
-    pub alerts: IntCounterVec,
-    /// `npsflow_alerts_by_owner_total{owner,route}`: owners from the routing table (bounded
-    /// by configuration); alerts routed by the response's own `account_manager` count under
-    /// `owner="account_manager"`, so customer-supplied names never become label values.
-    pub alerts_by_owner: IntCounterVec,
-    /// `npsflow_event_time_lag_seconds`: wall clock minus `responded_at` at ingest.
-    pub event_time_lag: Histogram,
-    /// `npsflow_segment_values_overflowed_total`.
-    pub overflowed: IntCounter,
-    /// `npsflow_dedupe_evicted_early_total`.
-    pub dedupe_evicted: IntCounter,
-    /// `npsflow_deltas_responses_total{result}`: applied or skipped (replays).
-    pub delta_responses: IntCounterVec,
-    /// `npsflow_consumer_lag_messages{group,topic,partition}`.
-    pub consumer_lag: IntGaugeVec,
-    /// `npsflow_rebalances_total{group,event}`.
-    pub rebalances: IntCounterVec,
-    /// `npsflow_kafka_connected{client}`: 1 when a broker is reachable.
-    pub connected: IntGaugeVec,
-    /// `npsflow_batch_seconds{role}`: time from a batch's first message to its commit point.
-    pub batch_seconds: prometheus::HistogramVec,
-    /// `npsflow_produce_errors_total{topic,kind}`: `transient` (retried) or `permanent`.
-    pub produce_errors: IntCounterVec,
-    /// `npsflow_dead_letters_without_value_total`: dead letters written without the
-    /// message's bytes because they could not be written whole.
-    pub dead_letters_without_value: IntCounter,
-    /// `npsflow_resent_messages_total`: input messages forwarded again by a replay of the
-    /// repartition step and recognised as the same message (no outcome of their own).
-    pub resent: IntCounter,
-    /// `npsflow_stalled_partitions{role}`: assigned partitions with messages waiting whose
-    /// position has not moved for longer than `health.stall_timeout`.
-    pub stalled_partitions: IntGaugeVec,
-    /// `npsflow_role_up{role}`: 1 while the role runs, 0 once it has stopped with an error.
-    pub role_up: IntGaugeVec,
-    /// `npsflow_segments{}`: segments owned by this process.
-    pub segments_owned: Gauge,
+    dead_letters: IntCounterVec,
+    /// `npsflow_alerts_total{kind,severity}`, one counter per severity.
+    alerts: Arc<[IntCounter; Severity::ALL.len()]>,
+    /// `npsflow_alerts_by_owner_total{owner,route}`.
+    alerts_by_owner: IntCounterVec,
+    event_time_lag: Histogram,
+    overflowed: IntCounter,
+    dedupe_evicted: IntCounter,
+    /// `npsflow_delta_responses_total{result}`: applied, skipped.
+    delta_applied: IntCounter,
+    delta_skipped: IntCounter,
+    consumer_lag: IntGaugeVec,
+    rebalances: IntCounterVec,
+    connected: IntGaugeVec,
+    batch_seconds: HistogramVec,
+    restore_seconds: HistogramVec,
+    produce_errors: IntCounterVec,
+    dead_letters_without_value: IntCounter,
+    resent: IntCounter,
+    stalled_partitions: IntGaugeVec,
+    role_up: IntGaugeVec,
+    segments_owned: Gauge,
+    unreadable_records: IntCounterVec,
+    warnings: IntCounterVec,
+}
+
+fn register<C: Collector + Clone + 'static>(registry: &Registry, metric: C) -> C {
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    register(registry, IntCounter::new(name, help).expect("valid metric"))
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("registered once");
-    metric
+    register(
+        registry,
+        IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
+fn histogram_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> HistogramVec {
+    register(
+        registry,
+        HistogramVec::new(
+            HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )
+        .expect("valid metric"),
+    )
 }
 
 impl Metrics {
@@ -84,7 +111,7 @@ impl Metrics {
         build
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1.0);
-        registry.register(Box::new(build)).expect("registered once");
+        register(&registry, build);
 
         let events = counter_vec(
             &registry,
@@ -92,9 +119,7 @@ impl Metrics {
             "Survey-response messages by outcome.",
             &["outcome"],
         );
-        for outcome in Outcome::LABELS {
-            events.with_label_values(&[outcome]);
-        }
+        let outcomes = Arc::new(Outcome::LABELS.map(|o| events.with_label_values(&[o])));
         let dead_letters = counter_vec(
             &registry,
             "npsflow_dead_letters_total",
@@ -104,184 +129,201 @@ impl Metrics {
         for reason in InvalidReason::CODES.iter().chain(&["too_old", "future"]) {
             dead_letters.with_label_values(&[reason]);
         }
-        let alerts = counter_vec(
+        let alerts_vec = counter_vec(
             &registry,
             "npsflow_alerts_total",
             "Alerts emitted, by kind and severity.",
             &["kind", "severity"],
         );
-        for severity in Severity::ALL {
-            alerts.with_label_values(&["detractor", severity.as_str()]);
-        }
+        let alerts = Arc::new(
+            Severity::ALL.map(|s| alerts_vec.with_label_values(&["detractor", s.as_str()])),
+        );
         let alerts_by_owner = counter_vec(
             &registry,
             "npsflow_alerts_by_owner_total",
             "Detractor alerts by owner (from the routing table) and routing rule.",
             &["owner", "route"],
         );
-        let event_time_lag = Histogram::with_opts(
-            HistogramOpts::new(
-                "npsflow_event_time_lag_seconds",
-                "Wall clock minus responded_at when a response is accepted.",
+        let event_time_lag = register(
+            &registry,
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "npsflow_event_time_lag_seconds",
+                    "Wall clock minus responded_at when a response is accepted.",
+                )
+                .buckets(vec![
+                    0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, 604800.0,
+                ]),
             )
-            .buckets(vec![
-                0.5, 1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 21600.0, 86400.0, 604800.0,
-            ]),
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(event_time_lag.clone()))
-            .expect("registered once");
-        let overflowed = IntCounter::new(
+            .expect("valid metric"),
+        );
+        let overflowed = counter(
+            &registry,
             "npsflow_segment_values_overflowed_total",
             "Segment values past the per-dimension cap, counted as __other__.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(overflowed.clone()))
-            .expect("registered once");
-        let dedupe_evicted = IntCounter::new(
+        );
+        let dedupe_evicted = counter(
+            &registry,
             "npsflow_dedupe_evicted_early_total",
             "Response ids forgotten before the dedupe horizon because memory was full.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(dedupe_evicted.clone()))
-            .expect("registered once");
+        );
         let delta_responses = counter_vec(
             &registry,
             "npsflow_delta_responses_total",
             "Responses in segment deltas: applied, or skipped as already applied.",
             &["result"],
         );
-        for result in ["applied", "skipped"] {
-            delta_responses.with_label_values(&[result]);
-        }
-        let consumer_lag = IntGaugeVec::new(
-            Opts::new(
-                "npsflow_consumer_lag_messages",
-                "Messages between the committed offset and the end of each assigned partition.",
-            ),
+        let consumer_lag = gauge_vec(
+            &registry,
+            "npsflow_consumer_lag_messages",
+            "Messages between the committed offset and the end of each assigned partition.",
             &["group", "topic", "partition"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(consumer_lag.clone()))
-            .expect("registered once");
+        );
         let rebalances = counter_vec(
             &registry,
             "npsflow_rebalances_total",
             "Partition assignment changes, by consumer group and event.",
             &["group", "event"],
         );
-        let connected = IntGaugeVec::new(
-            Opts::new(
-                "npsflow_kafka_connected",
-                "1 when the client has at least one broker connection up.",
-            ),
+        let connected = gauge_vec(
+            &registry,
+            "npsflow_kafka_connected",
+            "1 when the client has at least one broker connection up.",
             &["client"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(connected.clone()))
-            .expect("registered once");
-        let batch_seconds = prometheus::HistogramVec::new(
-            HistogramOpts::new(
-                "npsflow_batch_seconds",
-                "Time from a batch's first message to its commit point, by role.",
-            )
-            .buckets(vec![0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0]),
+        );
+        let batch_seconds = histogram_vec(
+            &registry,
+            "npsflow_batch_seconds",
+            "Time from a batch's first message to its commit point, by role.",
             &["role"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(batch_seconds.clone()))
-            .expect("registered once");
+            &[0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0, 30.0],
+        );
+        let restore_seconds = histogram_vec(
+            &registry,
+            "npsflow_restore_seconds",
+            "Time to read back a role's state for newly assigned partitions, by role.",
+            &["role"],
+            &[0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0],
+        );
         let produce_errors = counter_vec(
             &registry,
             "npsflow_produce_errors_total",
             "Failed deliveries by topic and kind: transient ones are retried until they succeed, permanent ones are replaced by their fallback or stop the role.",
             &["topic", "kind"],
         );
-        let dead_letters_without_value = IntCounter::new(
+        let dead_letters_without_value = counter(
+            &registry,
             "npsflow_dead_letters_without_value_total",
             "Dead letters written without the message's bytes (too large to write whole).",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(dead_letters_without_value.clone()))
-            .expect("registered once");
-        let resent = IntCounter::new(
+        );
+        let resent = counter(
+            &registry,
             "npsflow_resent_messages_total",
             "Input messages forwarded twice by a replay of the repartition step; the copy has no effect.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(resent.clone()))
-            .expect("registered once");
-        let stalled_partitions = IntGaugeVec::new(
-            Opts::new(
-                "npsflow_stalled_partitions",
-                "Assigned partitions with messages waiting whose position has not moved for longer than health.stall_timeout.",
-            ),
+        );
+        let stalled_partitions = gauge_vec(
+            &registry,
+            "npsflow_stalled_partitions",
+            "Assigned partitions with messages waiting whose position has not moved for longer than health.stall_timeout.",
             &["role"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(stalled_partitions.clone()))
-            .expect("registered once");
-        let role_up = IntGaugeVec::new(
-            Opts::new(
-                "npsflow_role_up",
-                "1 while a role runs; 0 once it has stopped with an error (the process then exits).",
-            ),
+        );
+        let role_up = gauge_vec(
+            &registry,
+            "npsflow_role_up",
+            "1 while a role runs; 0 once it has stopped with an error (the process then exits).",
             &["role"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(role_up.clone()))
-            .expect("registered once");
-        let segments_owned = Gauge::new(
-            "npsflow_segments",
-            "Segments whose windows this process owns.",
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(segments_owned.clone()))
-            .expect("registered once");
+        );
+        let segments_owned = register(
+            &registry,
+            Gauge::new(
+                "npsflow_segments",
+                "Segments whose windows this process owns.",
+            )
+            .expect("valid metric"),
+        );
+        let unreadable_records = counter_vec(
+            &registry,
+            "npsflow_unreadable_records_total",
+            "Records on an internal topic (deltas, state) that npsflow could not read and skipped, by topic.",
+            &["topic"],
+        );
+        let warnings = counter_vec(
+            &registry,
+            "npsflow_warnings_total",
+            "Warnings logged, by event.",
+            &["event"],
+        );
+        for event in events::WARNINGS {
+            warnings.with_label_values(&[event]);
+        }
         Metrics {
             registry,
-            events,
+            outcomes,
             dead_letters,
             alerts,
             alerts_by_owner,
             event_time_lag,
             overflowed,
             dedupe_evicted,
-            delta_responses,
+            delta_applied: delta_responses.with_label_values(&["applied"]),
+            delta_skipped: delta_responses.with_label_values(&["skipped"]),
             consumer_lag,
             rebalances,
             connected,
             batch_seconds,
+            restore_seconds,
             produce_errors,
             dead_letters_without_value,
             resent,
             stalled_partitions,
             role_up,
             segments_owned,
+            unreadable_records,
+            warnings,
         }
     }
 
-    /// Counts a failed delivery to `topic`: `kind` is `transient` or `permanent`.
-    pub fn produce_error(&self, topic: &str, kind: &str) {
-        self.produce_errors.with_label_values(&[topic, kind]).inc();
+    /// Pre-fills the label sets of a process running `roles` that write to `topics`, so that
+    /// every series exists (at 0) from the first scrape.
+    pub fn prepare(&self, roles: &[&str], topics: &[&str]) {
+        for topic in topics {
+            for kind in ["transient", "permanent"] {
+                self.produce_errors.with_label_values(&[topic, kind]);
+            }
+        }
+        for role in roles {
+            self.stalled_partitions.with_label_values(&[role]);
+            self.role_up.with_label_values(&[role]).set(1);
+            self.batch_seconds.with_label_values(&[role]);
+        }
+    }
+
+    /// How many response messages had `outcome` (one of [`Outcome::LABELS`]) so far.
+    pub fn outcome_count(&self, outcome: &str) -> u64 {
+        Outcome::LABELS
+            .iter()
+            .position(|o| *o == outcome)
+            .map_or(0, |i| self.outcomes[i].get())
+    }
+
+    /// How many detractor alerts were emitted so far.
+    pub fn alert_count(&self) -> u64 {
+        self.alerts.iter().map(IntCounter::get).sum()
+    }
+
+    /// How many responses the aggregate role has applied so far (not counting replays).
+    pub fn applied_responses(&self) -> u64 {
+        self.delta_applied.get()
+    }
+
+    /// How many deliveries to `topic` failed with `kind` (`transient` or `permanent`).
+    pub fn produce_error_count(&self, topic: &str, kind: &str) -> u64 {
+        self.produce_errors.with_label_values(&[topic, kind]).get()
     }
 
     /// Adds the segment gauges, read from the aggregate role's state at every scrape.
     pub fn register_segments(&self, view: Arc<RwLock<AggregateView>>) {
-        self.registry
-            .register(Box::new(SegmentCollector::new(view)))
-            .expect("registered once");
+        register(&self.registry, SegmentCollector::new(view));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -344,6 +386,15 @@ impl SegmentCollector {
     }
 }
 
+impl Clone for SegmentCollector {
+    fn clone(&self) -> Self {
+        SegmentCollector {
+            view: self.view.clone(),
+            descs: self.descs.clone(),
+        }
+    }
+}
+
 impl Collector for SegmentCollector {
     fn desc(&self) -> Vec<&Desc> {
         self.descs.iter().collect()
@@ -360,7 +411,7 @@ impl Collector for SegmentCollector {
         )
         .expect("valid metric");
         let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-        for row in view.rows(crate::aggregate::wall_now()) {
+        for row in view.rows(crate::wall_now()) {
             let labels = [row.segment.as_str(), row.window.as_str()];
             for category in Category::ALL {
                 responses

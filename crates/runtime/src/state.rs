@@ -1,79 +1,216 @@
-//! State restored on partition assignment: the aggregate role's segment snapshots from the
-//! compacted state topic (and the check that it is co-partitioned with the deltas topic),
-//! and the ingest role's duplicate memory, rebuilt from the input messages just before the
-//! group's committed offset.
+//! Reading state back from Kafka when partitions are assigned: a role names what it needs
+//! ([`StateRead`]: a whole partition of a compacted state topic, or the messages just before
+//! its group's committed offset) and gets the records, all partitions read at once within a
+//! time limit. Also the check that a role's state topic is co-partitioned with its input.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use npsflow_core::{SegmentSnapshot, Source};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use tracing::warn;
 
 use crate::config::KafkaSettings;
 use crate::kafka::client_config;
 use crate::RuntimeError;
 
-/// Reads the given partitions of the state topic from their start to their current end,
-/// all at once, and returns per partition one snapshot per segment: the one that has applied
-/// the most (compaction may not have run yet, so older snapshots can still be there).
-/// Blocking; bounded by `limit`.
-pub fn read_snapshots(
+/// State a role reads back before it handles messages of a newly assigned partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateRead {
+    /// A partition of a (compacted) topic, from its first offset to its end now.
+    Whole {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+    },
+    /// Up to `count` messages of a partition just before the role's group's committed offset
+    /// (nothing if the group has not committed there).
+    BeforeCommit {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// How many messages at most.
+        count: i64,
+    },
+}
+
+impl StateRead {
+    /// The partition read.
+    pub fn partition(&self) -> i32 {
+        match self {
+            StateRead::Whole { partition, .. } | StateRead::BeforeCommit { partition, .. } => {
+                *partition
+            }
+        }
+    }
+
+    fn topic(&self) -> &str {
+        match self {
+            StateRead::Whole { topic, .. } | StateRead::BeforeCommit { topic, .. } => topic,
+        }
+    }
+}
+
+/// A record read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its value (`None`: a tombstone).
+    pub payload: Option<Vec<u8>>,
+}
+
+/// A restore that did not finish in time.
+#[derive(Debug, thiserror::Error)]
+#[error("state not read back in {limit:?}: {behind}")]
+pub struct RestoreTimedOut {
+    /// The limit.
+    pub limit: Duration,
+    /// Where each unfinished partition stands.
+    pub behind: String,
+}
+
+/// Topics that cannot work together.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicError {
+    /// A topic the role needs does not exist.
+    #[error("topic {0} does not exist; run `npsflow topics create`")]
+    Missing(String),
+    /// The state topic has fewer partitions than the input it follows.
+    #[error("state topic {state} has {state_partitions} partitions, fewer than the {input_partitions} of {input}; it must have as many")]
+    NotCopartitioned {
+        /// The state topic.
+        state: String,
+        /// Its partitions.
+        state_partitions: usize,
+        /// The input topic.
+        input: String,
+        /// Its partitions.
+        input_partitions: usize,
+    },
+}
+
+/// Performs every read at once (`group` is the role's consumer group, whose committed offsets
+/// [`StateRead::BeforeCommit`] reads up to) and returns the records of each, in offset order,
+/// in the order of `reads`. Blocking; fails past `limit`.
+pub fn read(
     kafka: &KafkaSettings,
-    topic: &str,
-    partitions: &[i32],
+    group: &str,
+    reads: &[StateRead],
     limit: Duration,
-) -> Result<BTreeMap<i32, Vec<SegmentSnapshot>>, RuntimeError> {
+) -> Result<Vec<Vec<StoredRecord>>, RuntimeError> {
     let mut config = client_config(kafka, "npsflow-restore");
     config
-        .set("group.id", "npsflow-restore")
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false");
     let consumer: BaseConsumer = config.create()?;
-    let mut ranges = Vec::with_capacity(partitions.len());
-    for &partition in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, partition, limit)?;
-        ranges.push((partition, low, high));
-    }
-    let mut latest: BTreeMap<i32, BTreeMap<String, SegmentSnapshot>> =
-        partitions.iter().map(|p| (*p, BTreeMap::new())).collect();
-    read_ranges(&consumer, topic, &ranges, limit, |partition, message| {
-        let Some(key) = message
-            .key()
-            .map(|k| String::from_utf8_lossy(k).into_owned())
-        else {
-            return;
-        };
-        let latest = latest.entry(partition).or_default();
-        match message.payload().map(SegmentSnapshot::from_json) {
-            None => {
-                latest.remove(&key);
-            }
-            Some(Ok(snapshot)) => {
-                let keep = latest
-                    .get(&key)
-                    .is_none_or(|current| !current.covers(&snapshot) || snapshot.covers(current));
-                if keep {
-                    latest.insert(key, snapshot);
-                }
-            }
-            Some(Err(error)) => {
-                warn!(%error, partition, offset = message.offset(), "unreadable snapshot skipped")
-            }
+    let mut wanted = TopicPartitionList::new();
+    for read in reads {
+        if let StateRead::BeforeCommit {
+            topic, partition, ..
+        } = read
+        {
+            wanted.add_partition(topic, *partition);
         }
-    })?;
-    Ok(latest
-        .into_iter()
-        .map(|(partition, snapshots)| (partition, snapshots.into_values().collect()))
-        .collect())
+    }
+    let committed = if wanted.count() > 0 {
+        consumer.committed_offsets(wanted, limit)?
+    } else {
+        wanted
+    };
+    let mut ranges = Vec::with_capacity(reads.len());
+    for read in reads {
+        let (low, high) = consumer.fetch_watermarks(read.topic(), read.partition(), limit)?;
+        let range = match read {
+            StateRead::Whole { .. } => (low, high),
+            StateRead::BeforeCommit {
+                topic,
+                partition,
+                count,
+            } => match committed
+                .find_partition(topic, *partition)
+                .map(|e| e.offset())
+            {
+                Some(Offset::Offset(end)) => (low.max(end - (*count).max(0)), end),
+                _ => (0, 0),
+            },
+        };
+        ranges.push(range);
+    }
+    read_ranges(&consumer, reads, &ranges, limit)
 }
 
-/// Fails unless `state` has at least as many partitions as `deltas`: a segment's snapshot
-/// goes to the state partition with the number of its deltas partition.
+/// Reads offsets `start..end` of each read's partition, all at once.
+fn read_ranges(
+    consumer: &BaseConsumer,
+    reads: &[StateRead],
+    ranges: &[(i64, i64)],
+    limit: Duration,
+) -> Result<Vec<Vec<StoredRecord>>, RuntimeError> {
+    let mut found: Vec<Vec<StoredRecord>> = vec![Vec::new(); reads.len()];
+    let mut list = TopicPartitionList::new();
+    // (topic, partition) -> (index of the read, end)
+    let mut pending: BTreeMap<(String, i32), (usize, i64)> = BTreeMap::new();
+    for (index, (read, &(start, end))) in reads.iter().zip(ranges).enumerate() {
+        if start < end {
+            list.add_partition_offset(read.topic(), read.partition(), Offset::Offset(start))?;
+            pending.insert((read.topic().to_owned(), read.partition()), (index, end));
+        }
+    }
+    if pending.is_empty() {
+        return Ok(found);
+    }
+    consumer.assign(&list)?;
+    let deadline = Instant::now() + limit;
+    let mut key = (String::new(), 0);
+    while !pending.is_empty() {
+        if Instant::now() > deadline {
+            let behind: Vec<String> = pending
+                .iter()
+                .map(|((t, p), (i, end))| {
+                    let at = found[*i].last().map_or(0, |r| r.offset + 1);
+                    format!("{t} partition {p} at {at} of {end}")
+                })
+                .collect();
+            return Err(RestoreTimedOut {
+                limit,
+                behind: behind.join(", "),
+            }
+            .into());
+        }
+        let Some(received) = consumer.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let message = received?;
+        key.0.clear();
+        key.0.push_str(message.topic());
+        key.1 = message.partition();
+        let Some(&(index, end)) = pending.get(&key) else {
+            continue;
+        };
+        if message.offset() < end {
+            found[index].push(StoredRecord {
+                offset: message.offset(),
+                key: message.key().map(<[u8]>::to_vec),
+                payload: message.payload().map(<[u8]>::to_vec),
+            });
+        }
+        if message.offset() + 1 >= end {
+            pending.remove(&key);
+        }
+    }
+    Ok(found)
+}
+
+/// Fails unless `state` has at least as many partitions as `input`: a role writes the state
+/// of an input partition to the state partition with the same number.
 pub fn check_copartitioned(
     kafka: &KafkaSettings,
-    deltas: &str,
+    input: &str,
     state: &str,
 ) -> Result<(), RuntimeError> {
     let consumer: BaseConsumer = client_config(kafka, "npsflow-metadata").create()?;
@@ -86,116 +223,19 @@ pub fn check_copartitioned(
             .map(|t| t.partitions().len())
             .unwrap_or(0);
         if partitions == 0 {
-            return Err(RuntimeError::Restore(format!(
-                "topic {topic} does not exist; run `npsflow topics create`"
-            )));
+            return Err(TopicError::Missing(topic.to_owned()).into());
         }
         Ok(partitions)
     };
-    let (d, s) = (count(deltas)?, count(state)?);
-    if s < d {
-        return Err(RuntimeError::Restore(format!(
-            "state topic {state} has {s} partitions, fewer than the {d} of {deltas}; it must have as many"
-        )));
-    }
-    Ok(())
-}
-
-/// A message read back to rebuild duplicate memory: where it was first read, and its bytes.
-pub type Remembered = (Source, Vec<u8>);
-
-/// Reads back the messages of the given repartition-topic partitions, all at once, from
-/// `count` messages before the group's committed offset up to it, as (source, bytes) per
-/// partition, to rebuild duplicate memory. Blocking; bounded by `limit`. A partition without
-/// a committed offset has nothing to read.
-pub fn read_before_commit(
-    kafka: &KafkaSettings,
-    group: &str,
-    topic: &str,
-    partitions: &[i32],
-    count: i64,
-    limit: Duration,
-) -> Result<BTreeMap<i32, Vec<Remembered>>, RuntimeError> {
-    let mut config = client_config(kafka, "npsflow-dedupe-restore");
-    config
-        .set("group.id", group)
-        .set("enable.auto.commit", "false");
-    let consumer: BaseConsumer = config.create()?;
-    let mut wanted = TopicPartitionList::new();
-    for &partition in partitions {
-        wanted.add_partition(topic, partition);
-    }
-    let committed = consumer.committed_offsets(wanted, limit)?;
-    let mut ranges = Vec::with_capacity(partitions.len());
-    let mut messages: BTreeMap<i32, Vec<Remembered>> =
-        partitions.iter().map(|p| (*p, Vec::new())).collect();
-    for &partition in partitions {
-        let Some(Offset::Offset(end)) = committed
-            .find_partition(topic, partition)
-            .map(|e| e.offset())
-        else {
-            continue;
-        };
-        let (low, _) = consumer.fetch_watermarks(topic, partition, limit)?;
-        ranges.push((partition, low.max(end - count.max(0)), end));
-    }
-    read_ranges(&consumer, topic, &ranges, limit, |partition, message| {
-        messages
-            .entry(partition)
-            .or_default()
-            .push(crate::ingest::forwarded_source(message));
-    })?;
-    Ok(messages)
-}
-
-/// Hands every message of each `(partition, start, end)` range (offsets `start..end`) to
-/// `each`, in offset order per partition, reading all partitions at once. Blocking; fails if
-/// that takes longer than `limit`.
-fn read_ranges(
-    consumer: &BaseConsumer,
-    topic: &str,
-    ranges: &[(i32, i64, i64)],
-    limit: Duration,
-    mut each: impl FnMut(i32, &rdkafka::message::BorrowedMessage<'_>),
-) -> Result<(), RuntimeError> {
-    let mut list = TopicPartitionList::new();
-    // partition -> (next offset wanted, end)
-    let mut pending: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
-    for &(partition, start, end) in ranges.iter().filter(|(_, start, end)| start < end) {
-        list.add_partition_offset(topic, partition, Offset::Offset(start))?;
-        pending.insert(partition, (start, end));
-    }
-    if pending.is_empty() {
-        return Ok(());
-    }
-    consumer.assign(&list)?;
-    let deadline = Instant::now() + limit;
-    while !pending.is_empty() {
-        if Instant::now() > deadline {
-            let behind: Vec<String> = pending
-                .iter()
-                .map(|(p, (at, end))| format!("partition {p} at {at} of {end}"))
-                .collect();
-            return Err(RuntimeError::Restore(format!(
-                "{topic}: not read back in {limit:?}: {}",
-                behind.join(", ")
-            )));
+    let (i, s) = (count(input)?, count(state)?);
+    if s < i {
+        return Err(TopicError::NotCopartitioned {
+            state: state.to_owned(),
+            state_partitions: s,
+            input: input.to_owned(),
+            input_partitions: i,
         }
-        let Some(received) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let message = received?;
-        let partition = message.partition();
-        let Some((next, end)) = pending.get_mut(&partition) else {
-            continue;
-        };
-        if message.offset() < *end {
-            *next = message.offset() + 1;
-            each(partition, &message);
-        }
-        if message.offset() + 1 >= *end {
-            pending.remove(&partition);
-        }
+        .into());
     }
     Ok(())
 }

@@ -148,13 +148,7 @@ async fn every_role_end_to_end_with_exact_dead_letters_and_routed_alerts() {
 
     // Windows: the API and the gauges agree with the accepted responses.
     wait_until("the aggregator to count every response", || {
-        pipeline
-            .process
-            .metrics
-            .delta_responses
-            .with_label_values(&["applied"])
-            .get()
-            >= 17
+        pipeline.process.metrics.applied_responses() >= 17
     })
     .await;
     let (status, all) = pipeline.get("/v1/segments/all?window=1h").await;
@@ -265,15 +259,11 @@ async fn broker_errors_are_retried_and_nothing_is_lost() {
         pipeline
             .process
             .metrics
-            .produce_errors
-            .with_label_values(&[topics.followups.as_str(), "transient"])
-            .get()
+            .produce_error_count(topics.followups.as_str(), "transient")
             + pipeline
                 .process
                 .metrics
-                .produce_errors
-                .with_label_values(&[topics.segment_deltas.as_str(), "transient"])
-                .get()
+                .produce_error_count(topics.segment_deltas.as_str(), "transient")
             == 0,
         "librdkafka retries transient errors itself; none reach the role"
     );
@@ -377,13 +367,7 @@ async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
     produce(&brokers, &topics.responses, &first).await;
     let pipeline = Pipeline::start(&config).await;
     wait_until("all twelve counted", || {
-        pipeline
-            .process
-            .metrics
-            .delta_responses
-            .with_label_values(&["applied"])
-            .get()
-            == 24
+        pipeline.process.metrics.applied_responses() == 24
     })
     .await;
     let (_, before) = pipeline.get("/v1/segments/region=east?window=24h").await;
@@ -397,12 +381,7 @@ async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
     assert_eq!(status, StatusCode::OK, "{after}");
     assert_eq!(after, before, "restored exactly");
     assert_eq!(
-        restarted
-            .process
-            .metrics
-            .delta_responses
-            .with_label_values(&["applied"])
-            .get(),
+        restarted.process.metrics.applied_responses(),
         0,
         "nothing was re-applied: the committed offsets and snapshots agree"
     );
@@ -411,13 +390,7 @@ async fn a_restarted_aggregator_restores_its_segments_from_snapshots() {
         vec![(Some("k"), response("r-new", 10, east), OwnedHeaders::new())];
     produce(&brokers, &topics.responses, &more).await;
     wait_until("the new response", || {
-        restarted
-            .process
-            .metrics
-            .delta_responses
-            .with_label_values(&["applied"])
-            .get()
-            == 2
+        restarted.process.metrics.applied_responses() == 2
     })
     .await;
     let (_, latest) = restarted.get("/v1/segments/region=east?window=24h").await;
@@ -471,9 +444,7 @@ async fn exactly_once_commits_outputs_and_offsets_in_transactions() {
         pipeline
             .process
             .metrics
-            .produce_errors
-            .with_label_values(&["transaction", "transient"])
-            .get(),
+            .produce_error_count("transaction", "transient"),
         0
     );
     let ids: BTreeSet<String> = alerts
@@ -582,16 +553,18 @@ async fn oversized_messages_cost_one_dead_letter_and_stop_nothing() {
         reasons.insert(reason);
     }
     assert_eq!(reasons.len(), 2);
-    assert_eq!(pipeline.process.metrics.dead_letters_without_value.get(), 2);
+    let metrics = pipeline.process.metrics.render();
+    assert_eq!(
+        sample(&metrics, "npsflow_dead_letters_without_value_total"),
+        Some(2.0)
+    );
+    let permanent = format!(
+        "npsflow_produce_errors_total{{kind=\"permanent\",topic=\"{}\"}}",
+        topics.dead_letters
+    );
     assert!(
-        pipeline
-            .process
-            .metrics
-            .produce_errors
-            .with_label_values(&[topics.dead_letters.as_str(), "permanent"])
-            .get()
-            >= 1,
-        "the producer's rejection was classified permanent"
+        sample(&metrics, &permanent) >= Some(1.0),
+        "the producer's rejection was classified permanent: {metrics}"
     );
     let (status, _) = pipeline.get("/healthz").await;
     assert_eq!(status, StatusCode::OK);
@@ -660,4 +633,12 @@ async fn a_partition_that_cannot_move_fails_liveness_until_it_moves_again() {
     }
     assert!(live, "liveness recovers");
     pipeline.stop().await;
+}
+
+/// The value of one series (name and labels exactly as rendered) in a text exposition.
+fn sample(metrics: &str, series: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
 }

@@ -111,13 +111,7 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
     // Windows: every segment's 28d counts through the API, and the gauges for `all`.
     let total_in_segments: u64 = expected.segments.values().map(|(p, n, d)| p + n + d).sum();
     wait_until("the aggregator to apply everything", || {
-        pipeline
-            .process
-            .metrics
-            .delta_responses
-            .with_label_values(&["applied"])
-            .get()
-            == total_in_segments
+        pipeline.process.metrics.applied_responses() == total_in_segments
     })
     .await;
     for (segment, (promoters, passives, detractors)) in &expected.segments {

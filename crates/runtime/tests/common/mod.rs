@@ -75,11 +75,7 @@ impl Pipeline {
     }
 
     pub fn events(&self, outcome: &str) -> u64 {
-        self.process
-            .metrics
-            .events
-            .with_label_values(&[outcome])
-            .get()
+        self.process.metrics.outcome_count(outcome)
     }
 
     pub fn total_events(&self) -> u64 {

@@ -1,0 +1,630 @@
+//! The role engine: one driver owns the Kafka side of every role, and each role is a plain
+//! state machine ([`RoleMachine`]) in the quinn-proto style: assignment changes, restored
+//! state, messages and timeouts go in with `now`; the records they cause come out; timers are
+//! polled. The driver does the rest, once for every role:
+//!
+//! - batched receive (up to `ingest.batch_max_messages` or `ingest.batch_max_wait`);
+//! - assignment changes: revoked partitions are forgotten and their late messages dropped
+//!   (their new owner decides them); newly assigned ones are restored (the role names the
+//!   state reads, the driver performs them while the consumer stays in its group) before any
+//!   of their messages is handled;
+//! - delivery with error classification (transient: retried; permanent: the record's
+//!   fallback, or the role stops), and the commit point: an input offset is stored only after
+//!   everything its batch caused is delivered. At least once, delivery is pipelined: the next
+//!   batch is received and decided while the previous one is delivered, and offsets are
+//!   stored in batch order. Exactly once, outputs and offsets go in one transaction;
+//! - health (progress per partition, restored or not), timers (they fire on the injected
+//!   clock even when no message arrives), and graceful shutdown (finish, commit, leave).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use npsflow_core::Timestamp;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::OwnedMessage;
+use rdkafka::producer::Producer;
+use rdkafka::Message;
+use tokio::sync::watch;
+
+use crate::config::{Config, Guarantee};
+use crate::health::Health;
+use crate::kafka::{self, AssignmentChange, Outgoing, RoleContext, RoleProducer};
+use crate::metrics::{events, Metrics};
+use crate::state::{self, StateRead, StoredRecord};
+use crate::RuntimeError;
+
+/// A topic and partition.
+pub type TopicPartition = (String, i32);
+
+/// A role as a state machine. No Kafka, no clock: the driver calls it with `now`.
+pub trait RoleMachine: Send + 'static {
+    /// Partitions newly assigned. Returns the state to read before any of their messages is
+    /// handled; each read is handed back with [`RoleMachine::handle_restored`].
+    fn handle_assigned(&mut self, partitions: &[TopicPartition]) -> Vec<StateRead>;
+
+    /// What a state read found, in offset order (possibly nothing).
+    fn handle_restored(&mut self, read: &StateRead, records: Vec<StoredRecord>, now: Timestamp);
+
+    /// Partitions taken away: their state is forgotten.
+    fn handle_revoked(&mut self, partitions: &[TopicPartition]);
+
+    /// Messages of assigned, restored partitions, in offset order per partition. The records
+    /// they cause go to `out`.
+    fn handle_messages(
+        &mut self,
+        messages: &[OwnedMessage],
+        now: Timestamp,
+        out: &mut Vec<Outgoing>,
+    );
+
+    /// When the role next wants [`RoleMachine::handle_timeout`], if ever.
+    fn poll_timeout(&self) -> Option<Timestamp> {
+        None
+    }
+
+    /// Timers due at `now`; the records they cause go to `out`.
+    fn handle_timeout(&mut self, now: Timestamp, out: &mut Vec<Outgoing>) {
+        let _ = (now, out);
+    }
+}
+
+/// Where "now" comes from.
+pub trait Clock: Send + Sync {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WallClock;
+
+impl Clock for WallClock {
+    fn now(&self) -> Timestamp {
+        crate::wall_now()
+    }
+}
+
+/// A clock that follows tokio's, from a given start: paused and advanced with tokio's time in
+/// tests.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start: Timestamp,
+    at: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock that reads `start` now.
+    pub fn starting_at(start: Timestamp) -> TokioClock {
+        TokioClock {
+            start,
+            at: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.start.millis() + self.at.elapsed().as_millis() as i64)
+    }
+}
+
+/// What the driver needs besides the role.
+#[derive(Clone)]
+pub struct Engine {
+    /// The configuration.
+    pub config: Arc<Config>,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// Health.
+    pub health: Arc<Health>,
+    /// The clock handed to the role.
+    pub clock: Arc<dyn Clock>,
+}
+
+/// How a role meets Kafka: its name, group and input topics.
+#[derive(Debug, Clone)]
+pub struct Binding {
+    /// The role's name (logs, metrics, health, client ids).
+    pub role: &'static str,
+    /// Its consumer group.
+    pub group: String,
+    /// The topics it reads.
+    pub topics: Vec<String>,
+    /// Whether it may use transactions (`processing.guarantee = exactly_once`).
+    pub transactional: bool,
+}
+
+/// The longest a restore may take before the role gives up (and the process exits to be
+/// restarted). The consumer stays in its group meanwhile.
+pub const RESTORE_LIMIT: Duration = Duration::from_secs(180);
+
+/// How long the driver waits for a first message before it attends to timers, rebalances and
+/// shutdown anyway.
+const IDLE: Duration = Duration::from_millis(500);
+
+impl Engine {
+    /// Runs `role` until `shutdown` turns true: then finishes the batch in flight, commits
+    /// and leaves the group. Returns an error when the role cannot go on (a record rejected
+    /// for good, a restore that cannot finish, a fenced transactional producer).
+    pub async fn drive<R: RoleMachine>(
+        &self,
+        mut role: R,
+        binding: Binding,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), RuntimeError> {
+        let name = binding.role;
+        let settings = &self.config.settings;
+        self.health.register(name);
+        self.health.set_restored(name, true);
+        let transactional =
+            binding.transactional && settings.processing.guarantee == Guarantee::ExactlyOnce;
+        let context = RoleContext::new(
+            name,
+            &binding.group,
+            self.metrics.clone(),
+            self.health.clone(),
+        );
+        let mut consumer_config =
+            kafka::consumer_config(&settings.kafka, &binding.group, &format!("npsflow-{name}"));
+        let mut producer_config = kafka::producer_config(
+            &settings.kafka,
+            &format!("npsflow-{name}-producer"),
+            settings.topics.max_message_bytes as usize,
+        );
+        if transactional {
+            // Offsets are committed inside each batch's transaction, never by the consumer.
+            consumer_config.set("enable.auto.commit", "false");
+            producer_config.set("transactional.id", transactional_id(&self.config, name));
+        }
+        let consumer: StreamConsumer<RoleContext> = consumer_config.create_with_context(context)?;
+        let producer = kafka::role_producer(
+            producer_config,
+            name,
+            self.health.clone(),
+            self.metrics.clone(),
+        )?;
+        let mut committer = if transactional {
+            let producer = producer.clone();
+            tokio::task::spawn_blocking(move || {
+                producer.init_transactions(Duration::from_secs(60))
+            })
+            .await??;
+            Committer::Transactional
+        } else {
+            Committer::AtLeastOnce { in_flight: None }
+        };
+        let topics: Vec<&str> = binding.topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topics)?;
+        events::RoleStarted {
+            role: name,
+            topics: &binding.topics,
+            group: &binding.group,
+        }
+        .emit(&self.metrics);
+
+        let max_messages = settings.ingest.batch_max_messages;
+        let max_wait = Duration::from_millis(self.config.batch_max_wait.millis() as u64);
+        let mut assigned: Vec<TopicPartition> = Vec::new();
+        // Messages received but not handled yet because the assignment changed meanwhile.
+        let mut carried: Vec<OwnedMessage> = Vec::new();
+        loop {
+            let idle = self.until_timer(&role).min(IDLE);
+            let receiving = Receiving {
+                consumer: &consumer,
+                role: name,
+                metrics: &self.metrics,
+                max: max_messages,
+                wait: max_wait,
+                idle,
+            };
+            let Some(received) = receiving.next(&mut shutdown, committer.settled()).await else {
+                break;
+            };
+            let started = Instant::now();
+            let mut batch = std::mem::take(&mut carried);
+            batch.extend(received);
+            let changes = consumer.context().take_changes();
+            if !changes.is_empty() {
+                // Attend to the new assignment with nothing of the old one still in flight.
+                committer.drain(&consumer, name, &self.metrics).await?;
+                let new = apply_changes(&mut role, &mut assigned, changes);
+                if !new.is_empty() {
+                    let restore = self.restore(&mut role, &binding, &new);
+                    let (restored, held) = keep_polling(&consumer, restore).await;
+                    restored?;
+                    batch.extend(held);
+                    if consumer.context().has_changes() {
+                        // Partitions moved during the restore: attend to that first.
+                        carried = batch;
+                        continue;
+                    }
+                }
+                self.health.set_restored(name, true);
+            }
+            // Messages fetched just before their partition was revoked belong to the new
+            // owner, which decides them with that partition's full state.
+            batch.retain(|m| {
+                assigned
+                    .iter()
+                    .any(|(t, p)| *p == m.partition() && t == m.topic())
+            });
+            let mut records = Vec::new();
+            let now = self.clock.now();
+            if !batch.is_empty() {
+                role.handle_messages(&batch, now, &mut records);
+            }
+            if role.poll_timeout().is_some_and(|due| due <= now) {
+                role.handle_timeout(now, &mut records);
+            }
+            if batch.is_empty() && records.is_empty() {
+                // Nothing new: the batch in flight, if any, reaches its commit point now.
+                committer.drain(&consumer, name, &self.metrics).await?;
+                continue;
+            }
+            let max = kafka::max_record_bytes(settings.topics.max_message_bytes as usize);
+            let records = kafka::fit_records(records, max, &self.metrics);
+            let offsets = kafka::last_offsets(&batch);
+            committer
+                .commit(
+                    &consumer,
+                    &producer,
+                    name,
+                    &self.metrics,
+                    records,
+                    offsets,
+                    started,
+                )
+                .await?;
+        }
+        events::RoleStopping { role: name }.emit(&self.metrics);
+        let drained = committer.drain(&consumer, name, &self.metrics).await;
+        kafka::close_consumer(
+            consumer,
+            name,
+            &self.metrics,
+            !transactional,
+            Duration::from_secs(15),
+        )
+        .await;
+        drained
+    }
+
+    /// How long until the role's next timer is due on the clock (zero if it is overdue).
+    fn until_timer<R: RoleMachine>(&self, role: &R) -> Duration {
+        match role.poll_timeout() {
+            None => Duration::MAX,
+            Some(due) => {
+                Duration::from_millis((due.millis() - self.clock.now().millis()).max(0) as u64)
+            }
+        }
+    }
+
+    /// Performs the state reads the role asks for on `partitions` and hands them back.
+    async fn restore<R: RoleMachine>(
+        &self,
+        role: &mut R,
+        binding: &Binding,
+        partitions: &[TopicPartition],
+    ) -> Result<(), RuntimeError> {
+        let reads = role.handle_assigned(partitions);
+        if reads.is_empty() {
+            return Ok(());
+        }
+        self.health.set_restored(binding.role, false);
+        let started = Instant::now();
+        let kafka = self.config.settings.kafka.clone();
+        let group = binding.group.clone();
+        let wanted = reads.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            state::read(&kafka, &group, &wanted, RESTORE_LIMIT)
+        })
+        .await??;
+        let now = self.clock.now();
+        let mut count = 0;
+        for (read, records) in reads.iter().zip(found) {
+            count += records.len();
+            role.handle_restored(read, records, now);
+        }
+        events::Restored {
+            role: binding.role,
+            partitions: reads.len(),
+            records: count,
+            seconds: started.elapsed().as_secs_f64(),
+        }
+        .emit(&self.metrics);
+        Ok(())
+    }
+}
+
+/// Tells the role about assignment changes, oldest first, and keeps `assigned` current.
+/// Returns the partitions newly assigned (and not revoked since).
+fn apply_changes<R: RoleMachine>(
+    role: &mut R,
+    assigned: &mut Vec<TopicPartition>,
+    changes: Vec<AssignmentChange>,
+) -> Vec<TopicPartition> {
+    let mut new: Vec<TopicPartition> = Vec::new();
+    for change in changes {
+        match change {
+            AssignmentChange::Revoked(partitions) => {
+                assigned.retain(|tp| !partitions.contains(tp));
+                new.retain(|tp| !partitions.contains(tp));
+                role.handle_revoked(&partitions);
+            }
+            AssignmentChange::Assigned(partitions) => {
+                for tp in partitions {
+                    if !assigned.contains(&tp) {
+                        assigned.push(tp.clone());
+                        new.push(tp);
+                    }
+                }
+            }
+        }
+    }
+    new
+}
+
+type Delivered = Result<Result<(), kafka::DeliveryError>, tokio::task::JoinError>;
+
+/// A batch whose records are being delivered; its offsets are stored once they are.
+struct InFlight {
+    delivery: tokio::task::JoinHandle<Result<(), kafka::DeliveryError>>,
+    /// The delivery's result, once [`Committer::settled`] has seen it.
+    delivered: Option<Delivered>,
+    offsets: Vec<(String, i32, i64)>,
+    started: Instant,
+}
+
+/// How a batch reaches its commit point.
+enum Committer {
+    /// Deliver, then store the offsets for the consumer's next commit. Pipelined: one batch
+    /// may be in flight while the next is received and decided.
+    AtLeastOnce { in_flight: Option<InFlight> },
+    /// Records and offsets in one Kafka transaction per batch.
+    Transactional,
+}
+
+impl Committer {
+    #[allow(clippy::too_many_arguments)]
+    async fn commit(
+        &mut self,
+        consumer: &StreamConsumer<RoleContext>,
+        producer: &RoleProducer,
+        role: &'static str,
+        metrics: &Metrics,
+        records: Vec<Outgoing>,
+        offsets: Vec<(String, i32, i64)>,
+        started: Instant,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Committer::AtLeastOnce { in_flight } => {
+                if let Some(previous) = in_flight.take() {
+                    finish(consumer, role, metrics, previous).await?;
+                }
+                let (producer, metrics) = (producer.clone(), metrics.clone());
+                *in_flight = Some(InFlight {
+                    delivery: tokio::spawn(async move {
+                        kafka::deliver_all(&producer, &records, &metrics).await
+                    }),
+                    delivered: None,
+                    offsets,
+                    started,
+                });
+                Ok(())
+            }
+            Committer::Transactional => {
+                let group = consumer
+                    .group_metadata()
+                    .ok_or(RuntimeError::NoGroupMetadata)?;
+                let next = kafka::next_offsets(&offsets);
+                let (producer, task_metrics) = (producer.clone(), metrics.clone());
+                tokio::task::spawn_blocking(move || {
+                    kafka::commit_transaction(&producer, &records, &next, &group, &task_metrics)
+                })
+                .await??;
+                kafka::record_progress(consumer, &offsets);
+                events::BatchCommitted {
+                    role,
+                    seconds: started.elapsed().as_secs_f64(),
+                }
+                .emit(metrics);
+                Ok(())
+            }
+        }
+    }
+
+    /// Resolves once the batch in flight, if any, is delivered (or has failed); never if
+    /// there is none. Cancel-safe: the result is kept for [`Committer::drain`].
+    async fn settled(&mut self) {
+        match self {
+            Committer::AtLeastOnce {
+                in_flight: Some(batch),
+            } => {
+                if batch.delivered.is_none() {
+                    batch.delivered = Some((&mut batch.delivery).await);
+                }
+            }
+            _ => std::future::pending().await,
+        }
+    }
+
+    /// Waits for the batch in flight, if any, and stores its offsets.
+    async fn drain(
+        &mut self,
+        consumer: &StreamConsumer<RoleContext>,
+        role: &'static str,
+        metrics: &Metrics,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Committer::AtLeastOnce { in_flight } => match in_flight.take() {
+                Some(previous) => finish(consumer, role, metrics, previous).await,
+                None => Ok(()),
+            },
+            Committer::Transactional => Ok(()),
+        }
+    }
+}
+
+async fn finish(
+    consumer: &StreamConsumer<RoleContext>,
+    role: &'static str,
+    metrics: &Metrics,
+    batch: InFlight,
+) -> Result<(), RuntimeError> {
+    match batch.delivered {
+        Some(delivered) => delivered??,
+        None => batch.delivery.await??,
+    }
+    kafka::store_offsets(consumer, &batch.offsets);
+    events::BatchCommitted {
+        role,
+        seconds: batch.started.elapsed().as_secs_f64(),
+    }
+    .emit(metrics);
+    Ok(())
+}
+
+/// The role's transactional id: configured, or one per host and process.
+fn transactional_id(config: &Config, role: &str) -> String {
+    match config.settings.processing.transactional_id.as_str() {
+        "" => format!("npsflow-{role}-{}-{}", host_name(), std::process::id()),
+        id if role == crate::ingest::ROLE => id.to_owned(),
+        id => format!("{id}-{role}"),
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "npsflow".into())
+}
+
+/// How the driver receives a batch.
+struct Receiving<'a> {
+    consumer: &'a StreamConsumer<RoleContext>,
+    role: &'static str,
+    metrics: &'a Metrics,
+    /// At most this many messages.
+    max: usize,
+    /// At most this long after the first message.
+    wait: Duration,
+    /// At most this long for a first message.
+    idle: Duration,
+}
+
+impl Receiving<'_> {
+    /// Adds a received message to `batch`; false (and the error reported) if it is an error.
+    fn take(
+        &self,
+        received: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
+        batch: &mut Vec<OwnedMessage>,
+    ) -> bool {
+        match received {
+            Ok(message) => {
+                batch.push(message.detach());
+                true
+            }
+            Err(error) => {
+                events::ConsumeFailed {
+                    role: self.role,
+                    error: &error,
+                }
+                .emit(self.metrics);
+                false
+            }
+        }
+    }
+
+    /// The next batch: waits up to `idle` for a first message (an empty batch if none comes,
+    /// or if `settled` resolves first, so that the driver attends to timers, rebalances and
+    /// the batch in flight), then takes more until `max` messages or `wait` has passed.
+    /// `None` once `shutdown` turns true (or its sender is gone). Once a message is taken
+    /// nothing can cancel it: every message taken is in the batch returned.
+    async fn next(
+        &self,
+        shutdown: &mut watch::Receiver<bool>,
+        settled: impl std::future::Future<Output = ()>,
+    ) -> Option<Vec<OwnedMessage>> {
+        let (consumer, role) = (self.consumer, self.role);
+        let first = tokio::select! {
+            _ = shutdown.wait_for(|stop| *stop) => return None,
+            _ = settled => return Some(Vec::new()),
+            received = tokio::time::timeout(self.idle, consumer.recv()) => received,
+        };
+        let mut batch = Vec::new();
+        let Ok(first) = first else {
+            return Some(batch);
+        };
+        if !self.take(first, &mut batch) {
+            // Typically the broker is unreachable: wait a little instead of spinning.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            return Some(batch);
+        }
+        let deadline = tokio::time::Instant::now() + self.wait;
+        while batch.len() < self.max {
+            let Ok(received) = tokio::time::timeout_at(deadline, consumer.recv()).await else {
+                break;
+            };
+            if !self.take(received, &mut batch) {
+                break;
+            }
+        }
+        // Per partition, the first and last offsets received: what the progress watch
+        // needs, without a lookup per message.
+        let mut spans: Vec<(&str, i32, i64, i64)> = Vec::new();
+        for message in &batch {
+            let (topic, partition, offset) =
+                (message.topic(), message.partition(), message.offset());
+            match spans.iter_mut().find(|s| s.1 == partition && s.0 == topic) {
+                Some(span) => span.3 = span.3.max(offset),
+                None => spans.push((topic, partition, offset, offset)),
+            }
+        }
+        let now = Instant::now();
+        consumer.context().health().progress(role, |watch| {
+            for &(topic, partition, first, last) in &spans {
+                watch.received(topic, partition, first, now);
+                watch.received(topic, partition, last, now);
+            }
+        });
+        Some(batch)
+    }
+}
+
+/// Runs `restore` while the consumer stays in its group: its assigned partitions are paused
+/// and it keeps being polled, so heartbeats, rebalance callbacks and the poll interval are
+/// served however long the restore takes. Messages it still hands out (fetched before the
+/// pause) are returned in order, to be handled after the restore.
+async fn keep_polling<T>(
+    consumer: &StreamConsumer<RoleContext>,
+    restore: impl std::future::Future<Output = T>,
+) -> (T, Vec<OwnedMessage>) {
+    let paused = consumer.assignment().ok();
+    if let Some(list) = &paused {
+        if let Err(error) = consumer.pause(list) {
+            tracing::debug!(%error, "pausing for a restore");
+        }
+    }
+    tokio::pin!(restore);
+    let mut held = Vec::new();
+    let result = loop {
+        tokio::select! {
+            result = &mut restore => break result,
+            received = consumer.recv() => match received {
+                Ok(message) => held.push(message.detach()),
+                Err(error) => {
+                    tracing::debug!(%error, "consume error during a restore");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    };
+    if let Some(list) = &paused {
+        if let Err(error) = consumer.resume(list) {
+            tracing::debug!(%error, "resuming after a restore");
+        }
+    }
+    (result, held)
+}

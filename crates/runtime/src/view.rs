@@ -1,0 +1,143 @@
+//! The aggregate role's query model: the segments this process owns, by deltas-topic
+//! partition, and their rolling windows as rows for `/metrics` and `/v1/segments`. The role
+//! writes it ([`crate::aggregate`]); the HTTP server and the metrics collector read it.
+//! A partition's segments are dropped when the partition is revoked, so a segment is only
+//! ever shown by the one process that owns it.
+
+use std::collections::BTreeMap;
+
+use npsflow_core::{
+    SegmentDelta, SegmentSnapshot, SegmentStore, Timestamp, WindowSpecs, WindowSummary,
+};
+
+use crate::config::ClockKind;
+
+/// One segment's summary in one window.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    /// Canonical segment name.
+    pub segment: String,
+    /// Window name.
+    pub window: String,
+    /// Counts, NPS, margin, band.
+    pub summary: WindowSummary,
+}
+
+/// The segments this process owns, by deltas-topic partition.
+#[derive(Debug)]
+pub struct AggregateView {
+    windows: WindowSpecs,
+    clock: ClockKind,
+    partitions: BTreeMap<i32, SegmentStore>,
+    latest_event: Option<Timestamp>,
+}
+
+impl AggregateView {
+    /// An empty view.
+    pub fn new(windows: WindowSpecs, clock: ClockKind) -> AggregateView {
+        AggregateView {
+            windows,
+            clock,
+            partitions: BTreeMap::new(),
+            latest_event: None,
+        }
+    }
+
+    /// The windows.
+    pub fn windows(&self) -> &WindowSpecs {
+        &self.windows
+    }
+
+    /// "now" for queries: the wall clock, or the latest event time applied.
+    pub fn now(&self, wall: Timestamp) -> Timestamp {
+        match self.clock {
+            ClockKind::Wall => wall,
+            ClockKind::EventTime => self.latest_event.unwrap_or(wall),
+        }
+    }
+
+    /// Applies a delta that arrived on `partition` of the deltas topic; `None` (and nothing
+    /// applied) unless that partition is owned here, i.e. was restored on assignment. A
+    /// message fetched just before its partition was revoked must not start a new, empty
+    /// store whose snapshot would then overwrite the new owner's.
+    pub fn apply(&mut self, partition: i32, delta: &SegmentDelta) -> Option<npsflow_core::Applied> {
+        let applied = self.partitions.get_mut(&partition)?.apply(delta);
+        if let Some(latest) = delta.responses.iter().map(|r| r.1).max() {
+            let latest = Timestamp(latest);
+            self.latest_event = Some(self.latest_event.map_or(latest, |l| l.max(latest)));
+        }
+        Some(applied)
+    }
+
+    /// Replaces a partition's segments with restored snapshots.
+    pub fn restore(&mut self, partition: i32, snapshots: &[SegmentSnapshot]) {
+        let mut store = SegmentStore::new(self.windows.clone());
+        for snapshot in snapshots {
+            store.restore(snapshot);
+        }
+        self.partitions.insert(partition, store);
+    }
+
+    /// A segment's snapshot, as owned on `partition`.
+    pub fn snapshot(&self, partition: i32, segment: &str) -> Option<SegmentSnapshot> {
+        self.partitions.get(&partition)?.snapshot(segment)
+    }
+
+    /// True if `partition` of the deltas topic is owned (restored) here.
+    pub fn owns(&self, partition: i32) -> bool {
+        self.partitions.contains_key(&partition)
+    }
+
+    /// Drops a partition's segments.
+    pub fn drop_partition(&mut self, partition: i32) {
+        self.partitions.remove(&partition);
+    }
+
+    /// How many segments are owned.
+    pub fn segment_count(&self) -> usize {
+        self.partitions.values().map(|s| s.board().len()).sum()
+    }
+
+    /// Every owned segment in every window, sorted by segment then window order.
+    pub fn rows(&self, wall: Timestamp) -> Vec<Row> {
+        let now = self.now(wall);
+        let mut rows = Vec::new();
+        for store in self.partitions.values() {
+            let board = store.board();
+            for segment in board.segments() {
+                rows.extend(self.segment_rows(store, segment, now));
+            }
+        }
+        rows.sort_by(|a, b| a.segment.cmp(&b.segment));
+        rows
+    }
+
+    fn segment_rows<'a>(
+        &'a self,
+        store: &'a SegmentStore,
+        segment: &'a String,
+        now: Timestamp,
+    ) -> impl Iterator<Item = Row> + 'a {
+        self.windows
+            .windows()
+            .iter()
+            .enumerate()
+            .filter_map(move |(index, window)| {
+                Some(Row {
+                    segment: segment.clone(),
+                    window: window.name().to_owned(),
+                    summary: store.board().summary(segment, index, now)?,
+                })
+            })
+    }
+
+    /// One segment's rows, if this process owns it.
+    pub fn segment(&self, name: &str, wall: Timestamp) -> Option<Vec<Row>> {
+        let now = self.now(wall);
+        let key = name.to_owned();
+        self.partitions
+            .values()
+            .find(|store| store.board().tally(&key, 0, now).is_some())
+            .map(|store| self.segment_rows(store, &key, now).collect())
+    }
+}
