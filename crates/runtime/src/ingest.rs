@@ -246,3 +246,172 @@ pub async fn run(engine: Engine, shutdown: watch::Receiver<bool>) -> Result<(), 
     let binding = IngestRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{Headers, OwnedMessage};
+
+    use super::*;
+
+    const NOW: Timestamp = Timestamp(1_750_000_000_000);
+
+    fn role() -> (IngestRole, TopicSettings) {
+        let config = Config::load(None, Vec::<(String, String)>::new()).expect("defaults");
+        let topics = config.settings.topics.clone();
+        (IngestRole::new(&config, Metrics::new()), topics)
+    }
+
+    fn message(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: &str,
+        payload: &[u8],
+    ) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(payload.to_vec()),
+            Some(key.as_bytes().to_vec()),
+            topic.to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    fn response(id: &str, score: u8) -> Vec<u8> {
+        format!(
+            r#"{{"response_id":"{id}","score":{score},"responded_at":"{}","customer_id":"c-{id}"}}"#,
+            Timestamp(NOW.millis() - 60_000).to_rfc3339()
+        )
+        .into_bytes()
+    }
+
+    fn topics_of(out: &[Outgoing]) -> Vec<&str> {
+        out.iter().map(|r| r.topic.as_str()).collect()
+    }
+
+    /// The role on its own, no Kafka: input messages are forwarded by response id or
+    /// dead-lettered byte for byte; forwarded ones are decided (an alert and a delta for a new
+    /// detractor); the same input message forwarded again is recognised, and the same response
+    /// re-sent from elsewhere is a duplicate.
+    #[test]
+    fn forwards_decides_and_recognises_repeats() {
+        let (mut role, topics) = role();
+        let by_id = topics.responses_by_id.as_str();
+        let reads = role.handle_assigned(&[(topics.responses.clone(), 0), (by_id.to_owned(), 0)]);
+        assert_eq!(
+            reads.len(),
+            1,
+            "only the repartition topic holds state: {reads:?}"
+        );
+        role.handle_restored(&reads[0], Vec::new(), NOW);
+
+        let mut out = Vec::new();
+        let bad = b"{not json";
+        role.handle_messages(
+            &[
+                message(&topics.responses, 0, 5, "k", &response("r1", 2)),
+                message(&topics.responses, 0, 6, "k", bad),
+            ],
+            NOW,
+            &mut out,
+        );
+        assert_eq!(topics_of(&out), [by_id, topics.dead_letters.as_str()]);
+        assert_eq!(out[0].key.as_deref(), Some(&b"r1"[..]));
+        assert_eq!(
+            out[1].payload.as_deref(),
+            Some(&bad[..]),
+            "dead letter byte for byte"
+        );
+        assert_eq!(out[1].key.as_deref(), Some(&b"k"[..]));
+        let reason = out[1].headers.iter().find(|h| h.key == "npsflow-error");
+        assert_eq!(reason.and_then(|h| h.value), Some(&b"not_json"[..]));
+
+        let envelope = out[0].payload.clone().expect("an envelope");
+        let mut decided = Vec::new();
+        role.handle_messages(&[message(by_id, 0, 0, "r1", &envelope)], NOW, &mut decided);
+        assert_eq!(
+            topics_of(&decided),
+            [topics.followups.as_str(), topics.segment_deltas.as_str()],
+            "a new detractor: one alert, then its segment delta"
+        );
+
+        // The same input message forwarded again (a replay of step 1), and the same response
+        // re-sent with another key: neither has any effect.
+        let mut again = Vec::new();
+        role.handle_messages(
+            &[message(
+                &topics.responses,
+                1,
+                9,
+                "other",
+                &response("r1", 2),
+            )],
+            NOW,
+            &mut again,
+        );
+        let resent_elsewhere = again[0].payload.clone().expect("an envelope");
+        let mut repeats = Vec::new();
+        role.handle_messages(
+            &[
+                message(by_id, 0, 1, "r1", &envelope),
+                message(by_id, 0, 2, "r1", &resent_elsewhere),
+            ],
+            NOW,
+            &mut repeats,
+        );
+        assert!(repeats.is_empty(), "{:?}", topics_of(&repeats));
+        assert_eq!(role.metrics.outcome_count("duplicate"), 1);
+        assert_eq!(role.metrics.outcome_count("accepted"), 1);
+        assert_eq!(role.metrics.outcome_count("invalid"), 1);
+    }
+
+    /// Duplicate memory read back on assignment: a response decided by the partition's
+    /// previous owner is a duplicate here, and its forwarded copy is recognised.
+    #[test]
+    fn restored_memory_makes_earlier_responses_duplicates() {
+        let (mut first, topics) = role();
+        let by_id = topics.responses_by_id.as_str();
+        let mut out = Vec::new();
+        first.handle_messages(
+            &[message(&topics.responses, 2, 40, "k", &response("r7", 9))],
+            NOW,
+            &mut out,
+        );
+        let envelope = out[0].payload.clone().expect("an envelope");
+
+        let (mut second, _) = role();
+        let reads = second.handle_assigned(&[(by_id.to_owned(), 1)]);
+        let stored = StoredRecord {
+            offset: 10,
+            key: Some(b"r7".to_vec()),
+            payload: Some(envelope.clone()),
+        };
+        second.handle_restored(&reads[0], vec![stored], NOW);
+        let mut resend = Vec::new();
+        second.handle_messages(
+            &[message(&topics.responses, 0, 3, "x", &response("r7", 9))],
+            NOW,
+            &mut resend,
+        );
+        let mut decided = Vec::new();
+        second.handle_messages(
+            &[
+                message(by_id, 1, 10, "r7", &envelope),
+                message(
+                    by_id,
+                    1,
+                    11,
+                    "r7",
+                    resend[0].payload.as_deref().unwrap_or_default(),
+                ),
+            ],
+            NOW,
+            &mut decided,
+        );
+        assert!(decided.is_empty(), "{:?}", topics_of(&decided));
+        assert_eq!(second.metrics.outcome_count("duplicate"), 1);
+        assert_eq!(second.metrics.outcome_count("accepted"), 0);
+    }
+}
