@@ -195,3 +195,157 @@ pub async fn run(
     let binding = AggregateRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::OwnedMessage;
+
+    use super::*;
+    use crate::ingest::IngestRole;
+
+    const NOW: Timestamp = Timestamp(1_750_000_000_000);
+
+    fn message(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        key: &[u8],
+        payload: &[u8],
+    ) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(payload.to_vec()),
+            Some(key.to_vec()),
+            topic.to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    }
+
+    /// Segment deltas as the ingest role makes them, for `scores` (one response each).
+    fn deltas(config: &Config, scores: &[u8]) -> Vec<Outgoing> {
+        let topics = &config.settings.topics;
+        let mut ingest = IngestRole::new(config, Metrics::new());
+        let mut forwarded = Vec::new();
+        for (i, score) in scores.iter().enumerate() {
+            let payload = format!(
+                r#"{{"response_id":"r{i}","score":{score},"responded_at":"{}","customer_id":"c{i}"}}"#,
+                Timestamp(NOW.millis() - 60_000).to_rfc3339()
+            );
+            let input = message(&topics.responses, 0, i as i64, b"k", payload.as_bytes());
+            ingest.handle_messages(&[input], NOW, &mut forwarded);
+        }
+        let forwarded: Vec<OwnedMessage> = forwarded
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let payload = r.payload.as_deref().unwrap_or_default();
+                message(&topics.responses_by_id, 0, i as i64, b"id", payload)
+            })
+            .collect();
+        let mut out = Vec::new();
+        ingest.handle_messages(&forwarded, NOW, &mut out);
+        out.retain(|r| r.topic == topics.segment_deltas);
+        out
+    }
+
+    fn as_messages(topic: &str, records: &[Outgoing]) -> Vec<OwnedMessage> {
+        records
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let key = r.key.as_deref().unwrap_or_default();
+                message(
+                    topic,
+                    0,
+                    i as i64,
+                    key,
+                    r.payload.as_deref().unwrap_or_default(),
+                )
+            })
+            .collect()
+    }
+
+    fn view_of(config: &Config) -> Arc<RwLock<AggregateView>> {
+        Arc::new(RwLock::new(AggregateView::new(
+            config.windows.clone(),
+            config.settings.windows.clock,
+        )))
+    }
+
+    /// The role on its own, no Kafka: deltas are applied once and the touched segments'
+    /// snapshots come out for the state topic, on the deltas' partition; a new owner restored
+    /// from those snapshots (an unreadable record and a superseded snapshot among them) has the
+    /// same numbers and skips a replay of the same deltas.
+    #[test]
+    fn applies_once_snapshots_and_restores() {
+        let config = Config::load(None, Vec::<(String, String)>::new()).expect("defaults");
+        let topics = config.settings.topics.clone();
+        let deltas = as_messages(&topics.segment_deltas, &deltas(&config, &[10, 9, 3, 7]));
+        assert!(!deltas.is_empty());
+
+        let view = view_of(&config);
+        let mut first = AggregateRole::new(&config, view.clone(), Metrics::new());
+        let reads = first.handle_assigned(&[(topics.segment_deltas.clone(), 0)]);
+        assert_eq!(
+            reads,
+            [StateRead::Whole {
+                topic: topics.state.clone(),
+                partition: 0
+            }]
+        );
+        first.handle_restored(&reads[0], Vec::new(), NOW);
+        let mut snapshots = Vec::new();
+        first.handle_messages(&deltas, NOW, &mut snapshots);
+        // Each response counts in every segment it belongs to (here only `all`).
+        assert_eq!(first.metrics.applied_responses(), 4);
+        assert!(snapshots
+            .iter()
+            .all(|r| r.topic == topics.state && r.partition == Some(0)));
+        let all = |view: &Arc<RwLock<AggregateView>>| {
+            let rows = view
+                .read()
+                .expect("view")
+                .segment("all", NOW)
+                .expect("owned");
+            rows[0].summary.clone()
+        };
+        let before = all(&view);
+        assert_eq!(before.tally.responses(), 4);
+        assert_eq!(before.nps, Some(25.0));
+
+        // A new owner: restored from the state topic as the broker would hand it back.
+        let mut stored: Vec<StoredRecord> = Vec::new();
+        stored.push(StoredRecord {
+            offset: 0,
+            key: Some(b"all".to_vec()),
+            payload: Some(b"{garbage".to_vec()),
+        });
+        for (i, record) in snapshots.iter().enumerate() {
+            stored.push(StoredRecord {
+                offset: i as i64 + 1,
+                key: record.key.clone(),
+                payload: record.payload.clone(),
+            });
+        }
+        let restored_view = view_of(&config);
+        let metrics = Metrics::new();
+        let mut second = AggregateRole::new(&config, restored_view.clone(), metrics.clone());
+        let reads = second.handle_assigned(&[(topics.segment_deltas.clone(), 0)]);
+        second.handle_restored(&reads[0], stored, NOW);
+        assert_eq!(all(&restored_view), before);
+        assert!(metrics.render().contains(&format!(
+            "npsflow_unreadable_records_total{{topic=\"{}\"}} 1",
+            topics.state
+        )));
+        let mut again = Vec::new();
+        second.handle_messages(&deltas, NOW, &mut again);
+        assert!(
+            again.is_empty(),
+            "a replay changes nothing and writes nothing"
+        );
+        assert_eq!(second.metrics.applied_responses(), 0);
+        assert_eq!(all(&restored_view), before);
+    }
+}
