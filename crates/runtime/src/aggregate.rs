@@ -309,7 +309,7 @@ mod tests {
                 .expect("view")
                 .segment("all", NOW)
                 .expect("owned");
-            rows[0].summary.clone()
+            rows[0].summary
         };
         let before = all(&view);
         assert_eq!(before.tally.responses(), 4);
