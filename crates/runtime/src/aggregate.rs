@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use npsflow_core::{SegmentDelta, SegmentSnapshot, Timestamp};
-use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use tokio::sync::watch;
 
@@ -171,7 +171,7 @@ impl RoleMachine for AggregateRole {
                     Some(partition),
                     Some(segment.into_bytes()),
                     Some(snapshot.to_json()),
-                    OwnedHeaders::new(),
+                    None,
                 ));
             }
         }

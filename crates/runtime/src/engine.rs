@@ -635,7 +635,6 @@ mod tests {
     use std::sync::Mutex;
 
     use rdkafka::consumer::BaseConsumer;
-    use rdkafka::message::OwnedHeaders;
     use rdkafka::mocking::MockCluster;
 
     use super::*;
@@ -669,7 +668,7 @@ mod tests {
                     None,
                     None,
                     Some(now.millis().to_string().into_bytes()),
-                    OwnedHeaders::new(),
+                    None,
                 ));
                 self.fired.lock().expect("not poisoned").push(now.millis());
                 let _ = self.told.send(());

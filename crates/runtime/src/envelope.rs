@@ -177,11 +177,11 @@ impl<'a> Received<'a> {
             None,
             self.key.map(<[u8]>::to_vec),
             None,
-            self.headers_with(&[
+            Some(self.headers_with(&[
                 (headers::ERROR, code.as_bytes()),
                 (headers::ERROR_DETAIL, detail.as_bytes()),
                 (headers::ORIGINAL_SIZE, size.as_bytes()),
-            ]),
+            ])),
         );
         Outgoing {
             fallback: Some(Box::new(without_value)),
@@ -190,10 +190,10 @@ impl<'a> Received<'a> {
                 None,
                 self.key.map(<[u8]>::to_vec),
                 self.payload.map(<[u8]>::to_vec),
-                self.headers_with(&[
+                Some(self.headers_with(&[
                     (headers::ERROR, code.as_bytes()),
                     (headers::ERROR_DETAIL, detail.as_bytes()),
-                ]),
+                ])),
             )
         }
     }

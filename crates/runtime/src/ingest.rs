@@ -90,7 +90,7 @@ impl IngestRole {
                 None,
                 Some(response_id.as_bytes().to_vec()),
                 Some(received.to_envelope()),
-                OwnedHeaders::new(),
+                None,
             )),
             Err(reason) => {
                 let code = reason.code();
@@ -153,12 +153,12 @@ impl IngestRole {
                 None,
                 Some(alert.customer_id.clone().into_bytes()),
                 Some(alert.to_json()),
-                source_headers(
+                Some(source_headers(
                     OwnedHeaders::new(),
                     received.topic,
                     received.partition,
                     received.offset,
-                ),
+                )),
             ));
         }
     }
@@ -226,7 +226,7 @@ impl RoleMachine for IngestRole {
                 None,
                 Some(delta.segment.clone().into_bytes()),
                 Some(delta.to_json()),
-                OwnedHeaders::new(),
+                None,
             ));
         }
         let evicted = self.ingest.dedupe_evicted_early();
@@ -325,7 +325,8 @@ mod tests {
             "dead letter byte for byte"
         );
         assert_eq!(out[1].key.as_deref(), Some(&b"k"[..]));
-        let reason = out[1].headers.iter().find(|h| h.key == "npsflow-error");
+        let headers = out[1].headers.as_ref().expect("headers");
+        let reason = headers.iter().find(|h| h.key == "npsflow-error");
         assert_eq!(reason.and_then(|h| h.value), Some(&b"not_json"[..]));
 
         let envelope = out[0].payload.clone().expect("an envelope");

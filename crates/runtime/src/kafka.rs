@@ -350,8 +350,8 @@ pub struct Outgoing {
     pub key: Option<Vec<u8>>,
     /// Payload, if any (a dead letter of a tombstone has none).
     pub payload: Option<Vec<u8>>,
-    /// Headers.
-    pub headers: OwnedHeaders,
+    /// Headers, if any (none saves the client a native header list per record).
+    pub headers: Option<OwnedHeaders>,
     /// What to send instead if the broker or the producer rejects this record for good (for
     /// a dead letter: the same without its value). `None`: such a rejection stops the role.
     pub fallback: Option<Box<Outgoing>>,
@@ -364,7 +364,7 @@ impl Outgoing {
         partition: Option<i32>,
         key: Option<Vec<u8>>,
         payload: Option<Vec<u8>>,
-        headers: OwnedHeaders,
+        headers: Option<OwnedHeaders>,
     ) -> Outgoing {
         Outgoing {
             topic: topic.to_owned(),
@@ -377,7 +377,10 @@ impl Outgoing {
     }
 
     fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
-        let mut record = FutureRecord::to(&self.topic).headers(self.headers.clone());
+        let mut record = FutureRecord::to(&self.topic);
+        if let Some(headers) = &self.headers {
+            record = record.headers(headers.clone());
+        }
         if let Some(key) = &self.key {
             record = record.key(key.as_slice());
         }
@@ -585,11 +588,12 @@ pub fn fit_records(records: Vec<Outgoing>, max_bytes: usize, metrics: &Metrics) 
     records
         .into_iter()
         .map(|record| {
-            let headers: usize = record
-                .headers
-                .iter()
-                .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 16)
-                .sum();
+            let headers: usize = record.headers.as_ref().map_or(0, |headers| {
+                headers
+                    .iter()
+                    .map(|h| h.key.len() + h.value.map_or(0, <[u8]>::len) + 16)
+                    .sum()
+            });
             let size = record.key.as_ref().map_or(0, Vec::len)
                 + record.payload.as_ref().map_or(0, Vec::len)
                 + headers
