@@ -206,8 +206,7 @@ impl Engine {
         let max_messages = settings.ingest.batch_max_messages;
         let max_wait = Duration::from_millis(self.config.batch_max_wait.millis() as u64);
         let mut assigned: Vec<TopicPartition> = Vec::new();
-        // Messages received but not handled yet because the assignment changed meanwhile.
-        let mut carried: Vec<OwnedMessage> = Vec::new();
+        let mut restores = Restores::default();
         loop {
             let idle = self.until_timer(&role).min(IDLE);
             let receiving = Receiving {
@@ -218,29 +217,22 @@ impl Engine {
                 wait: max_wait,
                 idle,
             };
-            let Some(received) = receiving.next(&mut shutdown, committer.settled()).await else {
+            let wake = async {
+                tokio::select! {
+                    _ = committer.settled() => {}
+                    _ = restores.finished() => {}
+                }
+            };
+            let Some(mut batch) = receiving.next(&mut shutdown, wake).await else {
                 break;
             };
             let started = Instant::now();
-            let mut batch = std::mem::take(&mut carried);
-            batch.extend(received);
             let changes = consumer.context().take_changes();
             if !changes.is_empty() {
                 // Attend to the new assignment with nothing of the old one still in flight.
                 committer.drain(&consumer, name, &self.metrics).await?;
-                let new = apply_changes(&mut role, &mut assigned, changes);
-                if !new.is_empty() {
-                    let restore = self.restore(&mut role, &binding, &new);
-                    let (restored, held) = keep_polling(&consumer, restore).await;
-                    restored?;
-                    batch.extend(held);
-                    if consumer.context().has_changes() {
-                        // Partitions moved during the restore: attend to that first.
-                        carried = batch;
-                        continue;
-                    }
-                }
-                self.health.set_restored(name, true);
+                let (new, held) = apply_changes(&mut role, &mut assigned, &mut restores, changes);
+                self.start_restore(&mut role, &binding, &consumer, &mut restores, new, held);
             }
             // Messages fetched just before their partition was revoked belong to the new
             // owner, which decides them with that partition's full state.
@@ -249,8 +241,17 @@ impl Engine {
                     .iter()
                     .any(|(t, p)| *p == m.partition() && t == m.topic())
             });
-            let mut records = Vec::new();
+            // Messages of partitions still being restored wait for their state; the others
+            // flow. Restores that finished hand their state to the role, then their messages.
+            restores.hold(&mut batch);
             let now = self.clock.now();
+            for (done, found) in restores.take_finished() {
+                let held =
+                    self.finish_restore(&mut role, &binding, &consumer, done, found?, now)?;
+                batch.splice(0..0, held);
+            }
+            self.health.set_restored(name, restores.is_empty());
+            let mut records = Vec::new();
             if !batch.is_empty() {
                 role.handle_messages(&batch, now, &mut records);
             }
@@ -300,57 +301,223 @@ impl Engine {
         }
     }
 
-    /// Performs the state reads the role asks for on `partitions` and hands them back.
-    async fn restore<R: RoleMachine>(
+    /// Starts reading back the state the role needs for newly assigned `partitions`, on a
+    /// blocking thread. They are paused until it is handed to the role; `held` are messages of
+    /// them received already (from a restore abandoned because the assignment moved).
+    fn start_restore<R: RoleMachine>(
         &self,
         role: &mut R,
         binding: &Binding,
-        partitions: &[TopicPartition],
-    ) -> Result<(), RuntimeError> {
-        let reads = role.handle_assigned(partitions);
+        consumer: &StreamConsumer<RoleContext>,
+        restores: &mut Restores,
+        partitions: Vec<TopicPartition>,
+        held: Vec<OwnedMessage>,
+    ) {
+        if partitions.is_empty() {
+            return;
+        }
+        let list = partition_list(&partitions);
+        let reads = role.handle_assigned(&partitions);
         if reads.is_empty() {
-            return Ok(());
+            // Nothing to read: they flow at once (and are not left paused from before).
+            if let Err(error) = consumer.resume(&list) {
+                tracing::debug!(%error, "resuming partitions that need no restore");
+            }
+            restores.ready.extend(held);
+            return;
+        }
+        if let Err(error) = consumer.pause(&list) {
+            tracing::debug!(%error, "pausing partitions for their restore");
         }
         self.health.set_restored(binding.role, false);
-        let started = Instant::now();
         let kafka = self.config.settings.kafka.clone();
         let group = binding.group.clone();
         let wanted = reads.clone();
-        let found = tokio::task::spawn_blocking(move || {
-            state::read(&kafka, &group, &wanted, RESTORE_LIMIT)
-        })
-        .await??;
-        let now = self.clock.now();
+        restores.pending.push(Restore {
+            partitions,
+            reads,
+            task: tokio::task::spawn_blocking(move || {
+                state::read(&kafka, &group, &wanted, RESTORE_LIMIT)
+            }),
+            found: None,
+            held,
+            started: Instant::now(),
+        });
+    }
+
+    /// Hands a finished restore's state to the role and resumes its partitions; returns the
+    /// messages of them received meanwhile, to be handled next.
+    fn finish_restore<R: RoleMachine>(
+        &self,
+        role: &mut R,
+        binding: &Binding,
+        consumer: &StreamConsumer<RoleContext>,
+        done: Restore,
+        found: Result<Vec<Vec<StoredRecord>>, RuntimeError>,
+        now: Timestamp,
+    ) -> Result<Vec<OwnedMessage>, RuntimeError> {
+        let found = found?;
         let mut count = 0;
-        for (read, records) in reads.iter().zip(found) {
+        for (read, records) in done.reads.iter().zip(found) {
             count += records.len();
             role.handle_restored(read, records, now);
         }
+        if let Err(error) = consumer.resume(&partition_list(&done.partitions)) {
+            tracing::debug!(%error, "resuming after a restore");
+        }
         events::Restored {
             role: binding.role,
-            partitions: reads.len(),
+            partitions: done.reads.len(),
             records: count,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: done.started.elapsed().as_secs_f64(),
         }
         .emit(&self.metrics);
-        Ok(())
+        Ok(done.held)
+    }
+}
+
+fn partition_list(partitions: &[TopicPartition]) -> rdkafka::TopicPartitionList {
+    let mut list = rdkafka::TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        list.add_partition(topic, *partition);
+    }
+    list
+}
+
+type Found = Result<Result<Vec<Vec<StoredRecord>>, RuntimeError>, tokio::task::JoinError>;
+
+/// A restore in progress: partitions paused until the role has their state.
+struct Restore {
+    partitions: Vec<TopicPartition>,
+    reads: Vec<StateRead>,
+    task: tokio::task::JoinHandle<Result<Vec<Vec<StoredRecord>>, RuntimeError>>,
+    /// What the reads found, once [`Restores::finished`] has seen it.
+    found: Option<Found>,
+    /// Messages of these partitions received meanwhile, in order.
+    held: Vec<OwnedMessage>,
+    started: Instant,
+}
+
+/// Every restore in progress. The partitions they cover wait; the others keep flowing, so a
+/// rebalance stalls only the partitions that moved.
+#[derive(Default)]
+struct Restores {
+    pending: Vec<Restore>,
+    /// Held messages released without a restore, to be handled next.
+    ready: Vec<OwnedMessage>,
+}
+
+impl Restores {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Sets aside the messages of partitions being restored, in order.
+    fn hold(&mut self, batch: &mut Vec<OwnedMessage>) {
+        if !self.ready.is_empty() {
+            batch.splice(0..0, std::mem::take(&mut self.ready));
+        }
+        if self.pending.is_empty() {
+            return;
+        }
+        for message in std::mem::take(batch) {
+            let restore = self.pending.iter_mut().find(|r| {
+                r.partitions
+                    .iter()
+                    .any(|(t, p)| *p == message.partition() && t == message.topic())
+            });
+            match restore {
+                Some(restore) => restore.held.push(message),
+                None => batch.push(message),
+            }
+        }
+    }
+
+    /// Partitions revoked: a restore that covered any of them is abandoned. Returns the
+    /// partitions it covered that are still assigned, which need a new restore, and the
+    /// messages held for them.
+    fn revoke(&mut self, revoked: &[TopicPartition]) -> (Vec<TopicPartition>, Vec<OwnedMessage>) {
+        let mut again = Vec::new();
+        let mut held = Vec::new();
+        let (lost, kept): (Vec<Restore>, Vec<Restore>) = std::mem::take(&mut self.pending)
+            .into_iter()
+            .partition(|r| r.partitions.iter().any(|tp| revoked.contains(tp)));
+        self.pending = kept;
+        for restore in lost {
+            restore.task.abort();
+            again.extend(
+                restore
+                    .partitions
+                    .into_iter()
+                    .filter(|tp| !revoked.contains(tp)),
+            );
+            held.extend(restore.held.into_iter().filter(|m| {
+                !revoked
+                    .iter()
+                    .any(|(t, p)| *p == m.partition() && t == m.topic())
+            }));
+        }
+        (again, held)
+    }
+
+    /// Resolves once some restore has finished; never if none is in progress. Cancel-safe:
+    /// the result is kept for [`Restores::take_finished`].
+    async fn finished(&mut self) {
+        if self.pending.iter().any(|r| r.found.is_some()) {
+            return;
+        }
+        if self.pending.is_empty() {
+            return std::future::pending().await;
+        }
+        let (found, index, _) =
+            futures::future::select_all(self.pending.iter_mut().map(|r| &mut r.task)).await;
+        self.pending[index].found = Some(found);
+    }
+
+    /// The restores that have finished, with what they found, in the order they started.
+    fn take_finished(&mut self) -> Vec<(Restore, Found)> {
+        use futures::FutureExt;
+        let mut done = Vec::new();
+        let mut index = 0;
+        while index < self.pending.len() {
+            let restore = &mut self.pending[index];
+            if restore.found.is_none() && restore.task.is_finished() {
+                restore.found = (&mut restore.task).now_or_never();
+            }
+            match restore.found.take() {
+                Some(found) => done.push((self.pending.remove(index), found)),
+                None => index += 1,
+            }
+        }
+        done
     }
 }
 
 /// Tells the role about assignment changes, oldest first, and keeps `assigned` current.
-/// Returns the partitions newly assigned (and not revoked since).
+/// Returns the partitions that need a restore (newly assigned, or whose restore was abandoned
+/// because the assignment moved meanwhile) and the messages already held for them.
 fn apply_changes<R: RoleMachine>(
     role: &mut R,
     assigned: &mut Vec<TopicPartition>,
+    restores: &mut Restores,
     changes: Vec<AssignmentChange>,
-) -> Vec<TopicPartition> {
+) -> (Vec<TopicPartition>, Vec<OwnedMessage>) {
     let mut new: Vec<TopicPartition> = Vec::new();
+    let mut held = Vec::new();
     for change in changes {
         match change {
             AssignmentChange::Revoked(partitions) => {
                 assigned.retain(|tp| !partitions.contains(tp));
                 new.retain(|tp| !partitions.contains(tp));
+                held.retain(|m: &OwnedMessage| {
+                    !partitions
+                        .iter()
+                        .any(|(t, p)| *p == m.partition() && t == m.topic())
+                });
                 role.handle_revoked(&partitions);
+                let (again, again_held) = restores.revoke(&partitions);
+                new.extend(again);
+                held.extend(again_held);
             }
             AssignmentChange::Assigned(partitions) => {
                 for tp in partitions {
@@ -362,7 +529,7 @@ fn apply_changes<R: RoleMachine>(
             }
         }
     }
-    new
+    (new, held)
 }
 
 type Delivered = Result<Result<(), kafka::DeliveryError>, tokio::task::JoinError>;
@@ -592,42 +759,6 @@ impl Receiving<'_> {
         });
         Some(batch)
     }
-}
-
-/// Runs `restore` while the consumer stays in its group: its assigned partitions are paused
-/// and it keeps being polled, so heartbeats, rebalance callbacks and the poll interval are
-/// served however long the restore takes. Messages it still hands out (fetched before the
-/// pause) are returned in order, to be handled after the restore.
-async fn keep_polling<T>(
-    consumer: &StreamConsumer<RoleContext>,
-    restore: impl std::future::Future<Output = T>,
-) -> (T, Vec<OwnedMessage>) {
-    let paused = consumer.assignment().ok();
-    if let Some(list) = &paused {
-        if let Err(error) = consumer.pause(list) {
-            tracing::debug!(%error, "pausing for a restore");
-        }
-    }
-    tokio::pin!(restore);
-    let mut held = Vec::new();
-    let result = loop {
-        tokio::select! {
-            result = &mut restore => break result,
-            received = consumer.recv() => match received {
-                Ok(message) => held.push(message.detach()),
-                Err(error) => {
-                    tracing::debug!(%error, "consume error during a restore");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-        }
-    };
-    if let Some(list) = &paused {
-        if let Err(error) = consumer.resume(list) {
-            tracing::debug!(%error, "resuming after a restore");
-        }
-    }
-    (result, held)
 }
 
 #[cfg(test)]
