@@ -15,10 +15,9 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::util::Timeout;
 use rdkafka::Message;
 
 use crate::config::KafkaSettings;
@@ -162,8 +161,71 @@ impl ClientContext for ProducerHealth {
     }
 }
 
-/// A role's producer.
-pub type RoleProducer = FutureProducer<ProducerHealth>;
+impl ProducerContext for ProducerHealth {
+    type DeliveryOpaque = DeliveryTicket;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: Self::DeliveryOpaque) {
+        let (batch, index) = *opaque;
+        match result {
+            Ok(_) => batch.settle(None),
+            Err((error, _)) => batch.settle(Some((index, error.clone()))),
+        }
+    }
+}
+
+/// What a record carries to its delivery report: its batch and its index in it.
+pub type DeliveryTicket = Box<(Arc<DeliveryBatch>, usize)>;
+
+/// A role's producer: librdkafka's own polling thread reports each delivery to the
+/// [`DeliveryBatch`] the record belongs to (no future or channel per record).
+pub type RoleProducer = ThreadedProducer<ProducerHealth>;
+
+/// One round of records handed to the producer: how many are not settled yet, and which
+/// failed (by index). The last delivery report wakes the waiting role.
+#[derive(Debug)]
+pub struct DeliveryBatch {
+    pending: std::sync::atomic::AtomicUsize,
+    failed: Mutex<Vec<(usize, KafkaError)>>,
+    settled: tokio::sync::Notify,
+}
+
+impl DeliveryBatch {
+    fn new(records: usize) -> Arc<DeliveryBatch> {
+        Arc::new(DeliveryBatch {
+            pending: std::sync::atomic::AtomicUsize::new(records),
+            failed: Mutex::new(Vec::new()),
+            settled: tokio::sync::Notify::new(),
+        })
+    }
+
+    /// One record is delivered, or failed with an error.
+    fn settle(&self, failure: Option<(usize, KafkaError)>) {
+        if let Some(failure) = failure {
+            self.failed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(failure);
+        }
+        if self
+            .pending
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.settled.notify_one();
+        }
+    }
+
+    /// Waits until every record is settled; returns the failures, by index.
+    async fn all_settled(&self) -> Vec<(usize, KafkaError)> {
+        while self.pending.load(std::sync::atomic::Ordering::Acquire) > 0 {
+            self.settled.notified().await;
+        }
+        let mut failed =
+            std::mem::take(&mut *self.failed.lock().unwrap_or_else(|e| e.into_inner()));
+        failed.sort_by_key(|(index, _)| *index);
+        failed
+    }
+}
 
 /// Creates `role`'s producer from `config`, reporting its connectivity to `health`.
 pub fn role_producer(
@@ -376,8 +438,12 @@ impl Outgoing {
         }
     }
 
-    fn record(&self) -> FutureRecord<'_, [u8], [u8]> {
-        let mut record = FutureRecord::to(&self.topic);
+    fn record(
+        &self,
+        batch: &Arc<DeliveryBatch>,
+        index: usize,
+    ) -> BaseRecord<'_, [u8], [u8], DeliveryTicket> {
+        let mut record = BaseRecord::with_opaque_to(&self.topic, Box::new((batch.clone(), index)));
         if let Some(headers) = &self.headers {
             record = record.headers(headers.clone());
         }
@@ -446,18 +512,29 @@ pub async fn deliver_all(
     let mut pending: Vec<&Outgoing> = records.iter().collect();
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
-        let results = futures::future::join_all(
-            pending
-                .iter()
-                .map(|r| producer.send(r.record(), Timeout::Never)),
-        )
-        .await;
+        let batch = DeliveryBatch::new(pending.len());
+        for (index, outgoing) in pending.iter().enumerate() {
+            let mut record = outgoing.record(&batch, index);
+            loop {
+                match producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        // The producer's queue is full: let it drain a little.
+                        record = back;
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err((error, _)) => {
+                        batch.settle(Some((index, error)));
+                        break;
+                    }
+                }
+            }
+        }
+        let failures = batch.all_settled().await;
         let mut retry = Vec::new();
         let mut transient = false;
-        for (record, result) in pending.iter().zip(results) {
-            let Err((error, _)) = result else {
-                continue;
-            };
+        for (index, error) in failures {
+            let record = pending[index];
             if !is_permanent(&error) {
                 events::DeliveryRetried {
                     topic: &record.topic,
@@ -465,7 +542,7 @@ pub async fn deliver_all(
                 }
                 .emit(metrics);
                 transient = true;
-                retry.push(*record);
+                retry.push(record);
                 continue;
             }
             events::RecordRejected {
@@ -543,15 +620,16 @@ pub fn commit_transaction(
     loop {
         let attempt = (|| {
             producer.begin_transaction()?;
-            for r in records {
-                let mut record = r.record();
+            // Delivery is confirmed by the commit below, which fails if any record failed.
+            let batch = DeliveryBatch::new(records.len());
+            for (index, r) in records.iter().enumerate() {
+                let mut record = r.record(&batch, index);
                 loop {
-                    match producer.send_result(record) {
-                        // Delivery is confirmed by the commit below.
-                        Ok(_delivery) => break,
+                    match producer.send(record) {
+                        Ok(()) => break,
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
                             record = back;
-                            producer.poll(Duration::from_millis(10));
+                            std::thread::sleep(Duration::from_millis(5));
                         }
                         Err((error, _)) => return Err(error),
                     }
