@@ -9,7 +9,6 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
 
 use npsflow_core::{SegmentDelta, SegmentSnapshot, Timestamp};
-use rdkafka::message::OwnedMessage;
 use rdkafka::Message;
 use tokio::sync::watch;
 
@@ -126,9 +125,9 @@ impl RoleMachine for AggregateRole {
         .emit(&self.metrics);
     }
 
-    fn handle_messages(
+    fn handle_messages<M: Message>(
         &mut self,
-        messages: &[OwnedMessage],
+        messages: &[M],
         _now: Timestamp,
         out: &mut Vec<Outgoing>,
     ) {

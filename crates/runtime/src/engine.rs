@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use npsflow_core::Timestamp;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::Message;
 use tokio::sync::watch;
@@ -50,9 +50,9 @@ pub trait RoleMachine: Send + 'static {
 
     /// Messages of assigned, restored partitions, in offset order per partition. The records
     /// they cause go to `out`.
-    fn handle_messages(
+    fn handle_messages<M: Message>(
         &mut self,
-        messages: &[OwnedMessage],
+        messages: &[M],
         now: Timestamp,
         out: &mut Vec<Outgoing>,
     );
@@ -243,29 +243,37 @@ impl Engine {
             });
             // Messages of partitions still being restored wait for their state; the others
             // flow. Restores that finished hand their state to the role, then their messages.
-            restores.hold(&mut batch);
+            // Held messages (of partitions just restored) come first: they are older.
+            let mut held = restores.hold(&mut batch);
             let now = self.clock.now();
             for (done, found) in restores.take_finished() {
-                let held =
-                    self.finish_restore(&mut role, &binding, &consumer, done, found?, now)?;
-                batch.splice(0..0, held);
+                held.extend(
+                    self.finish_restore(&mut role, &binding, &consumer, done, found?, now)?,
+                );
             }
             self.health.set_restored(name, restores.is_empty());
             let mut records = Vec::new();
+            if !held.is_empty() {
+                role.handle_messages(&held, now, &mut records);
+            }
             if !batch.is_empty() {
                 role.handle_messages(&batch, now, &mut records);
             }
             if role.poll_timeout().is_some_and(|due| due <= now) {
                 role.handle_timeout(now, &mut records);
             }
-            if batch.is_empty() && records.is_empty() {
+            if batch.is_empty() && held.is_empty() && records.is_empty() {
                 // Nothing new: the batch in flight, if any, reaches its commit point now.
                 committer.drain(&consumer, name, &self.metrics).await?;
                 continue;
             }
             let max = kafka::max_record_bytes(settings.topics.max_message_bytes as usize);
             let records = kafka::fit_records(records, max, &self.metrics);
-            let offsets = kafka::last_offsets(&batch);
+            let offsets = kafka::last_offsets(
+                held.iter()
+                    .map(kafka::position)
+                    .chain(batch.iter().map(kafka::position)),
+            );
             committer
                 .commit(
                     &consumer,
@@ -412,25 +420,26 @@ impl Restores {
         self.pending.is_empty()
     }
 
-    /// Sets aside the messages of partitions being restored, in order.
-    fn hold(&mut self, batch: &mut Vec<OwnedMessage>) {
-        if !self.ready.is_empty() {
-            batch.splice(0..0, std::mem::take(&mut self.ready));
-        }
-        if self.pending.is_empty() {
-            return;
-        }
-        for message in std::mem::take(batch) {
-            let restore = self.pending.iter_mut().find(|r| {
-                r.partitions
-                    .iter()
-                    .any(|(t, p)| *p == message.partition() && t == message.topic())
+    /// Sets aside (copied) the messages of partitions being restored, in order. Returns the
+    /// messages held earlier that are free to go now.
+    fn hold(&mut self, batch: &mut Vec<BorrowedMessage<'_>>) -> Vec<OwnedMessage> {
+        if !self.pending.is_empty() {
+            batch.retain(|message| {
+                let restore = self.pending.iter_mut().find(|r| {
+                    r.partitions
+                        .iter()
+                        .any(|(t, p)| *p == message.partition() && t == message.topic())
+                });
+                match restore {
+                    Some(restore) => {
+                        restore.held.push(message.detach());
+                        false
+                    }
+                    None => true,
+                }
             });
-            match restore {
-                Some(restore) => restore.held.push(message),
-                None => batch.push(message),
-            }
         }
+        std::mem::take(&mut self.ready)
     }
 
     /// Partitions revoked: a restore that covered any of them is abandoned. Returns the
@@ -682,16 +691,16 @@ struct Receiving<'a> {
     idle: Duration,
 }
 
-impl Receiving<'_> {
+impl<'a> Receiving<'a> {
     /// Adds a received message to `batch`; false (and the error reported) if it is an error.
-    fn take(
+    fn take<'c>(
         &self,
-        received: rdkafka::error::KafkaResult<rdkafka::message::BorrowedMessage<'_>>,
-        batch: &mut Vec<OwnedMessage>,
+        received: rdkafka::error::KafkaResult<BorrowedMessage<'c>>,
+        batch: &mut Vec<BorrowedMessage<'c>>,
     ) -> bool {
         match received {
             Ok(message) => {
-                batch.push(message.detach());
+                batch.push(message);
                 true
             }
             Err(error) => {
@@ -714,7 +723,7 @@ impl Receiving<'_> {
         &self,
         shutdown: &mut watch::Receiver<bool>,
         settled: impl std::future::Future<Output = ()>,
-    ) -> Option<Vec<OwnedMessage>> {
+    ) -> Option<Vec<BorrowedMessage<'a>>> {
         let (consumer, role) = (self.consumer, self.role);
         let first = tokio::select! {
             _ = shutdown.wait_for(|stop| *stop) => return None,
@@ -786,7 +795,7 @@ mod tests {
         }
         fn handle_restored(&mut self, _: &StateRead, _: Vec<StoredRecord>, _: Timestamp) {}
         fn handle_revoked(&mut self, _: &[TopicPartition]) {}
-        fn handle_messages(&mut self, _: &[OwnedMessage], _: Timestamp, _: &mut Vec<Outgoing>) {
+        fn handle_messages<M: Message>(&mut self, _: &[M], _: Timestamp, _: &mut Vec<Outgoing>) {
             panic!("no message was sent");
         }
         fn poll_timeout(&self) -> Option<Timestamp> {

@@ -15,7 +15,7 @@
 //! committed offset when it is assigned.
 
 use npsflow_core::{repartition_key, ClockKind, Ingest, IngestSpec, Route, Source, Timestamp};
-use rdkafka::message::{OwnedHeaders, OwnedMessage};
+use rdkafka::message::OwnedHeaders;
 use rdkafka::Message;
 use tokio::sync::watch;
 
@@ -80,7 +80,7 @@ impl IngestRole {
     }
 
     /// Step 1 for one input message: forward it keyed by `response_id`, or dead-letter it.
-    fn repartition(&self, message: &OwnedMessage, out: &mut Vec<Outgoing>) {
+    fn repartition<M: Message>(&self, message: &M, out: &mut Vec<Outgoing>) {
         let topics = &self.topics;
         let received = Received::direct(message);
         let payload = message.payload().unwrap_or_default();
@@ -102,7 +102,7 @@ impl IngestRole {
     }
 
     /// Step 2 for one repartitioned message: the core decides; dead letter, alert, delta.
-    fn decide(&mut self, message: &OwnedMessage, now: Timestamp, out: &mut Vec<Outgoing>) {
+    fn decide<M: Message>(&mut self, message: &M, now: Timestamp, out: &mut Vec<Outgoing>) {
         let metrics = &self.metrics;
         let topics = &self.topics;
         let received = Received::forwarded(message);
@@ -207,9 +207,9 @@ impl RoleMachine for IngestRole {
         }
     }
 
-    fn handle_messages(
+    fn handle_messages<M: Message>(
         &mut self,
-        messages: &[OwnedMessage],
+        messages: &[M],
         now: Timestamp,
         out: &mut Vec<Outgoing>,
     ) {

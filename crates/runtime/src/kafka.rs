@@ -14,7 +14,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
 use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
@@ -700,23 +700,26 @@ pub fn next_offsets(offsets: &[(String, i32, i64)]) -> rdkafka::TopicPartitionLi
     list
 }
 
-/// The last offset of each (topic, partition) in a batch.
-pub fn last_offsets(batch: &[OwnedMessage]) -> Vec<(String, i32, i64)> {
+/// The last offset of each (topic, partition) among `messages` (topic, partition, offset).
+pub fn last_offsets<'a>(
+    messages: impl IntoIterator<Item = (&'a str, i32, i64)>,
+) -> Vec<(String, i32, i64)> {
     let mut offsets: Vec<(String, i32, i64)> = Vec::new();
-    for message in batch {
+    for (topic, partition, offset) in messages {
         match offsets
             .iter_mut()
-            .find(|(t, p, _)| t == message.topic() && *p == message.partition())
+            .find(|(t, p, _)| *p == partition && t == topic)
         {
-            Some(entry) => entry.2 = entry.2.max(message.offset()),
-            None => offsets.push((
-                message.topic().to_owned(),
-                message.partition(),
-                message.offset(),
-            )),
+            Some(entry) => entry.2 = entry.2.max(offset),
+            None => offsets.push((topic.to_owned(), partition, offset)),
         }
     }
     offsets
+}
+
+/// Where a message is: topic, partition, offset.
+pub fn position<M: Message>(message: &M) -> (&str, i32, i64) {
+    (message.topic(), message.partition(), message.offset())
 }
 
 /// Stores offsets for the next commit. A partition revoked meanwhile is skipped: its new
