@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Chaos test on a real broker process (Tansu, sqlite storage so it survives a restart):
 # SIGKILLed and restarted npsflow processes, a growing and shrinking fleet, one broker outage,
-# then an exact comparison with the known answer (crates/runtime/tests/chaos.rs).
+# then an exact comparison with the known answer (tests/chaos.rs).
 #   scripts/chaos.sh          # short form, as CI runs it: 8,000 messages (~5 minutes)
 #   scripts/chaos.sh --long   # 200,000 messages sent over 10 minutes (draining takes longer)
 set -euo pipefail
@@ -37,4 +37,4 @@ export NPSFLOW_CHAOS_BROKERS="127.0.0.1:$port" NPSFLOW_CHAOS_PORT="$port" \
   NPSFLOW_CHAOS_STORAGE="$storage" NPSFLOW_CHAOS_BIN="$PWD/target/debug/npsflow" \
   NPSFLOW_CHAOS_MESSAGES="$messages" NPSFLOW_CHAOS_SECONDS="$seconds" \
   NPSFLOW_CHAOS_OUTAGE_SECONDS="$outage"
-cargo test -j2 -p npsflow-runtime --test chaos -- --ignored --nocapture
+cargo test -j2 -p npsflow-tests --test chaos -- --ignored --nocapture

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end tier: a real broker process (Tansu) on loopback.
-# 1. The seeded known-answer test (crates/runtime/tests/real_broker.rs).
+# 1. The seeded known-answer test (tests/real_broker.rs).
 # 2. The released binary as a user runs it: topics create, run, loadgen, then the HTTP API,
 #    readiness, and `promtool check metrics` on /metrics.
 set -euo pipefail
@@ -19,7 +19,7 @@ scripts/tansu.sh start "$port"
 export NPSFLOW_E2E_BROKERS="127.0.0.1:$port"
 
 echo "== known-answer test against the real broker"
-cargo test -j2 -p npsflow-runtime --test real_broker -- --ignored
+cargo test -j2 -p npsflow-tests --test real_broker -- --ignored
 
 echo "== the binary against the real broker"
 cargo build -j2 -p npsflow

@@ -3,7 +3,7 @@
 # the npsflow binary is fed a table of labelled hostile messages (encodings, sizes up to
 # 10 MiB, nesting, duplicate keys, every field's type and range edges, timestamps, segment
 # names, a cardinality flood, re-sends every way) and hostile HTTP requests, and is judged by
-# the external contract only (crates/runtime/tests/hostile.rs). Prints a table
+# the external contract only (tests/hostile.rs). Prints a table
 # `case | expected | observed` and fails listing every mismatch.
 #   scripts/hostile.sh
 set -euo pipefail
@@ -41,4 +41,4 @@ export NPSFLOW_HOSTILE_BROKERS="127.0.0.1:$port" \
   NPSFLOW_HOSTILE_BIN="$work/npsflow" \
   NPSFLOW_HOSTILE_DIR="$work" \
   NPSFLOW_HOSTILE_PIDFILE="$pidfile"
-cargo test -j2 -p npsflow-runtime --test hostile -- --ignored --nocapture
+cargo test -j2 -p npsflow-tests --test hostile -- --ignored --nocapture

@@ -6,15 +6,15 @@
 //! Needs `NPSFLOW_E2E_BROKERS` (e.g. `127.0.0.1:19092`); `scripts/e2e.sh` starts Tansu and
 //! runs it: `cargo test -p npsflow-runtime --test real_broker -- --ignored`.
 
-mod common;
+mod util;
 
 use std::collections::BTreeSet;
 
 use axum::http::StatusCode;
-use common::*;
 use npsflow_runtime::traffic::Traffic;
 use rdkafka::message::OwnedHeaders;
 use rdkafka::Message;
+use util::*;
 
 const MESSAGES: usize = 3_000;
 

@@ -13,18 +13,18 @@
 //! Run by `scripts/chaos.sh` (short in CI, `--long` for a person):
 //! `cargo test -p npsflow-runtime --test chaos -- --ignored --nocapture`.
 
-mod common;
+mod util;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use npsflow_runtime::traffic::Traffic;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::{ClientConfig, Message};
 use serde_json::Value;
+use util::*;
 
 struct Settings {
     brokers: String,
@@ -134,7 +134,7 @@ impl Drop for Fleet {
 
 fn tansu(action: &str, s: &Settings) {
     let mut command = Command::new("scripts/tansu.sh");
-    command.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."));
+    command.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
     command.args([action, &s.port]);
     if action == "start" {
         command.arg(&s.storage);

@@ -13,9 +13,9 @@ use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use rdkafka::Message;
 use serde_json::Value;
 
-mod common;
+mod util;
 
-use common::*;
+use util::*;
 
 type Cluster = MockCluster<'static, rdkafka::producer::DefaultProducerContext>;
 

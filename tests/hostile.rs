@@ -15,7 +15,7 @@
 //! Needs `NPSFLOW_HOSTILE_BROKERS` and `NPSFLOW_HOSTILE_BIN`; run by `scripts/hostile.sh`:
 //! `cargo test -p npsflow-runtime --test hostile -- --ignored --nocapture`.
 
-mod common;
+mod util;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
@@ -23,7 +23,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::header;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
@@ -32,6 +31,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use util::header;
 
 /// Partitions of the input topic.
 const PARTITIONS: i32 = 3;
@@ -1544,7 +1544,7 @@ async fn hostile_input_never_stops_or_corrupts_the_pipeline() {
     }
 
     // --- the dead-letter topic
-    let dead_letters = common::read_to_end(&brokers, &dlq);
+    let dead_letters = util::read_to_end(&brokers, &dlq);
     println!("hostile: {} dead letters on {dlq}", dead_letters.len());
     check_dead_letters(&mut table, &dead_letters, &input, &mut failures);
 
