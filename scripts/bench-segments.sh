@@ -28,7 +28,7 @@ trap cleanup EXIT
 
 python3 -c "import confluent_kafka" 2>/dev/null || pip install --quiet confluent-kafka
 cargo build -j2 --release -p npsflow --bins --example transport_floor
-bin=target/release/npsflow
+bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
 scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
