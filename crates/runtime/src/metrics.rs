@@ -15,8 +15,7 @@ use std::sync::{Arc, RwLock};
 
 use npsflow_core::response::InvalidReason;
 use npsflow_core::{Category, Outcome, Severity};
-use prometheus::core::{Collector, Desc};
-use prometheus::proto::MetricFamily;
+use prometheus::core::Collector;
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -55,6 +54,8 @@ pub struct Metrics {
     segments_owned: Gauge,
     unreadable_records: IntCounterVec,
     warnings: IntCounterVec,
+    /// The aggregate role's segments, rendered at every scrape, when the role runs here.
+    segments: Arc<std::sync::OnceLock<Arc<RwLock<AggregateView>>>>,
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, metric: C) -> C {
@@ -280,6 +281,7 @@ impl Metrics {
             segments_owned,
             unreadable_records,
             warnings,
+            segments: Arc::default(),
         }
     }
 
@@ -323,7 +325,7 @@ impl Metrics {
 
     /// Adds the segment gauges, read from the aggregate role's state at every scrape.
     pub fn register_segments(&self, view: Arc<RwLock<AggregateView>>) {
-        register(&self.registry, SegmentCollector::new(view));
+        let _ = self.segments.set(view);
     }
 
     /// The Prometheus text exposition of every metric.
@@ -332,7 +334,12 @@ impl Metrics {
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
             .expect("text encoding cannot fail");
-        String::from_utf8(buffer).expect("text exposition is UTF-8")
+        let mut text = String::from_utf8(buffer).expect("text exposition is UTF-8");
+        if let Some(view) = self.segments.get() {
+            let view = view.read().unwrap_or_else(|e| e.into_inner());
+            render_segments(&view, crate::wall_now(), &mut text);
+        }
+        text
     }
 }
 
@@ -342,90 +349,95 @@ impl Default for Metrics {
     }
 }
 
-/// Builds `npsflow_segment_nps`, `_ci95` and `_responses` from the segment windows.
-struct SegmentCollector {
-    view: Arc<RwLock<AggregateView>>,
-    descs: Vec<Desc>,
-}
-
 const NPS: &str = "npsflow_segment_nps";
 const CI95: &str = "npsflow_segment_nps_ci95";
 const RESPONSES: &str = "npsflow_segment_responses";
 
-impl SegmentCollector {
-    fn new(view: Arc<RwLock<AggregateView>>) -> SegmentCollector {
-        let desc = |name: &str, help: &str, labels: &[&str]| {
-            Desc::new(
-                name.into(),
-                help.into(),
-                labels.iter().map(|l| l.to_string()).collect(),
-                Default::default(),
-            )
-            .expect("valid desc")
-        };
-        SegmentCollector {
-            view,
-            descs: vec![
-                desc(
-                    NPS,
-                    "NPS of a segment in a rolling window, -100..100.",
-                    &["segment", "window"],
-                ),
-                desc(
-                    CI95,
-                    "Half-width of the 95% confidence interval of the segment NPS, in NPS points.",
-                    &["segment", "window"],
-                ),
-                desc(
-                    RESPONSES,
-                    "Responses of a segment in a rolling window, by category.",
-                    &["segment", "window", "category"],
-                ),
-            ],
+/// Appends `npsflow_segment_nps`, `_ci95` and `_responses` for every owned segment and
+/// window at `wall`, written straight as text: computed at scrape time (so windows drain as
+/// the clock moves, and a segment with no responses has no NPS series), without building a
+/// gauge vector per scrape (with many segments that cost more memory than the windows).
+fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mut String) {
+    use std::fmt::Write;
+    let rows = view.rows(wall);
+    let families: [(&str, &str); 3] = [
+        (NPS, "NPS of a segment in a rolling window, -100..100."),
+        (
+            CI95,
+            "Half-width of the 95% confidence interval of the segment NPS, in NPS points.",
+        ),
+        (
+            RESPONSES,
+            "Responses of a segment in a rolling window, by category.",
+        ),
+    ];
+    for (name, help) in families {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        for row in &rows {
+            let (segment, window) = (escape(&row.segment), escape(&row.window));
+            let summary = &row.summary;
+            let value = match name {
+                NPS => summary.nps,
+                CI95 => summary.nps.and(summary.ci95),
+                _ => {
+                    for category in Category::ALL {
+                        let count = summary.tally.get(category) as f64;
+                        let _ = writeln!(
+                            out,
+                            "{name}{{category=\"{}\",segment=\"{segment}\",window=\"{window}\"}} {}",
+                            category.as_str(),
+                            sample(count)
+                        );
+                    }
+                    None
+                }
+            };
+            if let Some(value) = value {
+                let _ = writeln!(
+                    out,
+                    "{name}{{segment=\"{segment}\",window=\"{window}\"}} {}",
+                    sample(value)
+                );
+            }
         }
     }
 }
 
-impl Clone for SegmentCollector {
-    fn clone(&self) -> Self {
-        SegmentCollector {
-            view: self.view.clone(),
-            descs: self.descs.clone(),
-        }
-    }
-}
-
-impl Collector for SegmentCollector {
-    fn desc(&self) -> Vec<&Desc> {
-        self.descs.iter().collect()
-    }
-
-    fn collect(&self) -> Vec<MetricFamily> {
-        let nps = GaugeVec::new(Opts::new(NPS, &self.descs[0].help), &["segment", "window"])
-            .expect("valid metric");
-        let ci95 = GaugeVec::new(Opts::new(CI95, &self.descs[1].help), &["segment", "window"])
-            .expect("valid metric");
-        let responses = GaugeVec::new(
-            Opts::new(RESPONSES, &self.descs[2].help),
-            &["segment", "window", "category"],
+/// A label value escaped for the text format: backslash, double quote and line feed.
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.contains(['\\', '"', '\n']) {
+        std::borrow::Cow::Owned(
+            value
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n"),
         )
-        .expect("valid metric");
-        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
-        for row in view.rows(crate::wall_now()) {
-            let labels = [row.segment.as_str(), row.window.as_str()];
-            for category in Category::ALL {
-                responses
-                    .with_label_values(&[labels[0], labels[1], category.as_str()])
-                    .set(row.summary.tally.get(category) as f64);
-            }
-            if let (Some(value), Some(margin)) = (row.summary.nps, row.summary.ci95) {
-                nps.with_label_values(&labels).set(value);
-                ci95.with_label_values(&labels).set(margin);
-            }
-        }
-        let mut families = nps.collect();
-        families.extend(ci95.collect());
-        families.extend(responses.collect());
-        families
+    } else {
+        std::borrow::Cow::Borrowed(value)
+    }
+}
+
+/// A sample value as the text format writes it.
+fn sample(value: f64) -> String {
+    if value.is_nan() {
+        "NaN".into()
+    } else if value.is_infinite() {
+        if value > 0.0 { "+Inf" } else { "-Inf" }.into()
+    } else {
+        value.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_and_samples_are_written_as_the_text_format_wants() {
+        assert_eq!(escape("region=east"), "region=east");
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+        assert_eq!(sample(-50.0), "-50");
+        assert_eq!(sample(3.5), "3.5");
+        assert_eq!(sample(f64::INFINITY), "+Inf");
     }
 }
