@@ -24,6 +24,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::Message;
+use futures::FutureExt;
 use tokio::sync::watch;
 
 use crate::config::{Config, Guarantee};
@@ -263,8 +264,11 @@ impl Engine {
                 role.handle_timeout(now, &mut records);
             }
             if batch.is_empty() && held.is_empty() && records.is_empty() {
-                // Nothing new: the batch in flight, if any, reaches its commit point now.
-                committer.drain(&consumer, name, &self.metrics).await?;
+                // Nothing new: the batch in flight reaches its commit point if it is
+                // delivered. If it is not (the broker may be down), the driver goes back to
+                // receiving, which keeps the consumer's statistics and errors (and so the
+                // health) served; `settled` wakes it once the delivery is done.
+                committer.store_if_settled(&consumer, name, &self.metrics)?;
                 continue;
             }
             let max = kafka::max_record_bytes(settings.topics.max_message_bytes as usize);
@@ -625,6 +629,37 @@ impl Committer {
         }
     }
 
+    /// Stores the offsets of the batch in flight if its delivery has settled; never waits.
+    fn store_if_settled(
+        &mut self,
+        consumer: &StreamConsumer<RoleContext>,
+        role: &'static str,
+        metrics: &Metrics,
+    ) -> Result<(), RuntimeError> {
+        match self {
+            Committer::AtLeastOnce { in_flight } => {
+                if let Some(batch) = in_flight.as_mut() {
+                    if batch.delivered.is_none() {
+                        batch.delivered = (&mut batch.delivery).now_or_never();
+                    }
+                }
+                match in_flight.take() {
+                    Some(InFlight {
+                        delivered: Some(delivered),
+                        offsets,
+                        started,
+                        ..
+                    }) => stored(consumer, role, metrics, delivered, &offsets, started),
+                    unsettled => {
+                        *in_flight = unsettled;
+                        Ok(())
+                    }
+                }
+            }
+            Committer::Transactional => Ok(()),
+        }
+    }
+
     /// Waits for the batch in flight, if any, and stores its offsets.
     async fn drain(
         &mut self,
@@ -648,14 +683,27 @@ async fn finish(
     metrics: &Metrics,
     batch: InFlight,
 ) -> Result<(), RuntimeError> {
-    match batch.delivered {
-        Some(delivered) => delivered??,
-        None => batch.delivery.await??,
-    }
-    kafka::store_offsets(consumer, &batch.offsets);
+    let delivered = match batch.delivered {
+        Some(delivered) => delivered,
+        None => batch.delivery.await,
+    };
+    stored(consumer, role, metrics, delivered, &batch.offsets, batch.started)
+}
+
+/// Stores a delivered batch's offsets: its commit point.
+fn stored(
+    consumer: &StreamConsumer<RoleContext>,
+    role: &'static str,
+    metrics: &Metrics,
+    delivered: Delivered,
+    offsets: &[(String, i32, i64)],
+    started: Instant,
+) -> Result<(), RuntimeError> {
+    delivered??;
+    kafka::store_offsets(consumer, offsets);
     events::BatchCommitted {
         role,
-        seconds: batch.started.elapsed().as_secs_f64(),
+        seconds: started.elapsed().as_secs_f64(),
     }
     .emit(metrics);
     Ok(())
