@@ -15,8 +15,10 @@
 //! - [`ingest`]: the ingest stage: decisions and per-batch segment deltas.
 //! - [`delta`]: segment deltas and the aggregator's exactly-once apply.
 //! - [`scoreboard`]: windows for many segments, and their summaries.
+//! - [`case`]: closed-loop follow-up cases: outcome events, SLAs, escalations, recovery.
 
 pub mod alert;
+pub mod case;
 pub mod dedupe;
 pub mod delta;
 pub mod ingest;
@@ -29,6 +31,11 @@ pub mod time;
 pub mod window;
 
 pub use alert::{alert_id, DetractorAlert, Route, Routing, SegmentRoute, Severity};
+pub use case::{
+    decode_alert, decode_outcome, CaseAlert, CaseBook, CaseState, Effect, EscalationNotice,
+    FollowupCase, FollowupNotice, FollowupPolicy, InvalidOutcome, OutcomeEvent, OutcomeType,
+    RecoveryResult, Resolution,
+};
 pub use dedupe::DuplicateFilter;
 pub use delta::{Applied, SegmentDelta, SegmentSnapshot, SegmentStore};
 pub use ingest::{ClockKind, Decision, Ingest, IngestSpec, Source};

@@ -41,6 +41,21 @@ impl Timestamp {
     }
 }
 
+/// In JSON (case records, escalation notices) an instant is its RFC 3339 text.
+impl serde::Serialize for Timestamp {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_rfc3339())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Timestamp {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Timestamp, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Timestamp::parse_rfc3339(&text)
+            .ok_or_else(|| serde::de::Error::custom("not an RFC 3339 timestamp"))
+    }
+}
+
 /// A length of time in whole milliseconds, written as `<number><unit>` with unit
 /// `ms`, `s`, `m`, `h`, `d` or `w` (`90s`, `1h`, `7d`). It displays in the largest unit up to
 /// days that divides it (`60m` shows as `1h`, `2w` as `14d`).

@@ -1,0 +1,571 @@
+//! Tests of the case state machine: decoding, the fold, deadlines, recovery, and a property
+//! test against a naive oracle over random event orders, duplicates and late events.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use proptest::prelude::*;
+
+use super::*;
+
+const HOUR: i64 = 3_600_000;
+const T0: i64 = 1_800_000_000_000;
+
+fn policy() -> FollowupPolicy {
+    FollowupPolicy {
+        first_contact_sla: Span::hours(48),
+        resolve_sla: Span::days(7),
+        escalate_scores: vec![0, 1],
+        escalation_owners: [("ann".to_owned(), "bea".to_owned())].into(),
+        escalation_owner: "head-of-cx".into(),
+        recovery_horizon: Span::days(180),
+        closed_retention: Span::days(200),
+        orphan_horizon: Span::days(7),
+    }
+}
+
+fn alert(case: &str, score: u8) -> CaseAlert {
+    CaseAlert {
+        alert_id: case.into(),
+        response_id: format!("r-{case}"),
+        customer_id: format!("cust-{case}"),
+        account_id: None,
+        survey_id: None,
+        owner: "ann".into(),
+        score,
+        severity: Severity::Medium,
+        segments: BTreeMap::new(),
+        responded_at: Timestamp(T0),
+    }
+}
+
+fn event(id: &str, case: &str, kind: OutcomeType, at_hours: i64) -> OutcomeEvent {
+    OutcomeEvent {
+        event_id: id.into(),
+        case_id: case.into(),
+        kind,
+        occurred_at: Timestamp(T0 + at_hours * HOUR),
+        actor: None,
+        assignee: (kind == OutcomeType::Reassigned).then(|| format!("agent-{id}")),
+        contact_result: None,
+        root_causes: Vec::new(),
+        resolution: matches!(kind, OutcomeType::Resolved | OutcomeType::Closed)
+            .then_some(Resolution::Fixed),
+        comment: None,
+    }
+}
+
+fn escalations(effects: &[Effect]) -> Vec<(String, u8)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Escalated(n) => Some((n.case_id.clone(), n.level)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn outcome_events_decode_with_their_rules() {
+    let ok = br#"{"event_id":"e1","case_id":"det-1","type":"reassigned","occurred_at":"2026-11-22T12:00:00+01:00","assignee":"bob","root_causes":["price"],"comment":"x","extra":1}"#;
+    let event = decode_outcome(ok).expect("valid");
+    assert_eq!(event.kind, OutcomeType::Reassigned);
+    assert_eq!(event.assignee.as_deref(), Some("bob"));
+    assert_eq!(
+        event.occurred_at,
+        Timestamp::parse_rfc3339("2026-11-22T11:00:00Z").expect("ts")
+    );
+    let cases: [(&[u8], &str); 11] = [
+        (b"{", "not_json"),
+        (b"[1]", "not_an_object"),
+        (br#"{"event_id":"e","event_id":"f"}"#, "duplicate_field"),
+        (br#"{"case_id":"c","type":"note","occurred_at":"2026-11-22T12:00:00Z"}"#, "missing_field"),
+        (br#"{"event_id":"e","case_id":"c","type":"teleported","occurred_at":"2026-11-22T12:00:00Z"}"#, "unknown_value"),
+        (br#"{"event_id":"e","case_id":"c","type":"note","occurred_at":"yesterday"}"#, "bad_timestamp"),
+        (br#"{"event_id":"","case_id":"c","type":"note","occurred_at":"2026-11-22T12:00:00Z"}"#, "bad_length"),
+        (br#"{"event_id":1,"case_id":"c","type":"note","occurred_at":"2026-11-22T12:00:00Z"}"#, "wrong_type"),
+        (br#"{"event_id":"e","case_id":"c","type":"reassigned","occurred_at":"2026-11-22T12:00:00Z"}"#, "missing_field"),
+        (br#"{"event_id":"e","case_id":"c","type":"closed","occurred_at":"2026-11-22T12:00:00Z"}"#, "missing_field"),
+        (br#"{"event_id":"e","case_id":"c","type":"note","occurred_at":"2026-11-22T12:00:00Z","root_causes":"price"}"#, "wrong_type"),
+    ];
+    for (bytes, code) in cases {
+        let error = decode_outcome(bytes).expect_err(&String::from_utf8_lossy(bytes));
+        assert_eq!(error.code(), code, "{}", String::from_utf8_lossy(bytes));
+    }
+    // The detail never quotes the message.
+    let secret = br#"{"event_id":"e","case_id":"c","type":"note","occurred_at":"2026-11-22T12:00:00Z","comment":7}"#;
+    assert!(!decode_outcome(secret)
+        .expect_err("bad")
+        .to_string()
+        .contains('7'));
+}
+
+#[test]
+fn alerts_decode_from_the_followups_json() {
+    let json = br#"{"alert_id":"det-1","kind":"detractor","response_id":"r","customer_id":"c","account_id":"acme","survey_id":null,"owner":"ann","route":"account","score":3,"severity":"high","segments":{"region":"east"},"comment":"slow","responded_at":"2026-11-22T12:00:00+01:00","emitted_at":"2026-11-22T11:00:01.000Z"}"#;
+    let alert = decode_alert(json).expect("valid");
+    assert_eq!(alert.alert_id, "det-1");
+    assert_eq!(alert.severity, Severity::High);
+    assert_eq!(alert.segments["region"], "east");
+    assert!(decode_alert(br#"{"alert_id":"det-1"}"#).is_err());
+}
+
+#[test]
+fn late_events_are_applied_in_time_order_and_reopen_goes_back_to_contacted() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    let now = Timestamp(T0 + HOUR);
+    book.open(alert("c", 5), &policy, now, &mut out);
+    book.apply(
+        event("e3", "c", OutcomeType::Resolved, 30),
+        &policy,
+        now,
+        &mut out,
+    );
+    assert_eq!(book.case("c").expect("present").state, CaseState::Resolved);
+    // Earlier events never move it backwards.
+    book.apply(
+        event("e1", "c", OutcomeType::Acknowledged, 2),
+        &policy,
+        now,
+        &mut out,
+    );
+    book.apply(
+        event("e2", "c", OutcomeType::Contacted, 10),
+        &policy,
+        now,
+        &mut out,
+    );
+    let case = book.case("c").expect("present");
+    assert_eq!(case.state, CaseState::Resolved);
+    assert_eq!(case.first_contact_at, Some(Timestamp(T0 + 10 * HOUR)));
+    assert_eq!(
+        case.history
+            .iter()
+            .map(|e| e.event_id.as_str())
+            .collect::<Vec<_>>(),
+        ["e1", "e2", "e3"]
+    );
+    book.apply(
+        event("e4", "c", OutcomeType::Closed, 40),
+        &policy,
+        now,
+        &mut out,
+    );
+    book.apply(
+        event("e5", "c", OutcomeType::Reopened, 50),
+        &policy,
+        now,
+        &mut out,
+    );
+    let case = book.case("c").expect("present");
+    assert_eq!(case.state, CaseState::Contacted);
+    assert_eq!(case.closed_at, None);
+    // A reopen before the close happened (late) does not undo the close.
+    book.apply(
+        event("e6", "c", OutcomeType::Closed, 60),
+        &policy,
+        now,
+        &mut out,
+    );
+    book.apply(
+        event("e0", "c", OutcomeType::Reopened, 1),
+        &policy,
+        now,
+        &mut out,
+    );
+    assert_eq!(book.case("c").expect("present").state, CaseState::Closed);
+    // Reassignment changes the owner; a repeat is a duplicate.
+    book.apply(
+        event("e7", "c", OutcomeType::Reassigned, 61),
+        &policy,
+        now,
+        &mut out,
+    );
+    assert_eq!(book.case("c").expect("present").owner, "agent-e7");
+    out.clear();
+    book.apply(
+        event("e7", "c", OutcomeType::Reassigned, 61),
+        &policy,
+        now,
+        &mut out,
+    );
+    assert_eq!(out, [Effect::Duplicate("outcome")]);
+}
+
+#[test]
+fn deadlines_escalate_each_level_once_and_never_a_closed_case() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    let open_at = Timestamp(T0 + HOUR);
+    book.open(alert("late", 5), &policy, open_at, &mut out);
+    book.open(alert("closed", 5), &policy, open_at, &mut out);
+    book.open(alert("severe", 1), &policy, open_at, &mut out);
+    // The severe score escalates at once.
+    assert_eq!(book.poll_timeout(), Some(open_at));
+    out.clear();
+    book.handle_timeout(open_at, &policy, &mut out);
+    assert_eq!(escalations(&out), [("severe".to_owned(), 1)]);
+    // Nothing else until the first-contact deadline.
+    assert_eq!(book.poll_timeout(), Some(Timestamp(T0 + 48 * HOUR)));
+    book.apply(
+        event("x", "closed", OutcomeType::Closed, 47),
+        &policy,
+        open_at,
+        &mut out,
+    );
+    out.clear();
+    // A burst of overdue deadlines (e.g. after a restart): both levels, once each.
+    let much_later = Timestamp(T0 + 30 * 24 * HOUR);
+    book.handle_timeout(much_later, &policy, &mut out);
+    let mut fired = escalations(&out);
+    fired.sort();
+    assert_eq!(
+        fired,
+        [
+            ("late".to_owned(), 1),
+            ("late".to_owned(), 2),
+            ("severe".to_owned(), 2)
+        ]
+    );
+    let notice = out.iter().find_map(|e| match e {
+        Effect::Escalated(n) if n.level == 2 && n.case_id == "late" => Some(n.clone()),
+        _ => None,
+    });
+    let notice = notice.expect("level 2");
+    assert_eq!(notice.escalation_id, "late:2");
+    assert_eq!(
+        notice.escalate_to, "head-of-cx",
+        "bea has no escalation owner"
+    );
+    assert_eq!(notice.reason, EscalationReason::ResolveOverdue);
+    out.clear();
+    book.handle_timeout(Timestamp(much_later.0 + 1), &policy, &mut out);
+    assert!(escalations(&out).is_empty());
+    assert_eq!(book.case("late").expect("present").escalation_level, 2);
+    // Level 1 went to the owner's escalation owner.
+    assert_eq!(
+        book.case("late").expect("present").escalations[0].escalate_to,
+        "bea"
+    );
+}
+
+#[test]
+fn outcomes_before_their_alert_wait_for_it_then_expire() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    let now = Timestamp(T0);
+    book.apply(
+        event("e1", "early", OutcomeType::Contacted, 1),
+        &policy,
+        now,
+        &mut out,
+    );
+    book.apply(
+        event("e1", "early", OutcomeType::Contacted, 1),
+        &policy,
+        now,
+        &mut out,
+    );
+    book.apply(
+        event("e9", "never", OutcomeType::Note, 1),
+        &policy,
+        now,
+        &mut out,
+    );
+    assert!(out.contains(&Effect::Duplicate("outcome")));
+    book.open(alert("early", 5), &policy, Timestamp(T0 + HOUR), &mut out);
+    assert_eq!(
+        book.case("early").expect("present").state,
+        CaseState::Contacted
+    );
+    assert!(book.orphans("early").is_none());
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + 8 * 24 * HOUR), &policy, &mut out);
+    assert!(out.contains(&Effect::OrphansExpired(1)));
+    assert!(book.orphans("never").is_none());
+}
+
+#[test]
+fn the_next_response_after_closing_decides_recovery() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    let now = Timestamp(T0);
+    book.open(alert("c", 5), &policy, now, &mut out);
+    book.apply(
+        event("e1", "c", OutcomeType::Closed, 24),
+        &policy,
+        now,
+        &mut out,
+    );
+    let closed = out
+        .iter()
+        .find_map(|e| match e {
+            Effect::Notice(n @ FollowupNotice::CaseClosed { .. }) => Some(n.clone()),
+            _ => None,
+        })
+        .expect("a closed notice for the customer");
+    assert_eq!(closed.key(), "cust-c");
+    assert!(out.iter().any(|e| matches!(
+        e,
+        Effect::Closed {
+            within_sla: true,
+            ..
+        }
+    )));
+    // The customer's side (any partition's book).
+    let mut customers = CaseBook::new();
+    out.clear();
+    customers.handle_notice(closed, &policy, &mut out);
+    // A response from before the close does not count; the next one does, once.
+    let responded = |id: &str, score: u8, hours: i64| FollowupNotice::Responded {
+        customer_id: "cust-c".into(),
+        response_id: id.into(),
+        score,
+        responded_at: Timestamp(T0 + hours * HOUR),
+    };
+    out.clear();
+    customers.handle_notice(responded("old", 9, 10), &policy, &mut out);
+    assert!(out.is_empty());
+    customers.handle_notice(responded("next", 8, 100), &policy, &mut out);
+    customers.handle_notice(responded("after", 2, 200), &policy, &mut out);
+    let recovery: Vec<FollowupNotice> = out
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Notice(n @ FollowupNotice::Recovery { .. }) => Some(n.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(recovery.len(), 1);
+    assert!(customers.watches("cust-c").is_none());
+    for notice in recovery {
+        assert_eq!(notice.key(), "c");
+        book.handle_notice(notice, &policy, &mut out);
+    }
+    let case = book.case("c").expect("present");
+    assert_eq!(case.recovered, Some(true));
+    assert_eq!(case.recovery_response_id.as_deref(), Some("next"));
+}
+
+#[test]
+fn a_watch_without_a_response_ends_at_the_horizon() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    let closed = FollowupNotice::CaseClosed {
+        customer_id: "k".into(),
+        case_id: "c".into(),
+        closed_at: Timestamp(T0),
+    };
+    book.handle_notice(closed, &policy, &mut out);
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + 179 * 24 * HOUR), &policy, &mut out);
+    assert!(out.is_empty());
+    book.handle_timeout(Timestamp(T0 + 181 * 24 * HOUR), &policy, &mut out);
+    assert!(out.contains(&Effect::RecoveryDecided(RecoveryResult::NoResponse)));
+    assert!(book.watches("k").is_none());
+}
+
+#[test]
+fn closed_cases_are_tombstoned_after_the_retention() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
+    book.apply(
+        event("e", "c", OutcomeType::Closed, 1),
+        &policy,
+        Timestamp(T0),
+        &mut out,
+    );
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + HOUR + 200 * 24 * HOUR), &policy, &mut out);
+    assert_eq!(out, [Effect::CaseChanged("c".into())]);
+    assert!(
+        book.case("c").is_none(),
+        "gone: the runtime writes a tombstone"
+    );
+}
+
+#[test]
+fn an_escalation_found_on_the_topic_is_not_repeated_after_a_restore() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
+    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
+    let sent = out
+        .iter()
+        .find_map(|e| match e {
+            Effect::Escalated(n) => Some(n.clone()),
+            _ => None,
+        })
+        .expect("escalated");
+    // A process restored the case as it was before the escalation was written.
+    let mut restored = CaseBook::new();
+    let mut before = Vec::new();
+    restored.open(alert("c", 5), &policy, Timestamp(T0), &mut before);
+    let record = restored.case("c").expect("present").clone();
+    let mut restored = CaseBook::new();
+    restored.restore_case(record, &policy);
+    assert!(restored.restore_escalation(&sent, &policy));
+    assert!(!restored.restore_escalation(&sent, &policy));
+    out.clear();
+    restored.handle_timeout(Timestamp(T0 + 50 * HOUR), &policy, &mut out);
+    assert!(escalations(&out).is_empty());
+}
+
+#[test]
+fn case_records_round_trip_through_json() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
+    book.apply(
+        event("e", "c", OutcomeType::Resolved, 3),
+        &policy,
+        Timestamp(T0),
+        &mut out,
+    );
+    let case = book.case("c").expect("present");
+    let json = serde_json::to_vec(case).expect("json");
+    let back: FollowupCase = serde_json::from_slice(&json).expect("back");
+    assert_eq!(&back, case);
+    let value: serde_json::Value = serde_json::from_slice(&json).expect("value");
+    assert_eq!(value["state"], "resolved");
+    assert_eq!(value["first_contact_deadline"], "2027-01-17T08:00:00.000Z");
+}
+
+// ---- the oracle ----------------------------------------------------------------------------
+
+/// One event of the pool: (case, kind, hours after the response).
+type PoolEvent = (usize, OutcomeType, i64);
+
+#[derive(Debug, Clone)]
+enum Action {
+    Alert(usize),
+    Outcome(usize),
+    Tick,
+}
+
+fn naive_state(events: &[&OutcomeEvent]) -> (CaseState, String) {
+    let mut sorted: Vec<&OutcomeEvent> = events.to_vec();
+    sorted.sort_by(|a, b| (a.occurred_at, &a.event_id).cmp(&(b.occurred_at, &b.event_id)));
+    let mut state = CaseState::Open;
+    let mut owner = "ann".to_owned();
+    for e in sorted {
+        state = match e.kind {
+            OutcomeType::Acknowledged => state.max(CaseState::Acknowledged),
+            OutcomeType::Contacted => state.max(CaseState::Contacted),
+            OutcomeType::Resolved => state.max(CaseState::Resolved),
+            OutcomeType::Closed => CaseState::Closed,
+            OutcomeType::Reopened if state >= CaseState::Resolved => CaseState::Contacted,
+            OutcomeType::Reassigned => {
+                owner = e.assignee.clone().unwrap_or_default();
+                state
+            }
+            _ => state,
+        };
+    }
+    (state, owner)
+}
+
+fn kinds() -> impl Strategy<Value = OutcomeType> {
+    prop::sample::select(OutcomeType::ALL.to_vec())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(400))]
+    #[test]
+    fn cases_match_the_oracle_in_any_order(
+        scores in prop::collection::vec(0u8..=6, 1..4),
+        pool in prop::collection::vec((0usize..3, kinds(), 0i64..400), 0..14),
+        steps in prop::collection::vec((0i64..60, 0usize..3, 0usize..20), 1..40),
+    ) {
+        // Outcomes wait for their case longer than a run lasts here (expiry has its own test).
+        let policy = FollowupPolicy { orphan_horizon: Span::days(365), ..policy() };
+        let cases = scores.len();
+        let pool: Vec<PoolEvent> = pool.into_iter().map(|(c, k, h)| (c % cases, k, h)).collect();
+        let events: Vec<OutcomeEvent> = pool
+            .iter()
+            .enumerate()
+            .map(|(i, (c, k, h))| event(&format!("e{i}"), &format!("c{c}"), *k, *h))
+            .collect();
+        let actions: Vec<(i64, Action)> = steps
+            .into_iter()
+            .map(|(advance, what, index)| {
+                let action = match what {
+                    0 => Action::Alert(index % cases),
+                    1 if !events.is_empty() => Action::Outcome(index % events.len()),
+                    _ => Action::Tick,
+                };
+                (advance, action)
+            })
+            .collect();
+
+        let mut book = CaseBook::new();
+        let mut fired: Vec<(String, u8)> = Vec::new();
+        // The oracle: what is known, and escalations recomputed from scratch every step.
+        let mut opened: BTreeMap<usize, Timestamp> = BTreeMap::new();
+        let mut known: BTreeSet<usize> = BTreeSet::new();
+        let mut expected: BTreeSet<(String, u8)> = BTreeSet::new();
+        let mut now = Timestamp(T0);
+        for (advance, action) in actions {
+            now = Timestamp(now.0 + advance * HOUR);
+            let mut out = Vec::new();
+            match action {
+                Action::Alert(c) => {
+                    book.open(alert(&format!("c{c}"), scores[c]), &policy, now, &mut out);
+                    opened.entry(c).or_insert(now);
+                }
+                Action::Outcome(i) => {
+                    book.apply(events[i].clone(), &policy, now, &mut out);
+                    known.insert(i);
+                }
+                Action::Tick => {}
+            }
+            if book.poll_timeout().is_some_and(|due| due <= now) {
+                book.handle_timeout(now, &policy, &mut out);
+            }
+            for effect in &out {
+                if let Effect::Escalated(notice) = effect {
+                    fired.push((notice.case_id.clone(), notice.level));
+                    let (state, _) = naive_state(
+                        &known.iter().filter(|i| pool[**i].0 == notice.case_id[1..].parse::<usize>().expect("present")).map(|i| &events[*i]).collect::<Vec<_>>(),
+                    );
+                    prop_assert!(state != CaseState::Closed, "escalated a closed case");
+                }
+            }
+            for (&c, &opened_at) in &opened {
+                let mine: Vec<&OutcomeEvent> = known.iter().filter(|i| pool[**i].0 == c).map(|i| &events[*i]).collect();
+                let (state, _) = naive_state(&mine);
+                let id = format!("c{c}");
+                let first_due = if policy.escalate_scores.contains(&scores[c]) {
+                    opened_at
+                } else {
+                    Timestamp(T0).plus(policy.first_contact_sla)
+                };
+                if state < CaseState::Contacted && now >= first_due {
+                    expected.insert((id.clone(), 1));
+                }
+                if state < CaseState::Resolved && now >= Timestamp(T0).plus(policy.resolve_sla) {
+                    expected.insert((id, 2));
+                }
+            }
+        }
+        let unique: BTreeSet<(String, u8)> = fired.iter().cloned().collect();
+        prop_assert_eq!(unique.len(), fired.len(), "an escalation happened twice: {:?}", fired);
+        prop_assert_eq!(unique, expected);
+        for &c in opened.keys() {
+            let mine: Vec<&OutcomeEvent> = known.iter().filter(|i| pool[**i].0 == c).map(|i| &events[*i]).collect();
+            let (state, owner) = naive_state(&mine);
+            let case = book.case(&format!("c{c}")).expect("opened");
+            prop_assert_eq!(case.state, state);
+            prop_assert_eq!(&case.owner, &owner);
+            prop_assert_eq!(case.history.len(), mine.len());
+        }
+    }
+}
