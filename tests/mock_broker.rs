@@ -642,3 +642,185 @@ fn sample(metrics: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
         .and_then(|value| value.trim().parse().ok())
 }
+
+fn outcome(event_id: &str, case_id: &str, kind: &str, occurred_at: &str, extra: &str) -> Vec<u8> {
+    format!(
+        r#"{{"event_id":"{event_id}","case_id":"{case_id}","type":"{kind}","occurred_at":"{occurred_at}"{extra}}}"#
+    )
+    .into_bytes()
+}
+
+fn escalations_seen(brokers: &str, topic: &str) -> BTreeMap<(String, u64), usize> {
+    let mut seen = BTreeMap::new();
+    for message in read_to_end(brokers, topic) {
+        let notice: Value =
+            serde_json::from_slice(message.payload().expect("a notice")).expect("json");
+        let key = (
+            notice["case_id"].as_str().expect("case_id").to_owned(),
+            notice["level"].as_u64().expect("level"),
+        );
+        *seen.entry(key).or_insert(0) += 1;
+    }
+    seen
+}
+
+/// The closed loop on the in-process broker, with the roles on a hand-moved clock: cases open
+/// from alerts, outcome events move them (in any order, duplicates ignored, invalid ones
+/// dead-lettered byte-for-byte, early ones kept for their case), deadlines escalate on the
+/// clock with no message arriving, each (case, level) once, never a closed case; a customer's
+/// next response decides recovery; a restarted process restores every case and escalates
+/// nothing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followup_cases_escalate_on_the_clock_close_by_outcomes_and_recover() {
+    let (_cluster, brokers, config) = broker(&[
+        ("NPSFLOW__FOLLOWUP__FIRST_CONTACT_SLA", "1h"),
+        ("NPSFLOW__FOLLOWUP__RESOLVE_SLA", "2h"),
+        ("NPSFLOW__FOLLOWUP__ESCALATE_SCORES", ""),
+        ("NPSFLOW__FOLLOWUP__ESCALATION_OWNER", "head-of-cx"),
+    ]);
+    let topics = config.settings.topics.clone();
+    let start = npsflow_runtime::wall_now();
+    let clock = Arc::new(npsflow_runtime::engine::ManualClock::new(start));
+    let pipeline = Pipeline::start_with_clock(&config, clock.clone()).await;
+    let detractors: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = ["closed", "contacted", "ignored"]
+        .iter()
+        .map(|id| (Some("any-key"), response(id, 4, ""), OwnedHeaders::new()))
+        .collect();
+    let case = |id: &str| npsflow_core::alert_id(id);
+    let soon = now_rfc3339(-20);
+    // An outcome for the case `closed` may come before its alert: it waits for it.
+    let early = vec![(
+        Some("early"),
+        outcome("e0", &case("closed"), "acknowledged", &soon, ""),
+        OwnedHeaders::new(),
+    )];
+    produce(&brokers, &topics.followup_outcomes, &early).await;
+    produce(&brokers, &topics.responses, &detractors).await;
+    wait_until("three cases opened", || {
+        pipeline.process.metrics.cases_opened() == 3
+    })
+    .await;
+
+    let invalid = outcome(
+        "bad",
+        &case("closed"),
+        "teleported",
+        &soon,
+        r#","comment":"secret""#,
+    );
+    let outcomes: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = vec![
+        outcome(
+            "e2",
+            &case("closed"),
+            "resolved",
+            &soon,
+            r#","resolution":"fixed""#,
+        ),
+        outcome("e1", &case("closed"), "contacted", &soon, ""),
+        outcome(
+            "e3",
+            &case("closed"),
+            "closed",
+            &soon,
+            r#","resolution":"fixed""#,
+        ),
+        outcome(
+            "e3",
+            &case("closed"),
+            "closed",
+            &soon,
+            r#","resolution":"fixed""#,
+        ),
+        outcome(
+            "e4",
+            &case("contacted"),
+            "contacted",
+            &soon,
+            r#","contact_result":"reached""#,
+        ),
+        invalid.clone(),
+    ]
+    .into_iter()
+    .map(|payload| (Some("k"), payload, OwnedHeaders::new()))
+    .collect();
+    produce(&brokers, &topics.followup_outcomes, &outcomes).await;
+    wait_until("the outcomes applied", || {
+        let m = &pipeline.process.metrics;
+        m.followup_input_count("outcome", "applied") == 4
+            && m.followup_input_count("outcome", "duplicate") == 1
+    })
+    .await;
+    let dead = read_topic(&brokers, &topics.dead_letters, 1);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].payload(), Some(invalid.as_slice()), "byte for byte");
+    assert_eq!(
+        header(&dead[0], "npsflow-error").as_deref(),
+        Some("unknown_value")
+    );
+    let (status, closed) = pipeline.get(&format!("/v1/cases/{}", case("closed"))).await;
+    assert_eq!(status, StatusCode::OK, "{closed}");
+    assert_eq!(closed["state"], "closed");
+    assert_eq!(closed["history"].as_array().expect("history").len(), 4);
+    assert!(escalations_seen(&brokers, &topics.escalations).is_empty());
+
+    // Past the first-contact deadline, with no message arriving: only the case nobody
+    // contacted escalates.
+    clock.set(npsflow_core::Timestamp(start.millis() + 61 * 60_000));
+    wait_until("the first escalation", || {
+        !escalations_seen(&brokers, &topics.escalations).is_empty()
+    })
+    .await;
+    let first = escalations_seen(&brokers, &topics.escalations);
+    assert_eq!(first, BTreeMap::from([((case("ignored"), 1), 1)]));
+    // Past the resolve deadline: level 2 for both open cases; none for the closed one.
+    clock.set(npsflow_core::Timestamp(start.millis() + 121 * 60_000));
+    wait_until("three escalations", || {
+        escalations_seen(&brokers, &topics.escalations).len() == 3
+    })
+    .await;
+    let (_, overdue) = pipeline.get("/v1/cases?overdue=true&state=contacted").await;
+    assert_eq!(overdue["count"], 1, "{overdue}");
+
+    // The customer of the closed case answers again, as a promoter: recovered.
+    let again = format!(
+        r#"{{"response_id":"closed-later","score":9,"responded_at":"{}","customer_id":"cust-closed"}}"#,
+        now_rfc3339(0)
+    );
+    let again = vec![(Some("x"), again.into_bytes(), OwnedHeaders::new())];
+    produce(&brokers, &topics.responses, &again).await;
+    wait_until("recovery decided", || {
+        pipeline.process.metrics.recovery_count("recovered") == 1
+    })
+    .await;
+    wait_until("the directory to show it", || {
+        pipeline
+            .process
+            .directory
+            .case(&case("closed"))
+            .is_some_and(|c| c.recovered == Some(true))
+    })
+    .await;
+    pipeline.stop().await;
+
+    // A new process, later still: every case comes back, nothing escalates again.
+    clock.set(npsflow_core::Timestamp(start.millis() + 300 * 60_000));
+    let restarted = Pipeline::start_with_clock(&config, clock.clone()).await;
+    wait_until("restore and readiness", || restarted.process.health.ready()).await;
+    wait_until("the cases read back", || {
+        restarted.process.directory.len() == 3
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = escalations_seen(&brokers, &topics.escalations);
+    assert_eq!(after.len(), 3);
+    assert!(
+        after.values().all(|n| *n == 1),
+        "each (case, level) once: {after:?}"
+    );
+    let (_, ignored) = restarted
+        .get(&format!("/v1/cases/{}", case("ignored")))
+        .await;
+    assert_eq!(ignored["escalation_level"], 2);
+    assert_eq!(ignored["escalations"][0]["escalate_to"], "head-of-cx");
+    restarted.stop().await;
+}

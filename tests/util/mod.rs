@@ -45,7 +45,16 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(config: &Arc<Config>) -> Pipeline {
-        let process = Process::new(config, &Role::ALL);
+        Pipeline::start_with_clock(config, Arc::new(npsflow_runtime::engine::WallClock)).await
+    }
+
+    /// A pipeline whose roles read `clock` (e.g. a hand-moved `ManualClock`).
+    pub async fn start_with_clock(
+        config: &Arc<Config>,
+        clock: Arc<dyn npsflow_runtime::engine::Clock>,
+    ) -> Pipeline {
+        let mut process = Process::new(config, &Role::ALL);
+        process.clock = clock;
         let (listener, _) = npsflow_runtime::http::bind("127.0.0.1:0")
             .await
             .expect("bind");

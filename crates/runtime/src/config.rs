@@ -85,6 +85,8 @@ pub struct Settings {
     pub health: HealthSettings,
     /// Logging.
     pub log: LogSettings,
+    /// Closed-loop follow-up: SLAs, escalations, recovery.
+    pub followup: FollowupSettings,
 }
 
 /// Where Kafka is and how to talk to it. Its `Debug` output redacts secret properties.
@@ -99,6 +101,8 @@ pub struct KafkaSettings {
     pub ingest_group: String,
     /// Consumer group of the aggregate role.
     pub aggregate_group: String,
+    /// Consumer group of the followup role.
+    pub followup_group: String,
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -108,6 +112,7 @@ impl fmt::Debug for KafkaSettings {
             .field("properties", &redact_properties(&self.properties))
             .field("ingest_group", &self.ingest_group)
             .field("aggregate_group", &self.aggregate_group)
+            .field("followup_group", &self.followup_group)
             .finish()
     }
 }
@@ -127,6 +132,17 @@ pub struct TopicSettings {
     pub segment_deltas: String,
     /// Compacted segment snapshots, co-partitioned with the deltas.
     pub state: String,
+    /// Outcome events from the follow-up team's tools, keyed by `case_id`.
+    pub followup_outcomes: String,
+    /// Internal: alerts, outcomes and notices, keyed by case or customer (the followup
+    /// role's repartition topic).
+    pub followup_events: String,
+    /// Compacted: the current state of every case, keyed by `case_id`.
+    pub cases: String,
+    /// Escalation notices, keyed by `case_id`.
+    pub escalations: String,
+    /// Internal, compacted: outcomes waiting for their case and recovery watches.
+    pub followup_state: String,
     /// Partitions used by `npsflow topics create`.
     pub partitions: i32,
     /// Replication factor used by `npsflow topics create`.
@@ -202,6 +218,28 @@ pub struct RoutingSettings {
     /// Segment rules, first match wins.
     #[serde(default)]
     pub segments: Vec<SegmentRouteSettings>,
+    /// owner -> whom their cases escalate to.
+    #[serde(default)]
+    pub escalations: BTreeMap<String, String>,
+}
+
+/// Closed-loop follow-up.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct FollowupSettings {
+    /// Contacted within this of the response, or escalation level 1.
+    pub first_contact_sla: String,
+    /// Resolved within this of the response, or escalation level 2.
+    pub resolve_sla: String,
+    /// Scores that escalate to level 1 as soon as the case opens.
+    pub escalate_scores: Vec<String>,
+    /// Whom cases escalate to when `routing.escalations` has no entry for the owner.
+    pub escalation_owner: String,
+    /// A customer's next response within this of closing decides recovery.
+    pub recovery_horizon: String,
+    /// A closed case is tombstoned on the cases topic this long after closing.
+    pub closed_retention: String,
+    /// Outcome events for a case not known yet are kept this long.
+    pub orphan_horizon: String,
 }
 
 /// One segment routing rule.
@@ -318,6 +356,8 @@ pub struct Config {
     /// `health.stall_timeout`: how long a partition's committed position may stand still
     /// while messages wait before `/healthz` fails.
     pub stall_timeout: Span,
+    /// SLAs, escalation routing and horizons of follow-up cases.
+    pub followup: npsflow_core::FollowupPolicy,
 }
 
 /// The properties librdkafka itself treats as sensitive (flagged `_RK_SENSITIVE` in
@@ -788,6 +828,7 @@ struct Read {
     horizon: Option<Option<Span>>,
     batch_max_wait: Option<Span>,
     stall_timeout: Option<Span>,
+    followup_spans: [Option<Span>; 5],
 }
 
 impl Reader {
@@ -1232,6 +1273,7 @@ impl Reader {
             properties: self.string_table(&mut s, "properties", true),
             ingest_group: self.string(&mut s, "ingest_group"),
             aggregate_group: self.string(&mut s, "aggregate_group"),
+            followup_group: self.string(&mut s, "followup_group"),
         };
         self.finish(s);
 
@@ -1243,6 +1285,11 @@ impl Reader {
             followups: self.string(&mut s, "followups"),
             segment_deltas: self.string(&mut s, "segment_deltas"),
             state: self.string(&mut s, "state"),
+            followup_outcomes: self.string(&mut s, "followup_outcomes"),
+            followup_events: self.string(&mut s, "followup_events"),
+            cases: self.string(&mut s, "cases"),
+            escalations: self.string(&mut s, "escalations"),
+            followup_state: self.string(&mut s, "followup_state"),
             partitions: to(self.int(&mut s, "partitions", 1, i32_max)),
             replication: to(self.int(&mut s, "replication", 1, i32_max)),
             max_message_bytes: to(self.int(
@@ -1311,6 +1358,7 @@ impl Reader {
             default_owner: self.string(&mut s, "default_owner"),
             accounts: self.string_table(&mut s, "accounts", false),
             segments: self.routes(&mut s, "segments"),
+            escalations: self.string_table(&mut s, "escalations", false),
         };
         self.finish(s);
 
@@ -1359,6 +1407,24 @@ impl Reader {
         };
         self.finish(s);
 
+        let mut s = self.section(root, "followup");
+        let mut spans = [None; 5];
+        let mut span = |reader: &mut Reader, s: &mut Section, name: &str, i: usize| {
+            let (text, parsed) = reader.span(s, name, Span(1), false);
+            spans[i] = parsed.flatten();
+            text
+        };
+        let followup = FollowupSettings {
+            first_contact_sla: span(self, &mut s, "first_contact_sla", 0),
+            resolve_sla: span(self, &mut s, "resolve_sla", 1),
+            escalate_scores: self.strings(&mut s, "escalate_scores"),
+            escalation_owner: self.string(&mut s, "escalation_owner"),
+            recovery_horizon: span(self, &mut s, "recovery_horizon", 2),
+            closed_retention: span(self, &mut s, "closed_retention", 3),
+            orphan_horizon: span(self, &mut s, "orphan_horizon", 4),
+        };
+        self.finish(s);
+
         for (name, node) in std::mem::take(root) {
             self.unknown(&Key::default().name(&name), &node);
         }
@@ -1376,6 +1442,7 @@ impl Reader {
                 http,
                 health,
                 log,
+                followup,
             },
             skew: skew.flatten(),
             resolutions: steps,
@@ -1383,6 +1450,7 @@ impl Reader {
             horizon,
             batch_max_wait: batch_wait.flatten(),
             stall_timeout: stall.flatten(),
+            followup_spans: spans,
         }
     }
 
@@ -1400,6 +1468,7 @@ impl Reader {
         let groups = [
             ("kafka.ingest_group", &s.kafka.ingest_group),
             ("kafka.aggregate_group", &s.kafka.aggregate_group),
+            ("kafka.followup_group", &s.kafka.followup_group),
         ];
         for (i, (name, group)) in groups.iter().enumerate() {
             if group.trim().is_empty() {
@@ -1419,6 +1488,11 @@ impl Reader {
             ("topics.followups", &s.topics.followups),
             ("topics.segment_deltas", &s.topics.segment_deltas),
             ("topics.state", &s.topics.state),
+            ("topics.followup_outcomes", &s.topics.followup_outcomes),
+            ("topics.followup_events", &s.topics.followup_events),
+            ("topics.cases", &s.topics.cases),
+            ("topics.escalations", &s.topics.escalations),
+            ("topics.followup_state", &s.topics.followup_state),
         ];
         for (i, (name, topic)) in topics.iter().enumerate() {
             let valid = !topic.is_empty()
@@ -1457,6 +1531,48 @@ impl Reader {
             }
         }
 
+        let escalations = key("routing.escalations");
+        for (owner, to) in &s.routing.escalations {
+            if to.trim().is_empty() {
+                self.report(&escalations.name(owner), "must not be empty");
+            }
+        }
+        let f = &s.followup;
+        if f.escalation_owner.trim().is_empty() {
+            self.report(&key("followup.escalation_owner"), "must not be empty");
+        }
+        let mut escalate_scores = Vec::new();
+        for text in &f.escalate_scores {
+            match text.trim().parse::<u8>() {
+                Ok(score) if score <= 6 => escalate_scores.push(score),
+                _ => self.report(
+                    &key("followup.escalate_scores"),
+                    "expected detractor scores, whole numbers 0 to 6",
+                ),
+            }
+        }
+        let followup = match read.followup_spans {
+            [Some(first), Some(resolve), Some(recovery), Some(retention), Some(orphans)] => {
+                if resolve < first {
+                    self.report(
+                        &key("followup.resolve_sla"),
+                        "must be at least `followup.first_contact_sla`",
+                    );
+                }
+                Some(npsflow_core::FollowupPolicy {
+                    first_contact_sla: first,
+                    resolve_sla: resolve,
+                    escalate_scores,
+                    escalation_owners: s.routing.escalations.clone(),
+                    escalation_owner: f.escalation_owner.clone(),
+                    recovery_horizon: recovery,
+                    closed_retention: retention,
+                    orphan_horizon: orphans,
+                })
+            }
+            _ => None,
+        };
+
         if s.http.listen.parse::<std::net::SocketAddr>().is_err() {
             self.report(
                 &key("http.listen"),
@@ -1493,6 +1609,7 @@ impl Reader {
             dedupe_horizon,
             batch_max_wait: read.batch_max_wait?,
             stall_timeout: read.stall_timeout?,
+            followup: followup?,
         })
     }
 

@@ -19,12 +19,12 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use npsflow_core::Timestamp;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::producer::Producer;
 use rdkafka::Message;
-use futures::FutureExt;
 use tokio::sync::watch;
 
 use crate::config::{Config, Guarantee};
@@ -687,7 +687,14 @@ async fn finish(
         Some(delivered) => delivered,
         None => batch.delivery.await,
     };
-    stored(consumer, role, metrics, delivered, &batch.offsets, batch.started)
+    stored(
+        consumer,
+        role,
+        metrics,
+        delivered,
+        &batch.offsets,
+        batch.started,
+    )
 }
 
 /// Stores a delivered batch's offsets: its commit point.

@@ -23,6 +23,8 @@ pub mod headers {
     pub const SOURCE_OFFSET: &str = "npsflow-source-offset";
     /// Size in bytes of a message dead-lettered without its value.
     pub const ORIGINAL_SIZE: &str = "npsflow-original-size";
+    /// What a record on the followup role's internal topic is: `alert`, `outcome`, `notice`.
+    pub const KIND: &str = "npsflow-kind";
 }
 
 /// The first bytes of a message wrapped for the repartition topic.

@@ -1,5 +1,7 @@
-//! The HTTP server: `/metrics` (Prometheus text), `/healthz`, `/readyz`, and the segment API
-//! `/v1/segments` and `/v1/segments/{segment}?window=7d`.
+//! The HTTP server: `/metrics` (Prometheus text), `/healthz`, `/readyz`, the segment API
+//! `/v1/segments` and `/v1/segments/{segment}?window=7d`, and the case API `/v1/cases`
+//! (`?owner=&state=&overdue=true&limit=`) and `/v1/cases/{case_id}`, answered from the case
+//! directory ([`crate::directory`]) on every instance.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -12,10 +14,10 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
+use crate::directory::CaseDirectory;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::view::{AggregateView, Row};
-use crate::wall_now;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -26,6 +28,10 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Segment windows, if the aggregate role runs here.
     pub view: Option<Arc<RwLock<AggregateView>>>,
+    /// Every follow-up case.
+    pub cases: Arc<CaseDirectory>,
+    /// The process's clock (overdue cases, window ends).
+    pub clock: Arc<dyn crate::engine::Clock>,
 }
 
 /// The router with every endpoint.
@@ -36,6 +42,8 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(readyz))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{segment}", get(segment))
+        .route("/v1/cases", get(cases))
+        .route("/v1/cases/{case_id}", get(case))
         .with_state(state)
 }
 
@@ -183,7 +191,7 @@ async fn segments(
 ) -> Response {
     with_view(&state, &query, |view, window| {
         let rows: Vec<Value> = view
-            .rows(wall_now())
+            .rows(state.clock.now())
             .iter()
             .filter(|row| window.as_ref().is_none_or(|w| &row.window == w))
             .map(row_json)
@@ -198,7 +206,7 @@ async fn segment(
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
     with_view(&state, &query, |view, window| {
-        let Some(rows) = view.segment(&name, wall_now()) else {
+        let Some(rows) = view.segment(&name, state.clock.now()) else {
             return error(
                 StatusCode::NOT_FOUND,
                 format!("segment {name:?} is not owned by this process or has no responses"),
@@ -213,4 +221,92 @@ async fn segment(
             None => Json(Value::Array(rows.iter().map(row_json).collect())).into_response(),
         }
     })
+}
+
+/// Most cases one `/v1/cases` answer lists (`limit` may ask for fewer or up to this).
+const MAX_CASES: usize = 10_000;
+
+/// A case as the API shows it: its record, plus whether a deadline it has not met has passed.
+fn case_json(case: &npsflow_core::FollowupCase, now: npsflow_core::Timestamp) -> Value {
+    let mut value = serde_json::to_value(case).unwrap_or(Value::Null);
+    if let Value::Object(fields) = &mut value {
+        fields.insert("overdue".into(), Value::Bool(case.overdue(now)));
+    }
+    value
+}
+
+fn freshness(directory: &CaseDirectory) -> Value {
+    json!({
+        "source": "the compacted cases topic, read by this instance",
+        "caught_up_at": directory.caught_up_at().map(|t| t.to_rfc3339()),
+    })
+}
+
+async fn cases(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    use npsflow_core::CaseState;
+    let wanted_state = match query.get("state") {
+        None => None,
+        Some(text) => match CaseState::parse(text) {
+            Some(s) => Some(s),
+            None => {
+                let known: Vec<&str> = CaseState::ALL.iter().map(|s| s.as_str()).collect();
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("unknown state; states are {}", known.join(", ")),
+                );
+            }
+        },
+    };
+    let overdue = match query.get("overdue").map(String::as_str) {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return error(StatusCode::BAD_REQUEST, "overdue is true or false".into()),
+    };
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => 1000,
+        Some(Ok(n)) if (1..=MAX_CASES).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit is a whole number from 1 to {MAX_CASES}"),
+            )
+        }
+    };
+    let owner = query.get("owner");
+    let now = state.clock.now();
+    let (found, count) = state.cases.find(
+        |case| {
+            owner.is_none_or(|o| &case.owner == o)
+                && wanted_state.is_none_or(|s| case.state == s)
+                && overdue.is_none_or(|o| case.overdue(now) == o)
+        },
+        limit,
+    );
+    Json(json!({
+        "cases": found.iter().map(|c| case_json(c, now)).collect::<Vec<_>>(),
+        "count": count,
+        "truncated": count > found.len(),
+        "as_of": freshness(&state.cases),
+    }))
+    .into_response()
+}
+
+async fn case(State(state): State<AppState>, Path(case_id): Path<String>) -> Response {
+    match state.cases.case(&case_id) {
+        Some(case) => {
+            let mut value = case_json(&case, state.clock.now());
+            if let Value::Object(fields) = &mut value {
+                fields.insert("as_of".into(), freshness(&state.cases));
+            }
+            Json(value).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no such case (or not read yet: see as_of on /v1/cases)".into(),
+        ),
+    }
 }

@@ -15,8 +15,10 @@
 
 pub mod aggregate;
 pub mod config;
+pub mod directory;
 pub mod engine;
 pub mod envelope;
+pub mod followup;
 pub mod health;
 pub mod http;
 pub mod ingest;
@@ -78,17 +80,20 @@ pub enum Role {
     Ingest,
     /// Own segments' windows; gauges and API.
     Aggregate,
+    /// Follow-up cases: SLAs, escalations, recovery.
+    Followup,
 }
 
 impl Role {
     /// Every role, in pipeline order.
-    pub const ALL: [Role; 2] = [Role::Ingest, Role::Aggregate];
+    pub const ALL: [Role; 3] = [Role::Ingest, Role::Aggregate, Role::Followup];
 
     /// The role's name.
     pub fn name(self) -> &'static str {
         match self {
             Role::Ingest => ingest::ROLE,
             Role::Aggregate => aggregate::ROLE,
+            Role::Followup => followup::ROLE,
         }
     }
 
@@ -107,6 +112,12 @@ pub struct Process {
     pub health: Arc<health::Health>,
     /// Segment view, when the aggregate role runs.
     pub view: Option<Arc<RwLock<view::AggregateView>>>,
+    /// The cases this process owns, when the followup role runs.
+    pub books: followup::CaseBooks,
+    /// Every case, read from the cases topic (any instance answers for all of them).
+    pub directory: Arc<directory::CaseDirectory>,
+    /// The roles' clock: the wall clock, or a test's hand-moved one.
+    pub clock: Arc<dyn engine::Clock>,
 }
 
 impl Process {
@@ -123,6 +134,10 @@ impl Process {
                 &topics.segment_deltas,
                 &topics.responses_by_id,
                 &topics.state,
+                &topics.followup_events,
+                &topics.cases,
+                &topics.escalations,
+                &topics.followup_state,
             ],
         );
         let view = roles.contains(&Role::Aggregate).then(|| {
@@ -139,6 +154,9 @@ impl Process {
                 config.stall_timeout.millis().max(1) as u64,
             ))),
             view,
+            books: followup::CaseBooks::default(),
+            directory: Arc::default(),
+            clock: Arc::new(engine::WallClock),
         }
     }
 
@@ -148,6 +166,8 @@ impl Process {
             metrics: self.metrics.clone(),
             health: self.health.clone(),
             view: self.view.clone(),
+            cases: self.directory.clone(),
+            clock: self.clock.clone(),
         }
     }
 }
@@ -170,10 +190,11 @@ pub async fn run(
         config,
         metrics: process.metrics.clone(),
         health: process.health.clone(),
-        clock: Arc::new(engine::WallClock),
+        clock: process.clock.clone(),
     };
     for &role in roles {
         let (engine, view, stopping) = (engine.clone(), process.view.clone(), stopping.clone());
+        let books = process.books.clone();
         tasks.spawn(async move {
             let result = match (role, view) {
                 (Role::Ingest, _) => ingest::run(engine, stopping).await,
@@ -181,10 +202,19 @@ pub async fn run(
                 (Role::Aggregate, None) => {
                     Err(RuntimeError::StoppedOnItsOwn(Role::Aggregate.name()))
                 }
+                (Role::Followup, _) => followup::run(engine, books, stopping).await,
             };
             (role, result)
         });
     }
+    let directory_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let directory = directory::follow(
+        engine.config.settings.kafka.clone(),
+        engine.config.settings.topics.cases.clone(),
+        process.directory.clone(),
+        process.metrics.clone(),
+        directory_stop.clone(),
+    );
     let http_stopping = stopping.clone();
     let http = tokio::spawn(http::serve(listener, process.app_state(), async move {
         let mut stopping = http_stopping;
@@ -227,6 +257,8 @@ pub async fn run(
         }
     }
     http.abort();
+    directory_stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let _ = tokio::task::spawn_blocking(move || directory.join()).await;
     result
 }
 

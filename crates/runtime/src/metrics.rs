@@ -56,6 +56,29 @@ pub struct Metrics {
     warnings: IntCounterVec,
     /// The aggregate role's segments, rendered at every scrape, when the role runs here.
     segments: Arc<std::sync::OnceLock<Arc<RwLock<AggregateView>>>>,
+    /// The followup role's metrics.
+    cases: Arc<CaseMetrics>,
+}
+
+/// The followup role's metrics (the contract's "Closing the loop" list, and more).
+struct CaseMetrics {
+    /// `npsflow_cases_open{state,escalation_level}`: cases this process owns, not closed.
+    open: IntGaugeVec,
+    opened: IntCounter,
+    /// `npsflow_cases_closed_total{resolution,within_sla}`.
+    closed: IntCounterVec,
+    /// `npsflow_case_escalations_total{level}`.
+    escalations: IntCounterVec,
+    time_to_first_contact: Histogram,
+    time_to_close: Histogram,
+    /// `npsflow_case_oldest_open_age_seconds{state}`, set at scrape from `oldest`.
+    oldest_open_age: GaugeVec,
+    /// Per open state, the `responded_at` of the oldest case this process owns in it.
+    oldest: std::sync::Mutex<Vec<(&'static str, Option<npsflow_core::Timestamp>)>>,
+    /// `npsflow_detractors_recovered_total{result}`.
+    recovered: IntCounterVec,
+    /// `npsflow_followup_inputs_total{kind,result}`: alerts, outcomes and notices.
+    inputs: IntCounterVec,
 }
 
 fn register<C: Collector + Clone + 'static>(registry: &Registry, metric: C) -> C {
@@ -257,7 +280,9 @@ impl Metrics {
         for event in events::WARNINGS {
             warnings.with_label_values(&[event]);
         }
+        let cases = Arc::new(CaseMetrics::new(&registry));
         Metrics {
+            cases,
             registry,
             outcomes,
             dead_letters,
@@ -318,6 +343,21 @@ impl Metrics {
         self.delta_applied.get()
     }
 
+    /// How many follow-up cases this process opened so far.
+    pub fn cases_opened(&self) -> u64 {
+        self.cases.opened.get()
+    }
+
+    /// How many alerts, outcome events or notices (`kind`) had `result` in the followup role.
+    pub fn followup_input_count(&self, kind: &str, result: &str) -> u64 {
+        self.cases.inputs.with_label_values(&[kind, result]).get()
+    }
+
+    /// How many recoveries were decided with `result` so far.
+    pub fn recovery_count(&self, result: &str) -> u64 {
+        self.cases.recovered.with_label_values(&[result]).get()
+    }
+
     /// How many deliveries to `topic` failed with `kind` (`transient` or `permanent`).
     pub fn produce_error_count(&self, topic: &str, kind: &str) -> u64 {
         self.produce_errors.with_label_values(&[topic, kind]).get()
@@ -330,6 +370,7 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
+        self.cases.refresh_ages(crate::wall_now());
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
@@ -340,6 +381,130 @@ impl Metrics {
             render_segments(&view, crate::wall_now(), &mut text);
         }
         text
+    }
+}
+
+/// Histogram buckets for follow-up times: 5 minutes to 60 days.
+const CASE_SECONDS: [f64; 12] = [
+    300.0,
+    1800.0,
+    3600.0,
+    4.0 * 3600.0,
+    12.0 * 3600.0,
+    86400.0,
+    2.0 * 86400.0,
+    3.0 * 86400.0,
+    7.0 * 86400.0,
+    14.0 * 86400.0,
+    30.0 * 86400.0,
+    60.0 * 86400.0,
+];
+
+impl CaseMetrics {
+    fn new(registry: &Registry) -> CaseMetrics {
+        use npsflow_core::case::{CaseState, Resolution};
+        let open = gauge_vec(
+            registry,
+            "npsflow_cases_open",
+            "Follow-up cases this process owns that are not closed, by state and escalation level.",
+            &["state", "escalation_level"],
+        );
+        for state in CaseState::ALL.iter().filter(|s| **s != CaseState::Closed) {
+            for level in ["0", "1", "2"] {
+                open.with_label_values(&[state.as_str(), level]);
+            }
+        }
+        let closed = counter_vec(
+            registry,
+            "npsflow_cases_closed_total",
+            "Follow-up cases closed, by resolution and whether they were resolved by the resolve deadline.",
+            &["resolution", "within_sla"],
+        );
+        for resolution in Resolution::ALL.iter().map(|r| r.as_str()).chain(["none"]) {
+            for within in ["true", "false"] {
+                closed.with_label_values(&[resolution, within]);
+            }
+        }
+        let escalations = counter_vec(
+            registry,
+            "npsflow_case_escalations_total",
+            "Follow-up cases escalated, by level (each case and level once).",
+            &["level"],
+        );
+        for level in ["1", "2"] {
+            escalations.with_label_values(&[level]);
+        }
+        let histogram = |name: &str, help: &str| {
+            register(
+                registry,
+                Histogram::with_opts(HistogramOpts::new(name, help).buckets(CASE_SECONDS.to_vec()))
+                    .expect("valid metric"),
+            )
+        };
+        let oldest_open_age = register(
+            registry,
+            GaugeVec::new(
+                Opts::new(
+                    "npsflow_case_oldest_open_age_seconds",
+                    "Age (since the response) of the oldest case this process owns in each open state; 0 when there is none.",
+                ),
+                &["state"],
+            )
+            .expect("valid metric"),
+        );
+        let open_states: Vec<(&'static str, Option<npsflow_core::Timestamp>)> = CaseState::ALL
+            .iter()
+            .filter(|s| **s != CaseState::Closed)
+            .map(|s| (s.as_str(), None))
+            .collect();
+        for (state, _) in &open_states {
+            oldest_open_age.with_label_values(&[state]);
+        }
+        let recovered = counter_vec(
+            registry,
+            "npsflow_detractors_recovered_total",
+            "Closed cases whose recovery was decided: the customer's next response was a passive or promoter (recovered), a detractor (not_recovered), or none came within the horizon (no_response).",
+            &["result"],
+        );
+        for result in ["recovered", "not_recovered", "no_response"] {
+            recovered.with_label_values(&[result]);
+        }
+        let inputs = counter_vec(
+            registry,
+            "npsflow_followup_inputs_total",
+            "What the followup role did with each alert, outcome event and notice: applied, duplicate, kept (outcome before its case), expired (kept past the horizon), invalid.",
+            &["kind", "result"],
+        );
+        CaseMetrics {
+            open,
+            opened: counter(
+                registry,
+                "npsflow_cases_opened_total",
+                "Follow-up cases opened (one per detractor alert).",
+            ),
+            closed,
+            escalations,
+            time_to_first_contact: histogram(
+                "npsflow_case_time_to_first_contact_seconds",
+                "From the response to the first contact with the customer.",
+            ),
+            time_to_close: histogram(
+                "npsflow_case_time_to_close_seconds",
+                "From the response to the case's closing.",
+            ),
+            oldest_open_age,
+            oldest: std::sync::Mutex::new(open_states),
+            recovered,
+            inputs,
+        }
+    }
+
+    fn refresh_ages(&self, now: npsflow_core::Timestamp) {
+        let oldest = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
+        for (state, since) in oldest.iter() {
+            let age = since.map_or(0.0, |t| (now.millis() - t.millis()).max(0) as f64 / 1000.0);
+            self.oldest_open_age.with_label_values(&[state]).set(age);
+        }
     }
 }
 

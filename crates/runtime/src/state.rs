@@ -1,6 +1,6 @@
 //! Reading state back from Kafka when partitions are assigned: a role names what it needs
-//! ([`StateRead`]: a whole partition of a compacted state topic, or the messages just before
-//! its group's committed offset) and gets the records, all partitions read at once within a
+//! ([`StateRead`]: a whole partition of a compacted state topic, the messages just before
+//! its group's committed offset, or the last messages of a partition) and gets the records, all partitions read at once within a
 //! time limit. Also the check that a role's state topic is co-partitioned with its input.
 
 use std::collections::BTreeMap;
@@ -33,21 +33,33 @@ pub enum StateRead {
         /// How many messages at most.
         count: i64,
     },
+    /// Up to `count` messages at the end of a partition (what was written last).
+    Tail {
+        /// The topic.
+        topic: String,
+        /// The partition.
+        partition: i32,
+        /// How many messages at most.
+        count: i64,
+    },
 }
 
 impl StateRead {
     /// The partition read.
     pub fn partition(&self) -> i32 {
         match self {
-            StateRead::Whole { partition, .. } | StateRead::BeforeCommit { partition, .. } => {
-                *partition
-            }
+            StateRead::Whole { partition, .. }
+            | StateRead::BeforeCommit { partition, .. }
+            | StateRead::Tail { partition, .. } => *partition,
         }
     }
 
-    fn topic(&self) -> &str {
+    /// The topic read.
+    pub fn topic(&self) -> &str {
         match self {
-            StateRead::Whole { topic, .. } | StateRead::BeforeCommit { topic, .. } => topic,
+            StateRead::Whole { topic, .. }
+            | StateRead::BeforeCommit { topic, .. }
+            | StateRead::Tail { topic, .. } => topic,
         }
     }
 }
@@ -127,6 +139,7 @@ pub fn read(
         let (low, high) = consumer.fetch_watermarks(read.topic(), read.partition(), limit)?;
         let range = match read {
             StateRead::Whole { .. } => (low, high),
+            StateRead::Tail { count, .. } => (low.max(high - (*count).max(0)), high),
             StateRead::BeforeCommit {
                 topic,
                 partition,

@@ -32,8 +32,10 @@ pub struct PlannedTopic {
 }
 
 /// Every topic npsflow uses. The input, repartition, deltas and state topics get
-/// `topics.partitions` (they are what scales; state is co-partitioned with deltas), the
-/// others a third of that, at least one. The input accepts messages up to
+/// `topics.partitions` (they are what scales; state is co-partitioned with deltas), and so
+/// do the followup role's internal topic and the cases, escalations and follow-up state topics
+/// co-partitioned with it; the others get a third of that, at least one. Cases and
+/// follow-up state are compacted. The input accepts messages up to
 /// `topics.max_message_bytes`; the topics that carry whole input messages (repartition and
 /// dead letters) accept that plus room for npsflow's headers. State is compacted.
 pub fn planned(settings: &Settings) -> Vec<PlannedTopic> {
@@ -46,11 +48,12 @@ pub fn planned(settings: &Settings) -> Vec<PlannedTopic> {
         partitions,
         config,
     };
+    let compact = ("cleanup.policy", "compact".to_owned());
     vec![
         topic(
             &t.responses,
             t.partitions,
-            vec![("max.message.bytes", input_limit)],
+            vec![("max.message.bytes", input_limit.clone())],
         ),
         topic(
             &t.responses_by_id,
@@ -67,8 +70,21 @@ pub fn planned(settings: &Settings) -> Vec<PlannedTopic> {
         topic(
             &t.dead_letters,
             small,
+            vec![("max.message.bytes", carried_limit.clone())],
+        ),
+        topic(
+            &t.followup_outcomes,
+            small,
+            vec![("max.message.bytes", input_limit.clone())],
+        ),
+        topic(
+            &t.followup_events,
+            t.partitions,
             vec![("max.message.bytes", carried_limit)],
         ),
+        topic(&t.cases, t.partitions, vec![compact.clone()]),
+        topic(&t.followup_state, t.partitions, vec![compact]),
+        topic(&t.escalations, t.partitions, vec![]),
     ]
 }
 

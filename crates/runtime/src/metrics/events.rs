@@ -565,3 +565,138 @@ impl FinalCommitSkipped<'_> {
         debug!(role = self.role, error = %self.error, "final commit skipped");
     }
 }
+
+/// What the followup role did with an alert, outcome event or notice.
+pub struct FollowupInput {
+    /// `alert`, `outcome`, `response` or `notice`.
+    pub kind: &'static str,
+    /// `applied`, `forwarded`, `duplicate`, `kept`, `expired` or `invalid`.
+    pub result: &'static str,
+    /// How many.
+    pub count: u64,
+}
+
+impl FollowupInput {
+    /// Counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .cases
+            .inputs
+            .with_label_values(&[self.kind, self.result])
+            .inc_by(self.count);
+    }
+}
+
+/// A follow-up case opened.
+pub struct CaseOpened;
+
+impl CaseOpened {
+    /// Counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.cases.opened.inc();
+    }
+}
+
+/// A case was first contacted.
+pub struct CaseFirstContact {
+    /// Seconds since the response.
+    pub seconds: f64,
+}
+
+impl CaseFirstContact {
+    /// Observes it.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics.cases.time_to_first_contact.observe(self.seconds);
+    }
+}
+
+/// A case closed.
+pub struct CaseClosed {
+    /// How it was resolved (`none` if no resolution was given).
+    pub resolution: &'static str,
+    /// Resolved by its resolve deadline.
+    pub within_sla: bool,
+    /// Seconds since the response.
+    pub seconds: f64,
+}
+
+impl CaseClosed {
+    /// Counts and observes it.
+    pub fn emit(&self, metrics: &Metrics) {
+        let within = if self.within_sla { "true" } else { "false" };
+        metrics
+            .cases
+            .closed
+            .with_label_values(&[self.resolution, within])
+            .inc();
+        metrics.cases.time_to_close.observe(self.seconds);
+    }
+}
+
+/// A case escalated.
+pub struct CaseEscalated<'a> {
+    /// The case (an alert id: a hash, not personal data).
+    pub case_id: &'a str,
+    /// 1 or 2.
+    pub level: u8,
+    /// Why.
+    pub reason: &'static str,
+}
+
+impl CaseEscalated<'_> {
+    /// Logs and counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        info!(
+            case_id = self.case_id,
+            level = self.level,
+            reason = self.reason,
+            "case escalated"
+        );
+        let level = if self.level >= 2 { "2" } else { "1" };
+        metrics.cases.escalations.with_label_values(&[level]).inc();
+    }
+}
+
+/// A closed case's recovery was decided.
+pub struct RecoveryDecided {
+    /// `recovered`, `not_recovered` or `no_response`.
+    pub result: &'static str,
+}
+
+impl RecoveryDecided {
+    /// Counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        metrics
+            .cases
+            .recovered
+            .with_label_values(&[self.result])
+            .inc();
+    }
+}
+
+/// The open cases this process owns, summarised.
+pub struct CasesSummarised<'a> {
+    /// Count per (state, escalation level) of every open state and level.
+    pub open: &'a [((&'static str, u8), i64)],
+    /// Per open state, the `responded_at` of its oldest case.
+    pub oldest: Vec<(&'static str, Option<npsflow_core::Timestamp>)>,
+}
+
+impl CasesSummarised<'_> {
+    /// Sets the gauges.
+    pub fn emit(&self, metrics: &Metrics) {
+        for ((state, level), count) in self.open {
+            let level = level.to_string();
+            metrics
+                .cases
+                .open
+                .with_label_values(&[*state, level.as_str()])
+                .set(*count);
+        }
+        *metrics
+            .cases
+            .oldest
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = self.oldest.clone();
+    }
+}

@@ -1,0 +1,631 @@
+//! The followup role: closed-loop follow-up cases on Kafka, in two steps on one consumer group
+//! (like ingest):
+//!
+//! 1. Repartition. Detractor alerts (`npsflow.followups`, keyed by customer) are forwarded
+//!    as they are to the internal topic `npsflow.followup-events` keyed by `case_id`
+//!    (`alert_id`); outcome events (`npsflow.followup-outcomes`) are validated, invalid ones
+//!    dead-lettered byte-for-byte, valid ones forwarded keyed by `case_id`; valid survey
+//!    responses (`survey.responses`) become a small `responded` notice keyed by
+//!    `customer_id`. The header `npsflow-kind` says which is which.
+//! 2. Decide. A partition of the internal topic owns the cases whose `case_id` hashes to it
+//!    and the recovery watches of the customers whose `customer_id` does: a [`CaseBook`] per
+//!    partition (the core's state machine). When a case closes, a `case_closed` notice goes
+//!    to the customer's partition; the customer's next response there sends a `recovery`
+//!    notice back to the case's partition.
+//!
+//! State, per internal partition `p` (written to partition `p` of each topic, so it is
+//! co-partitioned): every case on the compacted `npsflow.cases` (tombstoned after
+//! `followup.closed_retention`), outcomes waiting for their case and recovery watches on the
+//! compacted `npsflow.followup-state`, escalation notices on `npsflow.escalations`. On
+//! assignment all three are read back; the last escalation notices of the partition are read
+//! too, so that an escalation sent just before a crash (whose case record was not written yet)
+//! is never sent again. The engine stores input offsets only after all of a batch's records
+//! are delivered; with `processing.guarantee = exactly_once` they are one transaction.
+//!
+//! Deadlines are timers: [`RoleMachine::poll_timeout`] is the earliest deadline of any case,
+//! and the engine fires it on the wall clock with no traffic. With `windows.clock =
+//! event_time` (replays), "now" is the largest event time seen, and deadlines fire as it
+//! passes them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, RwLock};
+
+use npsflow_core::case::{CaseState, EscalationNotice};
+use npsflow_core::{
+    decode, decode_alert, decode_outcome, CaseBook, Effect, FollowupNotice, FollowupPolicy,
+    Timestamp,
+};
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::Message;
+use tokio::sync::watch;
+
+use crate::config::{ClockKind, Config, TopicSettings};
+use crate::engine::{Binding, Engine, RoleMachine, TopicPartition};
+use crate::envelope::{headers, Received};
+use crate::kafka::Outgoing;
+use crate::metrics::{events, Metrics};
+use crate::state::{StateRead, StoredRecord};
+use crate::RuntimeError;
+
+/// The role's name in logs, metrics and health.
+pub const ROLE: &str = "followup";
+
+/// How many of the last escalation notices of a partition are read back on assignment.
+pub const ESCALATIONS_READ_BACK: i64 = 10_000;
+
+/// What a record on the internal topic carries (header `npsflow-kind`).
+mod kind {
+    pub const ALERT: &[u8] = b"alert";
+    pub const OUTCOME: &[u8] = b"outcome";
+    pub const NOTICE: &[u8] = b"notice";
+}
+
+/// Keys on the follow-up state topic.
+const ORPHANS_PREFIX: &str = "orphans/";
+const WATCH_PREFIX: &str = "watch/";
+
+/// The cases this process owns, by internal partition; shared with `/metrics`.
+pub type CaseBooks = Arc<RwLock<BTreeMap<i32, CaseBook>>>;
+
+/// The followup role as a state machine.
+pub struct FollowupRole {
+    topics: TopicSettings,
+    policy: FollowupPolicy,
+    books: CaseBooks,
+    metrics: Metrics,
+    clock: ClockKind,
+    /// The largest event time seen (the clock with `windows.clock = event_time`).
+    event_now: Timestamp,
+}
+
+fn kind_header(kind: &[u8]) -> OwnedHeaders {
+    OwnedHeaders::new_with_capacity(1).insert(Header {
+        key: headers::KIND,
+        value: Some(kind),
+    })
+}
+
+fn kind_of<M: Message>(message: &M) -> Option<&[u8]> {
+    message
+        .headers()?
+        .iter()
+        .find(|h| h.key == headers::KIND)
+        .and_then(|h| h.value)
+}
+
+impl FollowupRole {
+    /// The role for `config`, keeping its cases in `books`.
+    pub fn new(config: &Config, books: CaseBooks, metrics: Metrics) -> FollowupRole {
+        FollowupRole {
+            topics: config.settings.topics.clone(),
+            policy: config.followup.clone(),
+            books,
+            metrics,
+            clock: config.settings.windows.clock,
+            event_now: Timestamp(i64::MIN),
+        }
+    }
+
+    /// How the role meets Kafka: one group reading the alerts, the outcome events, the
+    /// responses (for recovery) and its internal topic.
+    pub fn binding(config: &Config) -> Binding {
+        let topics = &config.settings.topics;
+        Binding {
+            role: ROLE,
+            group: config.settings.kafka.followup_group.clone(),
+            topics: vec![
+                topics.followups.clone(),
+                topics.followup_outcomes.clone(),
+                topics.responses.clone(),
+                topics.followup_events.clone(),
+            ],
+            transactional: true,
+        }
+    }
+
+    fn books(&self) -> std::sync::RwLockWriteGuard<'_, BTreeMap<i32, CaseBook>> {
+        self.books.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// "Now" for deadlines: the engine's clock, or the largest event time seen.
+    fn now(&self, wall: Timestamp) -> Timestamp {
+        match self.clock {
+            ClockKind::Wall => wall,
+            ClockKind::EventTime => self.event_now,
+        }
+    }
+
+    fn saw_event_time(&mut self, at: Timestamp) {
+        self.event_now = self.event_now.max(at);
+    }
+
+    /// Step 1 for a message of an input topic.
+    fn repartition<M: Message>(&mut self, message: &M, out: &mut Vec<Outgoing>) {
+        let topics = &self.topics;
+        let payload = message.payload().unwrap_or_default();
+        let forward = |key: &str, payload: Vec<u8>, kind: &[u8]| {
+            Outgoing::new(
+                &topics.followup_events,
+                None,
+                Some(key.as_bytes().to_vec()),
+                Some(payload),
+                Some(kind_header(kind)),
+            )
+        };
+        if message.topic() == topics.followups {
+            match decode_alert(payload) {
+                Ok(alert) => {
+                    out.push(forward(&alert.alert_id, payload.to_vec(), kind::ALERT));
+                    events::FollowupInput {
+                        kind: "alert",
+                        result: "forwarded",
+                        count: 1,
+                    }
+                    .emit(&self.metrics);
+                }
+                Err(reason) => self.dead_letter(message, "alert", &reason, out),
+            }
+        } else if message.topic() == topics.followup_outcomes {
+            match decode_outcome(payload) {
+                Ok(event) => {
+                    out.push(forward(&event.case_id, payload.to_vec(), kind::OUTCOME));
+                    events::FollowupInput {
+                        kind: "outcome",
+                        result: "forwarded",
+                        count: 1,
+                    }
+                    .emit(&self.metrics);
+                }
+                Err(reason) => self.dead_letter(message, "outcome", &reason, out),
+            }
+        } else if let Ok(response) = decode(payload) {
+            // Invalid responses are ingest's to dead-letter; here they are simply not news.
+            let notice = FollowupNotice::Responded {
+                customer_id: response.customer_id.to_string(),
+                response_id: response.response_id.to_string(),
+                score: response.score.value(),
+                responded_at: response.responded_at,
+            };
+            out.push(forward(notice.key(), notice.to_json(), kind::NOTICE));
+        }
+    }
+
+    fn dead_letter<M: Message>(
+        &self,
+        message: &M,
+        kind: &'static str,
+        reason: &npsflow_core::InvalidOutcome,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let code = reason.code();
+        events::FollowupInput {
+            kind,
+            result: "invalid",
+            count: 1,
+        }
+        .emit(&self.metrics);
+        events::DeadLettered { reason: code }.emit(&self.metrics);
+        out.push(Received::direct(message).dead_letter(
+            &self.topics.dead_letters,
+            code,
+            &reason.to_string(),
+        ));
+    }
+
+    /// Step 2 for a message of the internal topic: the partition's book decides.
+    fn decide<M: Message>(
+        &mut self,
+        message: &M,
+        wall: Timestamp,
+        effects: &mut Vec<(i32, Effect)>,
+    ) {
+        let partition = message.partition();
+        let payload = message.payload().unwrap_or_default();
+        let mut out = Vec::new();
+        let unreadable = |error: &dyn std::fmt::Display, metrics: &Metrics| {
+            events::UnreadableRecord {
+                topic: message.topic(),
+                partition,
+                offset: message.offset(),
+                error,
+            }
+            .emit(metrics)
+        };
+        match kind_of(message) {
+            Some(kind::ALERT) => match decode_alert(payload) {
+                Ok(alert) => {
+                    self.saw_event_time(alert.responded_at);
+                    let now = self.now(wall);
+                    let policy = &self.policy;
+                    let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
+                    books
+                        .entry(partition)
+                        .or_default()
+                        .open(alert, policy, now, &mut out);
+                }
+                Err(error) => unreadable(&error, &self.metrics),
+            },
+            Some(kind::OUTCOME) => match decode_outcome(payload) {
+                Ok(event) => {
+                    self.saw_event_time(event.occurred_at);
+                    let now = self.now(wall);
+                    let policy = &self.policy;
+                    let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
+                    books
+                        .entry(partition)
+                        .or_default()
+                        .apply(event, policy, now, &mut out);
+                    if !out
+                        .iter()
+                        .any(|e| matches!(e, Effect::Duplicate(_) | Effect::OrphanKept))
+                    {
+                        events::FollowupInput {
+                            kind: "outcome",
+                            result: "applied",
+                            count: 1,
+                        }
+                        .emit(&self.metrics);
+                    }
+                }
+                Err(error) => unreadable(&error, &self.metrics),
+            },
+            Some(kind::NOTICE) => match serde_json::from_slice::<FollowupNotice>(payload) {
+                Ok(notice) => {
+                    if let FollowupNotice::Responded { responded_at, .. } = &notice {
+                        self.saw_event_time(*responded_at);
+                    }
+                    let policy = &self.policy;
+                    let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
+                    books
+                        .entry(partition)
+                        .or_default()
+                        .handle_notice(notice, policy, &mut out);
+                }
+                Err(error) => unreadable(&error, &self.metrics),
+            },
+            _ => unreadable(&"no npsflow-kind header", &self.metrics),
+        }
+        effects.extend(out.into_iter().map(|e| (partition, e)));
+    }
+
+    /// Turns what the books decided into records and metrics. A case, orphan list or watch
+    /// changed several times in one batch is written once, as it is now.
+    fn emit(&self, effects: Vec<(i32, Effect)>, out: &mut Vec<Outgoing>) {
+        let topics = &self.topics;
+        let metrics = &self.metrics;
+        let mut cases = BTreeSet::new();
+        let mut orphans = BTreeSet::new();
+        let mut watches = BTreeSet::new();
+        let mut changed = false;
+        for (partition, effect) in effects {
+            match effect {
+                Effect::CaseChanged(id) => {
+                    changed = true;
+                    cases.insert((partition, id));
+                }
+                Effect::OrphansChanged(id) => {
+                    orphans.insert((partition, id));
+                }
+                Effect::WatchChanged(id) => {
+                    watches.insert((partition, id));
+                }
+                Effect::Opened => {
+                    events::CaseOpened.emit(metrics);
+                    events::FollowupInput {
+                        kind: "alert",
+                        result: "applied",
+                        count: 1,
+                    }
+                    .emit(metrics);
+                }
+                Effect::Duplicate(kind) => events::FollowupInput {
+                    kind: if kind == "alert" { "alert" } else { "outcome" },
+                    result: "duplicate",
+                    count: 1,
+                }
+                .emit(metrics),
+                Effect::OrphanKept => events::FollowupInput {
+                    kind: "outcome",
+                    result: "kept",
+                    count: 1,
+                }
+                .emit(metrics),
+                Effect::OrphansExpired(count) => events::FollowupInput {
+                    kind: "outcome",
+                    result: "expired",
+                    count: count as u64,
+                }
+                .emit(metrics),
+                Effect::Escalated(notice) => {
+                    events::CaseEscalated {
+                        case_id: &notice.case_id,
+                        level: notice.level,
+                        reason: notice.reason.as_str(),
+                    }
+                    .emit(metrics);
+                    out.push(Outgoing::new(
+                        &topics.escalations,
+                        Some(partition),
+                        Some(notice.case_id.clone().into_bytes()),
+                        Some(serde_json::to_vec(&*notice).expect("a notice serialises")),
+                        None,
+                    ));
+                }
+                Effect::FirstContact { seconds } => {
+                    events::CaseFirstContact { seconds }.emit(metrics)
+                }
+                Effect::Closed {
+                    resolution,
+                    within_sla,
+                    seconds,
+                } => events::CaseClosed {
+                    resolution: resolution.map_or("none", |r| r.as_str()),
+                    within_sla,
+                    seconds,
+                }
+                .emit(metrics),
+                Effect::Notice(notice) => out.push(Outgoing::new(
+                    &topics.followup_events,
+                    None,
+                    Some(notice.key().as_bytes().to_vec()),
+                    Some(notice.to_json()),
+                    Some(kind_header(kind::NOTICE)),
+                )),
+                Effect::RecoveryDecided(result) => events::RecoveryDecided {
+                    result: result.as_str(),
+                }
+                .emit(metrics),
+            }
+        }
+        let books = self.books.read().unwrap_or_else(|e| e.into_inner());
+        let record = |topic: &str, partition: i32, key: String, value: Option<Vec<u8>>| {
+            Outgoing::new(topic, Some(partition), Some(key.into_bytes()), value, None)
+        };
+        for (partition, id) in cases {
+            let value = books
+                .get(&partition)
+                .and_then(|b| b.case(&id))
+                .map(|case| serde_json::to_vec(case).expect("a case serialises"));
+            out.push(record(&topics.cases, partition, id, value));
+        }
+        for (partition, id) in orphans {
+            let value = books
+                .get(&partition)
+                .and_then(|b| b.orphans(&id))
+                .map(|kept| serde_json::to_vec(kept).expect("orphans serialise"));
+            out.push(record(
+                &topics.followup_state,
+                partition,
+                format!("{ORPHANS_PREFIX}{id}"),
+                value,
+            ));
+        }
+        for (partition, id) in watches {
+            let value = books
+                .get(&partition)
+                .and_then(|b| b.watches(&id))
+                .map(|w| serde_json::to_vec(w).expect("watches serialise"));
+            out.push(record(
+                &topics.followup_state,
+                partition,
+                format!("{WATCH_PREFIX}{id}"),
+                value,
+            ));
+        }
+        if changed {
+            summarise(&books, metrics);
+        }
+    }
+}
+
+/// Sets the open-case gauges from the books.
+fn summarise(books: &BTreeMap<i32, CaseBook>, metrics: &Metrics) {
+    let open_states: Vec<CaseState> = CaseState::ALL
+        .iter()
+        .copied()
+        .filter(|s| *s != CaseState::Closed)
+        .collect();
+    let mut open: Vec<((&'static str, u8), i64)> = open_states
+        .iter()
+        .flat_map(|s| (0..=2).map(move |level| ((s.as_str(), level), 0)))
+        .collect();
+    let mut oldest: Vec<(&'static str, Option<Timestamp>)> =
+        open_states.iter().map(|s| (s.as_str(), None)).collect();
+    for case in books.values().flat_map(CaseBook::cases) {
+        if case.state == CaseState::Closed {
+            continue;
+        }
+        let state = case.state.as_str();
+        if let Some(entry) = open
+            .iter_mut()
+            .find(|((s, l), _)| *s == state && *l == case.escalation_level.min(2))
+        {
+            entry.1 += 1;
+        }
+        if let Some(entry) = oldest.iter_mut().find(|(s, _)| *s == state) {
+            let at = case.alert.responded_at;
+            entry.1 = Some(entry.1.map_or(at, |t| t.min(at)));
+        }
+    }
+    events::CasesSummarised {
+        open: &open,
+        oldest,
+    }
+    .emit(metrics);
+}
+
+/// Of the records read back from a compacted topic (compaction may not have run yet), the
+/// last per key, tombstones removing.
+fn latest(records: Vec<StoredRecord>) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut latest = BTreeMap::new();
+    for record in records {
+        let Some(key) = record.key else { continue };
+        match record.payload {
+            Some(value) => {
+                latest.insert(key, value);
+            }
+            None => {
+                latest.remove(&key);
+            }
+        }
+    }
+    latest
+}
+
+impl RoleMachine for FollowupRole {
+    fn handle_assigned(&mut self, partitions: &[TopicPartition]) -> Vec<StateRead> {
+        let mut reads = Vec::new();
+        let mut books = self.books();
+        for (topic, partition) in partitions {
+            if *topic != self.topics.followup_events {
+                continue;
+            }
+            books.insert(*partition, CaseBook::new());
+            let partition = *partition;
+            reads.push(StateRead::Whole {
+                topic: self.topics.cases.clone(),
+                partition,
+            });
+            reads.push(StateRead::Whole {
+                topic: self.topics.followup_state.clone(),
+                partition,
+            });
+            reads.push(StateRead::Tail {
+                topic: self.topics.escalations.clone(),
+                partition,
+                count: ESCALATIONS_READ_BACK,
+            });
+        }
+        reads
+    }
+
+    fn handle_restored(&mut self, read: &StateRead, records: Vec<StoredRecord>, _now: Timestamp) {
+        let partition = read.partition();
+        let (topic, metrics, policy) = (read.topic(), self.metrics.clone(), self.policy.clone());
+        let unreadable = |offset: i64, error: &dyn std::fmt::Display| {
+            events::UnreadableRecord {
+                topic,
+                partition,
+                offset,
+                error,
+            }
+            .emit(&metrics)
+        };
+        let mut books = self.books();
+        let book = books.entry(partition).or_default();
+        if topic == self.topics.cases {
+            for (_, value) in latest(records) {
+                match serde_json::from_slice(&value) {
+                    Ok(case) => book.restore_case(case, &policy),
+                    Err(error) => unreadable(-1, &error),
+                }
+            }
+        } else if topic == self.topics.followup_state {
+            for (key, value) in latest(records) {
+                let key = String::from_utf8_lossy(&key).into_owned();
+                let restored = if let Some(case_id) = key.strip_prefix(ORPHANS_PREFIX) {
+                    serde_json::from_slice(&value)
+                        .map(|kept| book.restore_orphans(case_id.to_owned(), kept))
+                } else if let Some(customer) = key.strip_prefix(WATCH_PREFIX) {
+                    serde_json::from_slice(&value)
+                        .map(|w| book.restore_watches(customer.to_owned(), w, &policy))
+                } else {
+                    Ok(())
+                };
+                if let Err(error) = restored {
+                    unreadable(-1, &error);
+                }
+            }
+        } else {
+            for record in records {
+                let Some(value) = record.payload else {
+                    continue;
+                };
+                match serde_json::from_slice::<EscalationNotice>(&value) {
+                    Ok(sent) => {
+                        book.restore_escalation(&sent, &policy);
+                    }
+                    Err(error) => unreadable(record.offset, &error),
+                }
+            }
+        }
+        summarise(&books, &self.metrics);
+    }
+
+    fn handle_revoked(&mut self, partitions: &[TopicPartition]) {
+        let mut books = self.books();
+        for (topic, partition) in partitions {
+            if *topic == self.topics.followup_events {
+                books.remove(partition);
+            }
+        }
+        summarise(&books, &self.metrics);
+    }
+
+    fn handle_messages<M: Message>(
+        &mut self,
+        messages: &[M],
+        now: Timestamp,
+        out: &mut Vec<Outgoing>,
+    ) {
+        let mut effects = Vec::new();
+        for message in messages {
+            if message.topic() == self.topics.followup_events {
+                self.decide(message, now, &mut effects);
+            } else {
+                self.repartition(message, out);
+            }
+        }
+        if !effects.is_empty() {
+            self.emit(effects, out);
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Timestamp> {
+        let books = self.books.read().unwrap_or_else(|e| e.into_inner());
+        let due = books.values().filter_map(CaseBook::poll_timeout).min()?;
+        match self.clock {
+            ClockKind::Wall => Some(due),
+            // Event time moves only with events: due now if it has passed, else not yet.
+            ClockKind::EventTime => (due <= self.event_now).then_some(Timestamp(i64::MIN)),
+        }
+    }
+
+    fn handle_timeout(&mut self, wall: Timestamp, out: &mut Vec<Outgoing>) {
+        let now = self.now(wall);
+        let mut effects = Vec::new();
+        {
+            let policy = &self.policy;
+            let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
+            for (partition, book) in books.iter_mut() {
+                let mut fired = Vec::new();
+                book.handle_timeout(now, policy, &mut fired);
+                effects.extend(fired.into_iter().map(|e| (*partition, e)));
+            }
+        }
+        if !effects.is_empty() {
+            self.emit(effects, out);
+        }
+    }
+}
+
+/// Runs the followup role on `engine` until `shutdown` turns true, after checking that its
+/// state topics are co-partitioned with its internal topic.
+pub async fn run(
+    engine: Engine,
+    books: CaseBooks,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), RuntimeError> {
+    let kafka = engine.config.settings.kafka.clone();
+    let topics = engine.config.settings.topics.clone();
+    tokio::task::spawn_blocking(move || {
+        for state in [&topics.cases, &topics.followup_state, &topics.escalations] {
+            crate::state::check_copartitioned(&kafka, &topics.followup_events, state)?;
+        }
+        Ok::<(), RuntimeError>(())
+    })
+    .await??;
+    let role = FollowupRole::new(&engine.config, books, engine.metrics.clone());
+    let binding = FollowupRole::binding(&engine.config);
+    engine.drive(role, binding, shutdown).await
+}
