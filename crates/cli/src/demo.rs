@@ -1,5 +1,8 @@
 //! `npsflow demo`: the whole pipeline on librdkafka's in-process mock cluster, fed by the
-//! traffic generator, with a live table of segment NPS per window on stdout.
+//! traffic generator, with a live table of segment NPS per window on stdout; a simulated
+//! follow-up team answers the detractor alerts with outcome events under short SLAs (20 s to
+//! first contact, 50 s to resolve, unless configured), so cases open, close, escalate and
+//! recover within a minute, and the table shows the loop.
 
 use std::io::{IsTerminal, Write};
 use std::path::Path;
@@ -45,6 +48,14 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
     if !has_level {
         env.push(("NPSFLOW__LOG__LEVEL".into(), "warn".into()));
     }
+    for (name, value) in [
+        ("NPSFLOW__FOLLOWUP__FIRST_CONTACT_SLA", "20s"),
+        ("NPSFLOW__FOLLOWUP__RESOLVE_SLA", "50s"),
+    ] {
+        if !env.iter().any(|(k, _)| k == name) {
+            env.push((name.into(), value.into()));
+        }
+    }
     let config = Arc::new(Config::load(config_path, env)?);
     npsflow_runtime::init_logging(&config.settings.log);
     for topic in npsflow_runtime::topics::planned(&config.settings) {
@@ -61,6 +72,7 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
     println!("npsflow demo: embedded broker at {brokers}");
     println!("  metrics  http://{address}/metrics");
     println!("  segments http://{address}/v1/segments?window=1h");
+    println!("  cases    http://{address}/v1/cases?overdue=true");
 
     let (stop, stopped) = watch::channel(false);
     let mut signal = crate::shutdown_signal();
@@ -94,9 +106,11 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
         args.seed,
         stopped.clone(),
     ));
+    let team = tokio::spawn(follow_up(config.clone(), args.seed, stopped.clone()));
     let table = tokio::spawn(print_table(process.clone(), stopped.clone()));
     npsflow_runtime::run(config, &roles, process.clone(), listener, stopped).await?;
     let sent = generator.await.unwrap_or(0);
+    team.abort();
     table.abort();
     print!("{}", render(&process, wall_now()));
     println!("demo finished: {sent} messages generated");
@@ -132,6 +146,96 @@ async fn generate(
         }
     }
     sent
+}
+
+/// The simulated follow-up team: reads the detractor alerts and sends what the team (and, now
+/// and then, the customer) does, each message when its time comes.
+async fn follow_up(config: Arc<Config>, seed: u64, mut stop: watch::Receiver<bool>) {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+
+    use npsflow_runtime::traffic::{FollowupTeam, PlannedKind};
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let settings = &config.settings;
+    let consumer: StreamConsumer =
+        match npsflow_runtime::kafka::client_config(&settings.kafka, "npsflow-demo-team")
+            .set("group.id", "npsflow-demo-team")
+            .set("auto.offset.reset", "earliest")
+            .create()
+        {
+            Ok(consumer) => consumer,
+            Err(error) => return eprintln!("demo follow-up team: {error}"),
+        };
+    if let Err(error) = consumer.subscribe(&[&settings.topics.followups]) {
+        return eprintln!("demo follow-up team: {error}");
+    }
+    let producer: FutureProducer = match npsflow_runtime::kafka::producer_config(
+        &settings.kafka,
+        "npsflow-demo-team",
+        settings.topics.max_message_bytes as usize,
+    )
+    .create()
+    {
+        Ok(producer) => producer,
+        Err(error) => return eprintln!("demo follow-up team: {error}"),
+    };
+    let mut team = FollowupTeam::new(seed);
+    let (first, resolve) = (
+        config.followup.first_contact_sla.millis(),
+        config.followup.resolve_sla.millis(),
+    );
+    let mut due: BinaryHeap<Reverse<(i64, u64, PlannedKind, String, Vec<u8>)>> = BinaryHeap::new();
+    let mut order = 0u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let received = tokio::select! {
+            _ = stop.wait_for(|s| *s) => break,
+            _ = tick.tick() => None,
+            received = consumer.recv() => Some(received.map(|m| m.detach())),
+        };
+        match received {
+            None => {
+                let now = wall_now().millis();
+                while due.peek().is_some_and(|Reverse(next)| next.0 <= now) {
+                    let Some(Reverse((_, _, kind, key, payload))) = due.pop() else {
+                        break;
+                    };
+                    let topic = match kind {
+                        PlannedKind::Outcome => &settings.topics.followup_outcomes,
+                        PlannedKind::Response => &settings.topics.responses,
+                    };
+                    let record = FutureRecord::to(topic).key(&key).payload(&payload);
+                    let _ = producer.send(record, Timeout::Never).await;
+                }
+            }
+            Some(Ok(message)) => {
+                let Ok(alert) = npsflow_core::decode_alert(message.payload().unwrap_or_default())
+                else {
+                    continue;
+                };
+                let (_, planned) = team.plan(
+                    &alert.alert_id,
+                    &alert.customer_id,
+                    alert.responded_at,
+                    first,
+                    resolve,
+                );
+                for message in planned {
+                    order += 1;
+                    due.push(Reverse((
+                        message.at.millis(),
+                        order,
+                        message.kind,
+                        message.key,
+                        message.payload,
+                    )));
+                }
+            }
+            Some(Err(_)) => {}
+        }
+    }
 }
 
 async fn print_table(process: Process, mut stop: watch::Receiver<bool>) {
@@ -198,6 +302,7 @@ pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
     let outcome = |o: &str| m.outcome_count(o);
     let alerts = m.alert_count();
     let dead_letters = outcome("invalid") + outcome("too_old") + outcome("future");
+    text.push_str(&render_cases(process, now));
     text.push_str(&format!(
         "\nevents: {} accepted, {} duplicate, {} invalid, {} too old, {} future | detractor alerts: {alerts} | dead letters: {dead_letters}\n",
         outcome("accepted"),
@@ -205,6 +310,66 @@ pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
         outcome("invalid"),
         outcome("too_old"),
         outcome("future"),
+    ));
+    text
+}
+
+/// The closed loop: cases by state and escalation level, SLA compliance, recovery.
+fn render_cases(process: &Process, now: npsflow_core::Timestamp) -> String {
+    use npsflow_core::CaseState;
+    let (cases, _) = process.directory.find(|_| true, usize::MAX);
+    if cases.is_empty() {
+        return String::new();
+    }
+    let mut text = String::from("\nclosed loop (cases by state, escalation level 0/1/2):\n");
+    for state in CaseState::ALL {
+        let mut levels = [0usize; 3];
+        for case in cases.iter().filter(|c| c.state == *state) {
+            levels[usize::from(case.escalation_level.min(2))] += 1;
+        }
+        let overdue = cases
+            .iter()
+            .filter(|c| c.state == *state && c.overdue(now))
+            .count();
+        text.push_str(&format!(
+            "  {:<13}{:>6}  ({} / {} / {}){}\n",
+            state.as_str(),
+            levels.iter().sum::<usize>(),
+            levels[0],
+            levels[1],
+            levels[2],
+            if overdue > 0 {
+                format!("  {overdue} overdue")
+            } else {
+                String::new()
+            },
+        ));
+    }
+    let closed: Vec<_> = cases
+        .iter()
+        .filter(|c| c.state == CaseState::Closed)
+        .collect();
+    let in_time = closed
+        .iter()
+        .filter(|c| c.resolved_at.is_some_and(|at| at <= c.resolve_deadline))
+        .count();
+    let contacted: Vec<_> = cases
+        .iter()
+        .filter(|c| c.first_contact_at.is_some())
+        .collect();
+    let contacted_in_time = contacted
+        .iter()
+        .filter(|c| {
+            c.first_contact_at
+                .is_some_and(|at| at <= c.first_contact_deadline)
+        })
+        .count();
+    let recovered = cases.iter().filter(|c| c.recovered == Some(true)).count();
+    let not_recovered = cases.iter().filter(|c| c.recovered == Some(false)).count();
+    text.push_str(&format!(
+        "  first contact in SLA {contacted_in_time}/{} | resolved in SLA {in_time}/{} closed | recovered {recovered}, not {not_recovered}\n",
+        contacted.len(),
+        closed.len(),
     ));
     text
 }

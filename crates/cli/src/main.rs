@@ -1,6 +1,6 @@
 //! The `npsflow` binary: a thin command line over `npsflow-runtime`.
 //!
-//! - `npsflow run [--roles ingest,aggregate]`: the pipeline against your Kafka.
+//! - `npsflow run [--roles ingest,aggregate,followup]`: the pipeline against your Kafka.
 //! - `npsflow demo`: everything on an embedded broker with generated traffic.
 //! - `npsflow loadgen`: realistic survey traffic to a real broker.
 //! - `npsflow topics create`: creates the topics.
@@ -33,8 +33,12 @@ struct Cli {
 enum Command {
     /// Runs the pipeline roles against the configured Kafka.
     Run {
-        /// Roles to run, comma-separated: ingest, aggregate. Default: all.
-        #[arg(long, value_delimiter = ',', default_value = "ingest,aggregate")]
+        /// Roles to run, comma-separated: ingest, aggregate, followup. Default: all.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "ingest,aggregate,followup"
+        )]
         roles: Vec<String>,
     },
     /// Runs everything on an embedded Kafka-protocol broker with generated traffic and prints
@@ -99,7 +103,7 @@ fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
         match Role::parse(name) {
             Some(role) if !roles.contains(&role) => roles.push(role),
             Some(_) => {}
-            None => bail!("unknown role {name:?}; roles are ingest, aggregate"),
+            None => bail!("unknown role {name:?}; roles are ingest, aggregate, followup"),
         }
     }
     Ok(roles)

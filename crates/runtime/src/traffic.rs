@@ -1,6 +1,8 @@
 //! Realistic survey traffic for the demo and the load generator: several regions, products,
 //! channels and tiers with different satisfaction, comments, late arrivals, and a few
-//! duplicates and invalid messages. Seeded, so a run can be repeated exactly.
+//! duplicates and invalid messages; and a simulated follow-up team ([`FollowupTeam`]) that
+//! answers detractor alerts with outcome events (most in time, some late, some never) and
+//! has a few customers answer again. Seeded, so a run can be repeated exactly.
 
 use npsflow_core::Timestamp;
 use rand::rngs::SmallRng;
@@ -110,6 +112,181 @@ impl Traffic {
     }
 }
 
+/// What the simulated team does with one case.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TeamBehaviour {
+    /// Contacted and resolved in time, then closed.
+    InTime,
+    /// Contacted after the first-contact deadline, resolved in time.
+    LateContact,
+    /// Reassigned, contacted in time, resolved after the resolve deadline.
+    LateResolve,
+    /// Nobody ever acts.
+    Never,
+}
+
+/// Something the simulated team (or its customer) sends, at `at`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedMessage {
+    /// When it happens (also its `occurred_at` / `responded_at`).
+    pub at: Timestamp,
+    /// An outcome event (to the outcomes topic) or a survey response (to the input).
+    pub kind: PlannedKind,
+    /// Kafka key: the case id for outcomes, the customer id for responses.
+    pub key: String,
+    /// The JSON body.
+    pub payload: Vec<u8>,
+}
+
+/// Where a planned message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PlannedKind {
+    /// `npsflow.followup-outcomes`.
+    Outcome,
+    /// `survey.responses`.
+    Response,
+}
+
+/// A seeded follow-up team: for each detractor alert, a plan of outcome events relative to
+/// the SLAs (70 % in time, 15 % contacted late, 10 % never acted on, 5 % resolved late after
+/// a reassignment), and for a third of the closed cases the customer's next response (mostly
+/// passive or promoter).
+pub struct FollowupTeam {
+    rng: SmallRng,
+    next_event: u64,
+}
+
+impl FollowupTeam {
+    /// A team from a seed.
+    pub fn new(seed: u64) -> FollowupTeam {
+        FollowupTeam {
+            rng: SmallRng::seed_from_u64(seed ^ 0x7465_616d),
+            next_event: 0,
+        }
+    }
+
+    /// What the team does with the case `case_id` of `customer_id`, whose response came at
+    /// `responded_at`, given the SLAs (milliseconds).
+    pub fn plan(
+        &mut self,
+        case_id: &str,
+        customer_id: &str,
+        responded_at: Timestamp,
+        first_contact_sla: i64,
+        resolve_sla: i64,
+    ) -> (TeamBehaviour, Vec<PlannedMessage>) {
+        let roll: f64 = self.rng.random();
+        let behaviour = match roll {
+            r if r < 0.70 => TeamBehaviour::InTime,
+            r if r < 0.85 => TeamBehaviour::LateContact,
+            r if r < 0.95 => TeamBehaviour::Never,
+            _ => TeamBehaviour::LateResolve,
+        };
+        let at =
+            |share: f64, sla: i64| Timestamp(responded_at.millis() + (share * sla as f64) as i64);
+        let steps: Vec<(Timestamp, &str, &str)> = match behaviour {
+            TeamBehaviour::InTime => vec![
+                (at(0.1, first_contact_sla), "acknowledged", ""),
+                (
+                    at(0.5, first_contact_sla),
+                    "contacted",
+                    r#","contact_result":"reached""#,
+                ),
+                (
+                    at(0.5, resolve_sla),
+                    "resolved",
+                    r#","resolution":"fixed","root_causes":["wait_time"]"#,
+                ),
+                (at(0.6, resolve_sla), "closed", r#","resolution":"fixed""#),
+            ],
+            TeamBehaviour::LateContact => vec![
+                (
+                    at(0.6, first_contact_sla),
+                    "contact_attempted",
+                    r#","contact_result":"no_answer""#,
+                ),
+                (
+                    at(1.3, first_contact_sla).max(at(0.3, resolve_sla)),
+                    "contacted",
+                    r#","contact_result":"reached""#,
+                ),
+                (
+                    at(0.9, resolve_sla),
+                    "resolved",
+                    r#","resolution":"explained""#,
+                ),
+                (
+                    at(0.95, resolve_sla),
+                    "closed",
+                    r#","resolution":"explained""#,
+                ),
+            ],
+            TeamBehaviour::LateResolve => vec![
+                (
+                    at(0.2, first_contact_sla),
+                    "reassigned",
+                    r#","assignee":"senior-cx""#,
+                ),
+                (
+                    at(0.7, first_contact_sla),
+                    "contacted",
+                    r#","contact_result":"reached""#,
+                ),
+                (
+                    at(1.2, resolve_sla),
+                    "resolved",
+                    r#","resolution":"compensated""#,
+                ),
+                (
+                    at(1.3, resolve_sla),
+                    "closed",
+                    r#","resolution":"compensated""#,
+                ),
+            ],
+            TeamBehaviour::Never => Vec::new(),
+        };
+        let mut planned = Vec::new();
+        for (when, kind, extra) in &steps {
+            self.next_event += 1;
+            let payload = format!(
+                r#"{{"event_id":"{case_id}-{}","case_id":"{case_id}","type":"{kind}","occurred_at":"{}","actor":"cx-agent"{extra}}}"#,
+                self.next_event,
+                when.to_rfc3339()
+            );
+            planned.push(PlannedMessage {
+                at: *when,
+                kind: PlannedKind::Outcome,
+                key: case_id.to_owned(),
+                payload: payload.into_bytes(),
+            });
+        }
+        if let Some((closed_at, _, _)) = steps.last() {
+            if self.rng.random_bool(0.35) {
+                let score: u8 = if self.rng.random_bool(0.7) {
+                    self.rng.random_range(7..=10)
+                } else {
+                    self.rng.random_range(0..=6)
+                };
+                let when = Timestamp(closed_at.millis() + resolve_sla / 5);
+                let payload = serde_json::json!({
+                    "response_id": format!("again-{case_id}"),
+                    "score": score,
+                    "responded_at": when.to_rfc3339(),
+                    "customer_id": customer_id,
+                    "survey_id": "after-followup",
+                });
+                planned.push(PlannedMessage {
+                    at: when,
+                    kind: PlannedKind::Response,
+                    key: customer_id.to_owned(),
+                    payload: serde_json::to_vec(&payload).expect("serialises"),
+                });
+            }
+        }
+        (behaviour, planned)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,6 +318,44 @@ mod tests {
         assert!(
             ids.len() < decoded.iter().flatten().count(),
             "some duplicates"
+        );
+    }
+
+    #[test]
+    fn the_team_plans_valid_outcomes_in_the_promised_shares() {
+        let mut team = FollowupTeam::new(3);
+        let start = Timestamp(1_795_348_800_000);
+        let (first, resolve) = (20_000, 60_000);
+        let mut counts = std::collections::HashMap::new();
+        let mut responses = 0;
+        for i in 0..2_000 {
+            let (behaviour, planned) =
+                team.plan(&format!("det-{i}"), "cust", start, first, resolve);
+            *counts.entry(behaviour).or_insert(0) += 1;
+            for message in &planned {
+                match message.kind {
+                    PlannedKind::Outcome => {
+                        let event = npsflow_core::decode_outcome(&message.payload).expect("valid");
+                        assert_eq!(event.occurred_at, message.at);
+                        let contacted_in_time =
+                            event.occurred_at.millis() - start.millis() <= first;
+                        if event.kind == npsflow_core::OutcomeType::Contacted {
+                            assert_eq!(contacted_in_time, behaviour != TeamBehaviour::LateContact);
+                        }
+                    }
+                    PlannedKind::Response => {
+                        npsflow_core::decode(&message.payload).expect("valid response");
+                        responses += 1;
+                    }
+                }
+            }
+        }
+        let share = |b| counts[&b] as f64 / 2_000.0;
+        assert!((share(TeamBehaviour::InTime) - 0.70).abs() < 0.04);
+        assert!((share(TeamBehaviour::Never) - 0.10).abs() < 0.03);
+        assert!(
+            responses > 400 && responses < 800,
+            "customers answering again: {responses}"
         );
     }
 }
