@@ -1171,6 +1171,7 @@ async fn hostile_input_never_stops_or_corrupts_the_pipeline() {
         ),
     ]
     .into_iter()
+    .chain(util::followup_names(&run))
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let topics_create = |env: &[(String, String)]| {

@@ -41,6 +41,7 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
             format!("{run}-aggregate"),
         ),
     ];
+    let names: Vec<(&str, String)> = names.into_iter().chain(followup_names(&run)).collect();
     let extra: Vec<(&str, &str)> = names.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = config(&brokers, &extra);
     let topics = &config.settings.topics;

@@ -847,6 +847,8 @@ pub enum Effect {
     FirstContact {
         /// Seconds since `responded_at`.
         seconds: f64,
+        /// By the first-contact deadline.
+        within_sla: bool,
     },
     /// A case closed.
     Closed {
@@ -1296,6 +1298,7 @@ impl Snapshot {
             if let Some(at) = case.first_contact_at {
                 out.push(Effect::FirstContact {
                     seconds: since_response(at),
+                    within_sla: at <= case.first_contact_deadline,
                 });
             }
         }

@@ -351,9 +351,14 @@ impl FollowupRole {
                         None,
                     ));
                 }
-                Effect::FirstContact { seconds } => {
-                    events::CaseFirstContact { seconds }.emit(metrics)
+                Effect::FirstContact {
+                    seconds,
+                    within_sla,
+                } => events::CaseFirstContact {
+                    seconds,
+                    within_sla,
                 }
+                .emit(metrics),
                 Effect::Closed {
                     resolution,
                     within_sla,

@@ -69,6 +69,8 @@ struct CaseMetrics {
     closed: IntCounterVec,
     /// `npsflow_case_escalations_total{level}`.
     escalations: IntCounterVec,
+    /// `npsflow_case_first_contacts_total{within_sla}`.
+    first_contacts: IntCounterVec,
     time_to_first_contact: Histogram,
     time_to_close: Histogram,
     /// `npsflow_case_oldest_open_age_seconds{state}`, set at scrape from `oldest`.
@@ -475,8 +477,18 @@ impl CaseMetrics {
             "What the followup role did with each alert, outcome event and notice: applied, duplicate, kept (outcome before its case), expired (kept past the horizon), invalid.",
             &["kind", "result"],
         );
+        let first_contacts = counter_vec(
+            registry,
+            "npsflow_case_first_contacts_total",
+            "Follow-up cases first contacted (or moved past contacted), by whether it was by the first-contact deadline.",
+            &["within_sla"],
+        );
+        for within in ["true", "false"] {
+            first_contacts.with_label_values(&[within]);
+        }
         CaseMetrics {
             open,
+            first_contacts,
             opened: counter(
                 registry,
                 "npsflow_cases_opened_total",

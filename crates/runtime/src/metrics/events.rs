@@ -601,11 +601,19 @@ impl CaseOpened {
 pub struct CaseFirstContact {
     /// Seconds since the response.
     pub seconds: f64,
+    /// By the first-contact deadline.
+    pub within_sla: bool,
 }
 
 impl CaseFirstContact {
-    /// Observes it.
+    /// Counts and observes it.
     pub fn emit(&self, metrics: &Metrics) {
+        let within = if self.within_sla { "true" } else { "false" };
+        metrics
+            .cases
+            .first_contacts
+            .with_label_values(&[within])
+            .inc();
         metrics.cases.time_to_first_contact.observe(self.seconds);
     }
 }
