@@ -450,11 +450,20 @@ pub fn committed_total(brokers: &str, group: &str, topic: &str) -> Option<i64> {
 /// The followup role's topics and group, named for one test run (on a shared broker).
 pub fn followup_names(run: &str) -> Vec<(&'static str, String)> {
     vec![
-        ("NPSFLOW__TOPICS__FOLLOWUP_OUTCOMES", format!("{run}.outcomes")),
-        ("NPSFLOW__TOPICS__FOLLOWUP_EVENTS", format!("{run}.followup-events")),
+        (
+            "NPSFLOW__TOPICS__FOLLOWUP_OUTCOMES",
+            format!("{run}.outcomes"),
+        ),
+        (
+            "NPSFLOW__TOPICS__FOLLOWUP_EVENTS",
+            format!("{run}.followup-events"),
+        ),
         ("NPSFLOW__TOPICS__CASES", format!("{run}.cases")),
         ("NPSFLOW__TOPICS__ESCALATIONS", format!("{run}.escalations")),
-        ("NPSFLOW__TOPICS__FOLLOWUP_STATE", format!("{run}.followup-state")),
+        (
+            "NPSFLOW__TOPICS__FOLLOWUP_STATE",
+            format!("{run}.followup-state"),
+        ),
         ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", format!("{run}-followup")),
     ]
 }
