@@ -55,6 +55,24 @@ done
 cat "$work/all.json"; echo
 grep -q "\"responses\":$accepted[,}]" "$work/all.json" ||
   { echo "segment all does not count the $accepted accepted responses" >&2; exit 1; }
+# The closed loop: every detractor alert is a case on /v1/cases, and a simulated team's
+# outcome events (loadgen --outcomes) move them.
+alerts=$(awk '/^npsflow_alerts_total/ {s += $2} END {print s + 0}' "$work/metrics.txt")
+for _ in $(seq 1 300); do
+  count=$(curl -sf "$api/v1/cases?limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])' || echo 0)
+  [ "$count" -eq "$alerts" ] && break
+  sleep 0.2
+done
+[ "$count" -eq "$alerts" ] || { echo "expected $alerts cases, /v1/cases has $count" >&2; exit 1; }
+"$bin" loadgen --outcomes --count "$alerts" --seed 7
+for _ in $(seq 1 300); do
+  closed=$(curl -sf "$api/v1/cases?state=closed&limit=1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["count"])' || echo 0)
+  [ "$closed" -gt 0 ] && break
+  sleep 0.2
+done
+echo "cases: $count, closed after the team's outcome events: $closed"
+[ "$closed" -gt 0 ] || { echo "no case closed by the outcome events" >&2; exit 1; }
+curl -sf "$api/metrics" >"$work/metrics.txt"
 if command -v promtool >/dev/null 2>&1; then
   promtool check metrics <"$work/metrics.txt"
   echo "promtool check metrics: ok"

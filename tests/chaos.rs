@@ -26,6 +26,10 @@ use rdkafka::{ClientConfig, Message};
 use serde_json::Value;
 use util::*;
 
+const FIRST_CONTACT_SLA: &str = "20s";
+const RESOLVE_SLA: &str = "40s";
+const ROLES: &str = "ingest,aggregate,followup";
+
 struct Settings {
     brokers: String,
     port: String,
@@ -78,6 +82,9 @@ impl Fleet {
             .env("NPSFLOW__KAFKA__BROKERS", &self.brokers)
             .env("NPSFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"))
             .env("NPSFLOW__LOG__FORMAT", "json")
+            // Short SLAs, so that deadlines pass (and escalate) while the chaos goes on.
+            .env("NPSFLOW__FOLLOWUP__FIRST_CONTACT_SLA", FIRST_CONTACT_SLA)
+            .env("NPSFLOW__FOLLOWUP__RESOLVE_SLA", RESOLVE_SLA)
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
@@ -242,8 +249,48 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
     println!("chaos: {resends} re-sends, a third each same-key, re-keyed and null-keyed");
     let expected = answer(&messages);
 
-    fleet.start("ingest,aggregate");
-    fleet.start("ingest,aggregate");
+    // The follow-up team's outcome events for every detractor, each sent when its time
+    // comes (the customers' answers again are left out: the segment counts stay known).
+    let mut team = npsflow_runtime::traffic::FollowupTeam::new(99);
+    let mut case_ids = BTreeSet::new();
+    let mut outcomes: Vec<(i64, String, Vec<u8>)> = Vec::new();
+    for (_, payload) in &messages {
+        let Ok(response) = npsflow_core::decode(payload) else {
+            continue;
+        };
+        if response.score.value() > 6 {
+            continue;
+        }
+        let case_id = npsflow_core::alert_id(&response.response_id);
+        if !case_ids.insert(case_id.clone()) {
+            continue;
+        }
+        let (_, planned) = team.plan(
+            &case_id,
+            &response.customer_id,
+            response.responded_at,
+            20_000,
+            40_000,
+        );
+        for m in planned {
+            if m.kind == npsflow_runtime::traffic::PlannedKind::Outcome {
+                // Sent relative to now: late responses' plans are moved to the present.
+                let delay = (m.at.millis() - response.responded_at.millis()).max(0);
+                outcomes.push((delay, m.key, m.payload));
+            }
+        }
+    }
+    let team_start = npsflow_runtime::wall_now().millis();
+    outcomes.sort_by_key(|o| o.0);
+    let mut outcomes_sent = 0;
+    println!(
+        "chaos: {} cases, {} outcome events planned",
+        case_ids.len(),
+        outcomes.len()
+    );
+
+    fleet.start(ROLES);
+    fleet.start(ROLES);
     let started = Instant::now();
     let chunk = (s.messages / (s.seconds as usize * 2)).max(1);
     let mut sent = 0;
@@ -271,6 +318,14 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
         }
         producing.await;
         sent = end;
+        let now_ms = npsflow_runtime::wall_now().millis();
+        let due: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = outcomes[outcomes_sent..]
+            .iter()
+            .take_while(|(delay, _, _)| team_start + delay <= now_ms)
+            .map(|(_, key, payload)| (Some(key.as_str()), payload.clone(), OwnedHeaders::new()))
+            .collect();
+        outcomes_sent += due.len();
+        produce(&s.brokers, &topics.followup_outcomes, &due).await;
         step += 1;
         // Every ~5 seconds: kill one process, and grow or shrink the fleet.
         if step.is_multiple_of(10) {
@@ -278,7 +333,7 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
             // Alternate between shrinking to two processes and growing back to three.
             let target = if (step / 10).is_multiple_of(2) { 3 } else { 2 };
             while fleet.running.len() < target {
-                fleet.start("ingest,aggregate");
+                fleet.start(ROLES);
             }
             println!(
                 "chaos: {sent}/{} sent, {} running, {} killed",
@@ -298,9 +353,27 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
         started.elapsed()
     );
 
+    // The rest of the team's events, then a pause long enough for every deadline to pass.
+    let rest: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = outcomes[outcomes_sent..]
+        .iter()
+        .map(|(_, key, payload)| (Some(key.as_str()), payload.clone(), OwnedHeaders::new()))
+        .collect();
+    produce(&s.brokers, &topics.followup_outcomes, &rest).await;
+    tokio::time::sleep(Duration::from_secs(45)).await;
+
     // Let the survivors finish: every input and delta offset committed.
     let deadline = Instant::now() + Duration::from_secs(600);
+    let followup_group = &config.settings.kafka.followup_group;
     loop {
+        let followup = [
+            &topics.followups,
+            &topics.followup_outcomes,
+            &topics.responses,
+            &topics.followup_events,
+        ]
+        .iter()
+        .map(|topic| lag(&s.brokers, followup_group, topic))
+        .sum::<Option<i64>>();
         let ingest = [&topics.responses, &topics.responses_by_id]
             .iter()
             .map(|topic| lag(&s.brokers, &config.settings.kafka.ingest_group, topic))
@@ -310,15 +383,17 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
             &config.settings.kafka.aggregate_group,
             &topics.segment_deltas,
         );
-        if ingest == Some(0) && aggregate == Some(0) {
+        if ingest == Some(0) && aggregate == Some(0) && followup == Some(0) {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "lag did not drain: {ingest:?} {aggregate:?}"
+            "lag did not drain: {ingest:?} {aggregate:?} {followup:?}"
         );
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+    // The last timers (and the confirmations of their escalations) fire on the wall clock.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     fleet.stop_all();
 
     // A fresh aggregator in a new consumer group owns every partition: it restores every
@@ -430,6 +505,107 @@ async fn nothing_lost_nothing_counted_twice_under_kills_rebalances_and_an_outage
     assert_eq!(
         foreign_dead, 0,
         "dead letters that were not sent as invalid"
+    );
+    // The closed loop: every case on the cases topic (the latest record of each), its final
+    // state as the contract's rules give it from all its outcome events, every escalation
+    // its deadlines call for, each (case, level) notice sent once, and matching the record.
+    let mut records: BTreeMap<String, Value> = BTreeMap::new();
+    for m in read_to_end(&s.brokers, &topics.cases) {
+        let key = String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned();
+        match m.payload() {
+            Some(p) => {
+                records.insert(key, serde_json::from_slice(p).expect("a case record"));
+            }
+            None => {
+                records.remove(&key);
+            }
+        }
+    }
+    let mut notices: BTreeMap<(String, u64), usize> = BTreeMap::new();
+    for p in read_all(&s.brokers, &topics.escalations) {
+        let v: Value = serde_json::from_slice(&p).expect("a notice");
+        let key = (
+            v["case_id"].as_str().expect("case").to_owned(),
+            v["level"].as_u64().expect("level"),
+        );
+        *notices.entry(key).or_default() += 1;
+    }
+    let mut events_of: BTreeMap<&str, Vec<(String, i64, String)>> = BTreeMap::new();
+    for (_, key, payload) in &outcomes {
+        let v: Value = serde_json::from_slice(payload).expect("json");
+        let at = npsflow_core::Timestamp::parse_rfc3339(v["occurred_at"].as_str().expect("at"))
+            .expect("ts");
+        events_of.entry(key.as_str()).or_default().push((
+            v["type"].as_str().expect("type").to_owned(),
+            at.millis(),
+            v["event_id"].as_str().expect("id").to_owned(),
+        ));
+    }
+    let rank = |s: &str| {
+        ["open", "acknowledged", "contacted", "resolved", "closed"]
+            .iter()
+            .position(|x| *x == s)
+            .expect("state")
+    };
+    let lost: Vec<&String> = case_ids
+        .iter()
+        .filter(|c| !records.contains_key(*c))
+        .collect();
+    let unexpected_cases = records.keys().filter(|c| !case_ids.contains(*c)).count();
+    let mut wrong_state = Vec::new();
+    let mut missing_escalations = Vec::new();
+    let mut record_mismatch = Vec::new();
+    for (case_id, record) in &records {
+        let want = naive_case_state(events_of.get(case_id.as_str()).map_or(&[][..], |e| &e[..]));
+        let state = record["state"].as_str().expect("state");
+        if state != want {
+            wrong_state.push(case_id.clone());
+        }
+        // Every deadline has passed: a case never contacted has level 1, never resolved level 2.
+        for (level, below) in [(1u64, "contacted"), (2u64, "resolved")] {
+            if rank(state) < rank(below) && !notices.contains_key(&(case_id.clone(), level)) {
+                missing_escalations.push((case_id.clone(), level));
+            }
+        }
+        let recorded: BTreeSet<u64> = record["escalations"]
+            .as_array()
+            .expect("escalations")
+            .iter()
+            .map(|e| e["level"].as_u64().expect("level"))
+            .collect();
+        let sent: BTreeSet<u64> = notices
+            .keys()
+            .filter(|(c, _)| c == case_id)
+            .map(|(_, l)| *l)
+            .collect();
+        if recorded != sent {
+            record_mismatch.push(case_id.clone());
+        }
+    }
+    let twice: Vec<&(String, u64)> = notices
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(k, _)| k)
+        .collect();
+    println!(
+        "chaos: cases: {} expected, {} lost, {} unexpected, {} in a wrong state; escalations: {} sent, {} missing, {} sent twice, {} records not matching their notices",
+        case_ids.len(), lost.len(), unexpected_cases, wrong_state.len(), notices.len(),
+        missing_escalations.len(), twice.len(), record_mismatch.len()
+    );
+    assert!(lost.is_empty(), "cases lost: {lost:?}");
+    assert_eq!(unexpected_cases, 0);
+    assert!(
+        wrong_state.is_empty(),
+        "cases in a wrong state: {wrong_state:?}"
+    );
+    assert!(
+        missing_escalations.is_empty(),
+        "escalations missing: {missing_escalations:?}"
+    );
+    assert!(twice.is_empty(), "escalations sent twice: {twice:?}");
+    assert!(
+        record_mismatch.is_empty(),
+        "records not matching their notices: {record_mismatch:?}"
     );
     println!("chaos: ok");
 }

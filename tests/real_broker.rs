@@ -154,38 +154,6 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
     pipeline.stop().await;
 }
 
-/// A case's state by the contract's rules, from its outcome events (type, occurred_at in ms,
-/// event_id), written here without npsflow's code: sorted by time then id; forward only;
-/// `reopened` takes a resolved or closed case back to contacted.
-fn naive_state(events: &[(String, i64, String)]) -> &'static str {
-    let rank = |s: &str| {
-        ["open", "acknowledged", "contacted", "resolved", "closed"]
-            .iter()
-            .position(|x| *x == s)
-            .expect("a state")
-    };
-    let mut sorted: Vec<&(String, i64, String)> = events.iter().collect();
-    sorted.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
-    let mut state = "open";
-    for (kind, _, _) in sorted {
-        let target = match kind.as_str() {
-            "acknowledged" => "acknowledged",
-            "contacted" => "contacted",
-            "resolved" => "resolved",
-            "closed" => "closed",
-            "reopened" if rank(state) >= rank("resolved") => {
-                state = "contacted";
-                continue;
-            }
-            _ => continue,
-        };
-        if rank(target) > rank(state) {
-            state = target;
-        }
-    }
-    state
-}
-
 /// The closed loop on the real broker, with a known answer: detractor responses open cases;
 /// a seeded follow-up team sends outcome events as a hand-moved clock reaches their time (some
 /// re-sent, a few invalid); customers answer again. Every case's final state, the
@@ -416,16 +384,19 @@ async fn followup_cases_give_exactly_the_known_answer() {
             case.responded_at + HOUR
         };
         if let Some(at) = fired_at(first_due) {
-            if rank(naive_state(&events_of(case_id, at))) < rank("contacted") {
+            if rank(naive_case_state(&events_of(case_id, at))) < rank("contacted") {
                 expected_escalations.insert((case_id.clone(), 1u64));
             }
         }
         if let Some(at) = fired_at(case.responded_at + 2 * HOUR) {
-            if rank(naive_state(&events_of(case_id, at))) < rank("resolved") {
+            if rank(naive_case_state(&events_of(case_id, at))) < rank("resolved") {
                 expected_escalations.insert((case_id.clone(), 2u64));
             }
         }
-        expected_state.insert(case_id.clone(), naive_state(&events_of(case_id, i64::MAX)));
+        expected_state.insert(
+            case_id.clone(),
+            naive_case_state(&events_of(case_id, i64::MAX)),
+        );
     }
     // The new cases get no outcome events: they escalate as their deadlines pass.
     for (case_id, score, responded_at) in &new_cases {

@@ -467,3 +467,35 @@ pub fn followup_names(run: &str) -> Vec<(&'static str, String)> {
         ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", format!("{run}-followup")),
     ]
 }
+
+/// A case's state by the contract's rules, from its outcome events (type, occurred_at in ms,
+/// event_id), written here without npsflow's code: sorted by time then id; forward only;
+/// `reopened` takes a resolved or closed case back to contacted.
+pub fn naive_case_state(events: &[(String, i64, String)]) -> &'static str {
+    let rank = |s: &str| {
+        ["open", "acknowledged", "contacted", "resolved", "closed"]
+            .iter()
+            .position(|x| *x == s)
+            .expect("a state")
+    };
+    let mut sorted: Vec<&(String, i64, String)> = events.iter().collect();
+    sorted.sort_by(|a, b| (a.1, &a.2).cmp(&(b.1, &b.2)));
+    let mut state = "open";
+    for (kind, _, _) in sorted {
+        let target = match kind.as_str() {
+            "acknowledged" => "acknowledged",
+            "contacted" => "contacted",
+            "resolved" => "resolved",
+            "closed" => "closed",
+            "reopened" if rank(state) >= rank("resolved") => {
+                state = "contacted";
+                continue;
+            }
+            _ => continue,
+        };
+        if rank(target) > rank(state) {
+            state = target;
+        }
+    }
+    state
+}

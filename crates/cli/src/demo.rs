@@ -186,7 +186,9 @@ async fn follow_up(config: Arc<Config>, seed: u64, mut stop: watch::Receiver<boo
         config.followup.first_contact_sla.millis(),
         config.followup.resolve_sla.millis(),
     );
-    let mut due: BinaryHeap<Reverse<(i64, u64, PlannedKind, String, Vec<u8>)>> = BinaryHeap::new();
+    // (when, order sent, topic, key, payload), soonest first.
+    type Due = Reverse<(i64, u64, PlannedKind, String, Vec<u8>)>;
+    let mut due: BinaryHeap<Due> = BinaryHeap::new();
     let mut order = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     loop {

@@ -442,6 +442,15 @@ pub struct EscalationRecord {
     pub escalated_at: Timestamp,
     /// To whom.
     pub escalate_to: String,
+    /// False until the notice is known to be delivered (the record is written again then).
+    /// On restore, an escalation not notified whose notice is not on the escalations topic
+    /// never went out: it is forgotten and fires again.
+    #[serde(default = "delivered")]
+    pub notified: bool,
+}
+
+fn delivered() -> bool {
+    true
 }
 
 /// A follow-up case: its alert, where it stands, its deadlines, escalations and history. Its
@@ -918,6 +927,8 @@ pub struct CaseBook {
     orphans: BTreeMap<String, OrphanOutcomes>,
     watches: BTreeMap<String, Vec<RecoveryWatch>>,
     deadlines: Deadlines,
+    /// Cases with escalations whose notices were sent but not yet confirmed in their record.
+    unconfirmed: BTreeSet<String>,
 }
 
 impl CaseBook {
@@ -1165,8 +1176,10 @@ impl CaseBook {
                             deadline,
                             escalated_at: now,
                             escalate_to: escalate_to.clone(),
+                            notified: false,
                         });
                         case.escalation_level = case.escalation_level.max(level);
+                        self.unconfirmed.insert(case_id.clone());
                         out.push(Effect::Escalated(Box::new(notice(&case, level))));
                     }
                     self.store(case, policy, out);
@@ -1244,11 +1257,58 @@ impl CaseBook {
             deadline: sent.deadline,
             escalated_at: sent.escalated_at,
             escalate_to: sent.escalate_to.clone(),
+            notified: true,
         });
         case.escalation_level = case.escalation_level.max(sent.level);
         let due = case.due(policy);
         self.deadlines.set(Due::Case(sent.case_id.clone()), due);
+        // Its record is written again, with the escalation.
+        self.unconfirmed.insert(sent.case_id.clone());
         true
+    }
+
+    /// After a restore: escalations recorded as not yet notified are confirmed if their notice
+    /// is among `sent` (the last notices on the escalations topic), and forgotten otherwise
+    /// (the process stopped before the notice went out), so that they fire again.
+    pub fn reconcile_escalations(
+        &mut self,
+        sent: &BTreeSet<(String, u8)>,
+        policy: &FollowupPolicy,
+    ) {
+        for case in self.cases.values_mut() {
+            if case.escalations.iter().all(|e| e.notified) {
+                continue;
+            }
+            let id = case.case_id.clone();
+            case.escalations.retain_mut(|e| {
+                e.notified = e.notified || sent.contains(&(id.clone(), e.level));
+                e.notified
+            });
+            case.escalation_level = case.escalations.iter().map(|e| e.level).max().unwrap_or(0);
+            let due = case.due(policy);
+            self.deadlines.set(Due::Case(id.clone()), due);
+            self.unconfirmed.insert(id);
+        }
+    }
+
+    /// True if some case's record must be written again to confirm its escalations (see
+    /// [`CaseBook::confirm_escalations`]).
+    pub fn has_unconfirmed(&self) -> bool {
+        !self.unconfirmed.is_empty()
+    }
+
+    /// Marks every escalation sent so far as notified and asks for the records to be
+    /// written. Call it only once the notices sent before are delivered (the engine sends a
+    /// batch's records only after the previous batch's are delivered).
+    pub fn confirm_escalations(&mut self, out: &mut Vec<Effect>) {
+        for case_id in std::mem::take(&mut self.unconfirmed) {
+            if let Some(case) = self.cases.get_mut(&case_id) {
+                for escalation in &mut case.escalations {
+                    escalation.notified = true;
+                }
+                out.push(Effect::CaseChanged(case_id));
+            }
+        }
     }
 
     fn store(&mut self, case: FollowupCase, policy: &FollowupPolicy, out: &mut Vec<Effect>) {

@@ -419,6 +419,47 @@ fn an_escalation_found_on_the_topic_is_not_repeated_after_a_restore() {
 }
 
 #[test]
+fn an_escalation_recorded_but_never_sent_fires_again_after_a_restore() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    book.open(alert("sent", 5), &policy, Timestamp(T0), &mut out);
+    book.open(alert("lost", 5), &policy, Timestamp(T0), &mut out);
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
+    assert_eq!(escalations(&out).len(), 2);
+    assert!(book.has_unconfirmed());
+    // The records went out saying "not notified yet"; only one notice did.
+    let records: Vec<FollowupCase> = book.cases().cloned().collect();
+    assert!(records.iter().all(|c| !c.escalations[0].notified));
+    let mut restored = CaseBook::new();
+    for record in records {
+        restored.restore_case(record, &policy);
+    }
+    let sent: BTreeSet<(String, u8)> = [("sent".to_owned(), 1)].into();
+    restored.reconcile_escalations(&sent, &policy);
+    assert!(restored.case("sent").expect("present").escalations[0].notified);
+    assert!(restored
+        .case("lost")
+        .expect("present")
+        .escalations
+        .is_empty());
+    out.clear();
+    restored.handle_timeout(Timestamp(T0 + 50 * HOUR), &policy, &mut out);
+    assert_eq!(
+        escalations(&out),
+        [("lost".to_owned(), 1)],
+        "once more, the lost one only"
+    );
+    // Confirming writes the records with the escalations notified.
+    out.clear();
+    restored.confirm_escalations(&mut out);
+    assert!(out.contains(&Effect::CaseChanged("lost".into())));
+    assert!(restored.case("lost").expect("present").escalations[0].notified);
+    assert!(!restored.has_unconfirmed());
+}
+
+#[test]
 fn case_records_round_trip_through_json() {
     let policy = policy();
     let mut book = CaseBook::new();

@@ -288,6 +288,19 @@ impl FollowupRole {
         effects.extend(out.into_iter().map(|e| (partition, e)));
     }
 
+    /// Escalations sent in an earlier batch are delivered by the time this batch's records
+    /// go out (the engine sends a batch only after the previous one is delivered): their
+    /// cases' records are written again, confirming them.
+    fn confirm_escalations(&mut self) -> Vec<(i32, Effect)> {
+        let mut effects = Vec::new();
+        for (partition, book) in self.books().iter_mut() {
+            let mut out = Vec::new();
+            book.confirm_escalations(&mut out);
+            effects.extend(out.into_iter().map(|e| (*partition, e)));
+        }
+        effects
+    }
+
     /// Turns what the books decided into records and metrics. A case, orphan list or watch
     /// changed several times in one batch is written once, as it is now.
     fn emit(&self, effects: Vec<(i32, Effect)>, out: &mut Vec<Outgoing>) {
@@ -542,17 +555,22 @@ impl RoleMachine for FollowupRole {
                 }
             }
         } else {
+            // The last notices sent: an escalation the case's record does not know yet is
+            // recorded; one recorded but never sent is forgotten, to fire again.
+            let mut sent = BTreeSet::new();
             for record in records {
                 let Some(value) = record.payload else {
                     continue;
                 };
                 match serde_json::from_slice::<EscalationNotice>(&value) {
-                    Ok(sent) => {
-                        book.restore_escalation(&sent, &policy);
+                    Ok(notice) => {
+                        book.restore_escalation(&notice, &policy);
+                        sent.insert((notice.case_id, notice.level));
                     }
                     Err(error) => unreadable(record.offset, &error),
                 }
             }
+            book.reconcile_escalations(&sent, &policy);
         }
         summarise(&books, &self.metrics);
     }
@@ -573,7 +591,7 @@ impl RoleMachine for FollowupRole {
         now: Timestamp,
         out: &mut Vec<Outgoing>,
     ) {
-        let mut effects = Vec::new();
+        let mut effects = self.confirm_escalations();
         for message in messages {
             if message.topic() == self.topics.followup_events {
                 self.decide(message, now, &mut effects);
@@ -588,6 +606,9 @@ impl RoleMachine for FollowupRole {
 
     fn poll_timeout(&self) -> Option<Timestamp> {
         let books = self.books.read().unwrap_or_else(|e| e.into_inner());
+        if books.values().any(CaseBook::has_unconfirmed) {
+            return Some(Timestamp(i64::MIN));
+        }
         let due = books.values().filter_map(CaseBook::poll_timeout).min()?;
         match self.clock {
             ClockKind::Wall => Some(due),
@@ -598,7 +619,7 @@ impl RoleMachine for FollowupRole {
 
     fn handle_timeout(&mut self, wall: Timestamp, out: &mut Vec<Outgoing>) {
         let now = self.now(wall);
-        let mut effects = Vec::new();
+        let mut effects = self.confirm_escalations();
         {
             let policy = &self.policy;
             let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
