@@ -655,3 +655,173 @@ pub async fn run(
     let binding = FollowupRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
 }
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::OwnedMessage;
+
+    use super::*;
+
+    const HOUR: i64 = 3_600_000;
+    const T0: i64 = 1_800_000_000_000;
+
+    fn role(env: &[(&str, &str)]) -> (FollowupRole, TopicSettings) {
+        let env = env.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let config = Config::load(None, env).expect("valid");
+        let topics = config.settings.topics.clone();
+        (
+            FollowupRole::new(&config, CaseBooks::default(), Metrics::new()),
+            topics,
+        )
+    }
+
+    fn message(
+        topic: &str,
+        partition: i32,
+        key: &str,
+        payload: &[u8],
+        kind: Option<&[u8]>,
+    ) -> OwnedMessage {
+        OwnedMessage::new(
+            Some(payload.to_vec()),
+            Some(key.as_bytes().to_vec()),
+            topic.to_owned(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            0,
+            kind.map(kind_header),
+        )
+    }
+
+    fn alert(case_id: &str, responded_at: i64) -> Vec<u8> {
+        format!(
+            r#"{{"alert_id":"{case_id}","kind":"detractor","response_id":"r","customer_id":"c","owner":"ann","route":"default","score":5,"severity":"medium","segments":{{}},"responded_at":"{}","emitted_at":"{}"}}"#,
+            Timestamp(responded_at).to_rfc3339(),
+            Timestamp(responded_at).to_rfc3339()
+        )
+        .into_bytes()
+    }
+
+    /// Step 1 on its own: alerts are forwarded keyed by case, valid outcome events too, invalid
+    /// ones dead-lettered byte for byte, valid responses become `responded` notices keyed by
+    /// customer, invalid responses are left to ingest.
+    #[test]
+    fn the_repartition_step_forwards_by_case_and_customer() {
+        let (mut role, topics) = role(&[]);
+        let bad = br#"{"event_id":"e","case_id":"c","type":"teleported","occurred_at":"2026-11-22T12:00:00Z"}"#;
+        let good = br#"{"event_id":"e","case_id":"det-1","type":"note","occurred_at":"2026-11-22T12:00:00Z"}"#;
+        let response = br#"{"response_id":"r9","score":9,"responded_at":"2026-11-22T12:00:00Z","customer_id":"cust-9"}"#;
+        let mut out = Vec::new();
+        role.handle_messages(
+            &[
+                message(&topics.followups, 0, "cust", &alert("det-1", T0), None),
+                message(&topics.followup_outcomes, 0, "k", good, None),
+                message(&topics.followup_outcomes, 0, "k", bad, None),
+                message(&topics.responses, 0, "k", response, None),
+                message(&topics.responses, 0, "k", b"not json", None),
+            ],
+            Timestamp(T0),
+            &mut out,
+        );
+        let summary: Vec<(&str, Option<&[u8]>)> = out
+            .iter()
+            .map(|r| (r.topic.as_str(), r.key.as_deref()))
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                (topics.followup_events.as_str(), Some(&b"det-1"[..])),
+                (topics.followup_events.as_str(), Some(&b"det-1"[..])),
+                (topics.dead_letters.as_str(), Some(&b"k"[..])),
+                (topics.followup_events.as_str(), Some(&b"cust-9"[..])),
+            ]
+        );
+        assert_eq!(
+            out[1].payload.as_deref(),
+            Some(&good[..]),
+            "forwarded as received"
+        );
+        assert_eq!(
+            out[2].payload.as_deref(),
+            Some(&bad[..]),
+            "dead letter byte for byte"
+        );
+    }
+
+    /// With `windows.clock = event_time` (a replay), deadlines fire as event time passes them,
+    /// not on the wall clock: nothing fires however late the wall clock is, until an event
+    /// later than the deadline is seen.
+    #[test]
+    fn in_event_time_deadlines_fire_as_event_time_passes() {
+        let (mut role, topics) = role(&[
+            ("NPSFLOW__WINDOWS__CLOCK", "event_time"),
+            ("NPSFLOW__FOLLOWUP__ESCALATE_SCORES", ""),
+        ]);
+        let events = topics.followup_events.clone();
+        let reads = role.handle_assigned(&[(events.clone(), 0)]);
+        assert_eq!(
+            reads.len(),
+            3,
+            "cases, follow-up state, escalations: {reads:?}"
+        );
+        for read in &reads {
+            role.handle_restored(read, Vec::new(), Timestamp(T0));
+        }
+        let wall_much_later = Timestamp(T0 + 1000 * HOUR);
+        let mut out = Vec::new();
+        role.handle_messages(
+            &[message(
+                &events,
+                0,
+                "det-1",
+                &alert("det-1", T0),
+                Some(kind::ALERT),
+            )],
+            wall_much_later,
+            &mut out,
+        );
+        assert_eq!(
+            role.poll_timeout(),
+            None,
+            "event time has not reached the deadline"
+        );
+        // An outcome of another case, 49 hours on in event time, moves the clock past 48 h.
+        let note = format!(
+            r#"{{"event_id":"n","case_id":"det-2","type":"note","occurred_at":"{}"}}"#,
+            Timestamp(T0 + 49 * HOUR).to_rfc3339()
+        );
+        role.handle_messages(
+            &[message(
+                &events,
+                0,
+                "det-2",
+                note.as_bytes(),
+                Some(kind::OUTCOME),
+            )],
+            wall_much_later,
+            &mut out,
+        );
+        assert!(role
+            .poll_timeout()
+            .is_some_and(|due| due <= wall_much_later));
+        out.clear();
+        role.handle_timeout(wall_much_later, &mut out);
+        let escalations: Vec<&Outgoing> = out
+            .iter()
+            .filter(|r| r.topic == topics.escalations)
+            .collect();
+        assert_eq!(escalations.len(), 1);
+        let notice: serde_json::Value =
+            serde_json::from_slice(escalations[0].payload.as_deref().expect("payload"))
+                .expect("json");
+        assert_eq!(notice["level"], 1);
+        assert_eq!(
+            notice["escalated_at"],
+            Timestamp(T0 + 49 * HOUR).to_rfc3339(),
+            "escalated at event time"
+        );
+        assert!(out
+            .iter()
+            .any(|r| r.topic == topics.cases && r.partition == Some(0)));
+    }
+}
