@@ -610,3 +610,31 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+    /// Any bytes: an outcome event or a reason with a known code, never a panic; and a
+    /// detail that never quotes the input.
+    #[test]
+    fn hostile_outcome_events_get_a_reason_never_a_panic(
+        bytes in prop::collection::vec(any::<u8>(), 0..200),
+        value in "[a-zA-Z0-9 \"{}:,\\[\\]\\\\]{0,40}",
+        field in prop::sample::select(vec!["event_id", "case_id", "type", "occurred_at", "assignee", "resolution", "root_causes", "comment", "contact_result"]),
+    ) {
+        let codes = ["not_json", "not_an_object", "duplicate_field", "missing_field", "wrong_type", "unknown_value", "bad_length", "bad_timestamp"];
+        if let Err(e) = decode_outcome(&bytes) {
+            prop_assert!(codes.contains(&e.code()));
+        }
+        let text = format!(
+            r#"{{"event_id":"e","case_id":"c","type":"resolved","resolution":"fixed","occurred_at":"2026-11-22T12:00:00Z","{field}":{value}}}"#
+        );
+        match decode_outcome(text.as_bytes()) {
+            Ok(event) => prop_assert_eq!(event.case_id.is_empty(), false),
+            Err(e) => {
+                prop_assert!(codes.contains(&e.code()));
+                let detail = e.to_string();
+                prop_assert!(value.len() < 4 || !detail.contains(value.as_str()), "{} quotes {}", detail, value);
+            }
+        }
+    }
+}
