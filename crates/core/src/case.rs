@@ -1329,7 +1329,14 @@ impl CaseBook {
         let until = self.watches.get(customer_id).and_then(|watches| {
             watches
                 .iter()
-                .map(|w| Timestamp(w.closed_at.plus(policy.recovery_horizon).0 + 1))
+                .map(|w| {
+                    Timestamp(
+                        w.closed_at
+                            .plus(policy.recovery_horizon)
+                            .0
+                            .saturating_add(1),
+                    )
+                })
                 .min()
         });
         self.deadlines

@@ -307,9 +307,11 @@ impl Engine {
     fn until_timer<R: RoleMachine>(&self, role: &R) -> Duration {
         match role.poll_timeout() {
             None => Duration::MAX,
-            Some(due) => {
-                Duration::from_millis((due.millis() - self.clock.now().millis()).max(0) as u64)
-            }
+            Some(due) => Duration::from_millis(
+                due.millis()
+                    .saturating_sub(self.clock.now().millis())
+                    .max(0) as u64,
+            ),
         }
     }
 
