@@ -30,20 +30,7 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
         std::process::id(),
         npsflow_runtime::wall_now().millis()
     );
-    let names = [
-        ("NPSFLOW__TOPICS__RESPONSES", format!("{run}.responses")),
-        ("NPSFLOW__TOPICS__RESPONSES_BY_ID", format!("{run}.by-id")),
-        ("NPSFLOW__TOPICS__DEAD_LETTERS", format!("{run}.dlq")),
-        ("NPSFLOW__TOPICS__FOLLOWUPS", format!("{run}.followups")),
-        ("NPSFLOW__TOPICS__SEGMENT_DELTAS", format!("{run}.deltas")),
-        ("NPSFLOW__TOPICS__STATE", format!("{run}.state")),
-        ("NPSFLOW__KAFKA__INGEST_GROUP", format!("{run}-ingest")),
-        (
-            "NPSFLOW__KAFKA__AGGREGATE_GROUP",
-            format!("{run}-aggregate"),
-        ),
-    ];
-    let names: Vec<(&str, String)> = names.into_iter().chain(followup_names(&run)).collect();
+    let names = run_names(&run);
     let extra: Vec<(&str, &str)> = names.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = config(&brokers, &extra);
     let topics = &config.settings.topics;
@@ -173,25 +160,14 @@ async fn followup_cases_give_exactly_the_known_answer() {
         std::process::id(),
         npsflow_runtime::wall_now().millis()
     );
-    let names: Vec<(&str, String)> = [
-        ("NPSFLOW__TOPICS__RESPONSES", format!("{run}.responses")),
-        ("NPSFLOW__TOPICS__RESPONSES_BY_ID", format!("{run}.by-id")),
-        ("NPSFLOW__TOPICS__DEAD_LETTERS", format!("{run}.dlq")),
-        ("NPSFLOW__TOPICS__FOLLOWUPS", format!("{run}.followups")),
-        ("NPSFLOW__TOPICS__SEGMENT_DELTAS", format!("{run}.deltas")),
-        ("NPSFLOW__TOPICS__STATE", format!("{run}.state")),
-        ("NPSFLOW__KAFKA__INGEST_GROUP", format!("{run}-ingest")),
-        (
-            "NPSFLOW__KAFKA__AGGREGATE_GROUP",
-            format!("{run}-aggregate"),
-        ),
-        ("NPSFLOW__FOLLOWUP__FIRST_CONTACT_SLA", "1h".into()),
-        ("NPSFLOW__FOLLOWUP__RESOLVE_SLA", "2h".into()),
-        ("NPSFLOW__FOLLOWUP__ESCALATE_SCORES", "0,1".into()),
-    ]
-    .into_iter()
-    .chain(followup_names(&run))
-    .collect();
+    let names: Vec<(&str, String)> = run_names(&run)
+        .into_iter()
+        .chain([
+            ("NPSFLOW__FOLLOWUP__FIRST_CONTACT_SLA", "1h".into()),
+            ("NPSFLOW__FOLLOWUP__RESOLVE_SLA", "2h".into()),
+            ("NPSFLOW__FOLLOWUP__ESCALATE_SCORES", "0,1".into()),
+        ])
+        .collect();
     let extra: Vec<(&str, &str)> = names.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = config(&brokers, &extra);
     let topics = config.settings.topics.clone();

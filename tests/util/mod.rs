@@ -447,6 +447,25 @@ pub fn committed_total(brokers: &str, group: &str, topic: &str) -> Option<i64> {
     )
 }
 
+/// Every topic and consumer group, named for one test run (on a shared broker).
+pub fn run_names(run: &str) -> Vec<(&'static str, String)> {
+    let mut names = vec![
+        ("NPSFLOW__TOPICS__RESPONSES", format!("{run}.responses")),
+        ("NPSFLOW__TOPICS__RESPONSES_BY_ID", format!("{run}.by-id")),
+        ("NPSFLOW__TOPICS__DEAD_LETTERS", format!("{run}.dlq")),
+        ("NPSFLOW__TOPICS__FOLLOWUPS", format!("{run}.followups")),
+        ("NPSFLOW__TOPICS__SEGMENT_DELTAS", format!("{run}.deltas")),
+        ("NPSFLOW__TOPICS__STATE", format!("{run}.state")),
+        ("NPSFLOW__KAFKA__INGEST_GROUP", format!("{run}-ingest")),
+        (
+            "NPSFLOW__KAFKA__AGGREGATE_GROUP",
+            format!("{run}-aggregate"),
+        ),
+    ];
+    names.extend(followup_names(run));
+    names
+}
+
 /// The followup role's topics and group, named for one test run (on a shared broker).
 pub fn followup_names(run: &str) -> Vec<(&'static str, String)> {
     vec![

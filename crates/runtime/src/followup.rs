@@ -219,46 +219,60 @@ impl FollowupRole {
         wall: Timestamp,
         effects: &mut Vec<(i32, Effect)>,
     ) {
+        enum Input {
+            Alert(npsflow_core::CaseAlert),
+            Outcome(npsflow_core::OutcomeEvent),
+            Notice(FollowupNotice),
+        }
         let partition = message.partition();
         let payload = message.payload().unwrap_or_default();
-        let mut out = Vec::new();
-        let unreadable = |error: &dyn std::fmt::Display, metrics: &Metrics| {
-            events::UnreadableRecord {
-                topic: message.topic(),
-                partition,
-                offset: message.offset(),
-                error,
-            }
-            .emit(metrics)
+        let decoded: Result<Input, String> = match kind_of(message) {
+            Some(kind::ALERT) => decode_alert(payload)
+                .map(Input::Alert)
+                .map_err(|e| e.to_string()),
+            Some(kind::OUTCOME) => decode_outcome(payload)
+                .map(Input::Outcome)
+                .map_err(|e| e.to_string()),
+            Some(kind::NOTICE) => serde_json::from_slice(payload)
+                .map(Input::Notice)
+                .map_err(|e| e.to_string()),
+            _ => Err("no npsflow-kind header".to_owned()),
         };
-        match kind_of(message) {
-            Some(kind::ALERT) => match decode_alert(payload) {
-                Ok(alert) => {
-                    self.saw_event_time(alert.responded_at);
-                    let now = self.now(wall);
-                    let policy = &self.policy;
-                    let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
-                    books
-                        .entry(partition)
-                        .or_default()
-                        .open(alert, policy, now, &mut out);
+        let input = match decoded {
+            Ok(input) => input,
+            Err(error) => {
+                return events::UnreadableRecord {
+                    topic: message.topic(),
+                    partition,
+                    offset: message.offset(),
+                    error: &error,
                 }
-                Err(error) => unreadable(&error, &self.metrics),
-            },
-            Some(kind::OUTCOME) => match decode_outcome(payload) {
-                Ok(event) => {
-                    self.saw_event_time(event.occurred_at);
-                    let now = self.now(wall);
-                    let policy = &self.policy;
-                    let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
-                    books
-                        .entry(partition)
-                        .or_default()
-                        .apply(event, policy, now, &mut out);
-                    if !out
+                .emit(&self.metrics)
+            }
+        };
+        let event_time = match &input {
+            Input::Alert(alert) => Some(alert.responded_at),
+            Input::Outcome(event) => Some(event.occurred_at),
+            Input::Notice(FollowupNotice::Responded { responded_at, .. }) => Some(*responded_at),
+            Input::Notice(_) => None,
+        };
+        if let Some(at) = event_time {
+            self.saw_event_time(at);
+        }
+        let now = self.now(wall);
+        let mut out = Vec::new();
+        {
+            let policy = &self.policy;
+            let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
+            let book = books.entry(partition).or_default();
+            match input {
+                Input::Alert(alert) => book.open(alert, policy, now, &mut out),
+                Input::Outcome(event) => {
+                    book.apply(event, policy, now, &mut out);
+                    let applied = !out
                         .iter()
-                        .any(|e| matches!(e, Effect::Duplicate(_) | Effect::OrphanKept))
-                    {
+                        .any(|e| matches!(e, Effect::Duplicate(_) | Effect::OrphanKept));
+                    if applied {
                         events::FollowupInput {
                             kind: "outcome",
                             result: "applied",
@@ -267,23 +281,8 @@ impl FollowupRole {
                         .emit(&self.metrics);
                     }
                 }
-                Err(error) => unreadable(&error, &self.metrics),
-            },
-            Some(kind::NOTICE) => match serde_json::from_slice::<FollowupNotice>(payload) {
-                Ok(notice) => {
-                    if let FollowupNotice::Responded { responded_at, .. } = &notice {
-                        self.saw_event_time(*responded_at);
-                    }
-                    let policy = &self.policy;
-                    let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
-                    books
-                        .entry(partition)
-                        .or_default()
-                        .handle_notice(notice, policy, &mut out);
-                }
-                Err(error) => unreadable(&error, &self.metrics),
-            },
-            _ => unreadable(&"no npsflow-kind header", &self.metrics),
+                Input::Notice(notice) => book.handle_notice(notice, policy, &mut out),
+            }
         }
         effects.extend(out.into_iter().map(|e| (partition, e)));
     }
