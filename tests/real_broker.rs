@@ -437,7 +437,13 @@ async fn followup_cases_give_exactly_the_known_answer() {
         "some customers answered again as detractors"
     );
     wait_until("the directory to hold every case", || {
-        pipeline.process.directory.len() == all
+        pipeline
+            .process
+            .directory
+            .as_ref()
+            .expect("directory")
+            .len()
+            == all
     })
     .await;
     wait_until("the directory to catch up", || {
@@ -445,6 +451,8 @@ async fn followup_cases_give_exactly_the_known_answer() {
             pipeline
                 .process
                 .directory
+                .as_ref()
+                .expect("directory")
                 .case(id)
                 .is_some_and(|c| c.state.as_str() == *state)
         })

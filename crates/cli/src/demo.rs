@@ -319,7 +319,10 @@ pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
 /// The closed loop: cases by state and escalation level, SLA compliance, recovery.
 fn render_cases(process: &Process, now: npsflow_core::Timestamp) -> String {
     use npsflow_core::CaseState;
-    let (cases, _) = process.directory.find(|_| true, usize::MAX);
+    let Some(directory) = &process.directory else {
+        return String::new();
+    };
+    let (cases, _) = directory.find(|_| true, usize::MAX);
     if cases.is_empty() {
         return String::new();
     }

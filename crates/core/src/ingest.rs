@@ -77,6 +77,9 @@ pub struct Decision {
     pub event_time: Option<Timestamp>,
     /// Dimension values that were past the cap and counted as `__other__`.
     pub overflowed_values: u32,
+    /// For an accepted response: the notice that tells the followup role the customer
+    /// answered (it decides whether a closed case's detractor recovered).
+    pub responded: Option<crate::case::FollowupNotice>,
 }
 
 impl Decision {
@@ -171,6 +174,7 @@ impl Ingest {
             alert: None,
             event_time: None,
             overflowed_values: 0,
+            responded: None,
         };
         let Outcome::Accepted(response) = outcome else {
             return decision;
@@ -179,6 +183,12 @@ impl Ingest {
         state.latest = Some(state.latest.map_or(t, |l| l.max(t)));
         decision.event_time = Some(t);
         decision.alert = DetractorAlert::for_response(&response, &spec.routing, wall);
+        decision.responded = Some(crate::case::FollowupNotice::Responded {
+            customer_id: response.customer_id.to_string(),
+            response_id: response.response_id.to_string(),
+            score: response.score.value(),
+            responded_at: t,
+        });
         let assignment = self.catalog.assign(&response, &mut self.segments_scratch);
         decision.overflowed_values = assignment.overflowed_values;
         let rounded = t.millis() - t.millis().rem_euclid(self.resolution);

@@ -186,10 +186,21 @@ pub async fn run(
 ) -> Result<(), RuntimeError> {
     let kafka = engine.config.settings.kafka.clone();
     let topics = engine.config.settings.topics.clone();
-    tokio::task::spawn_blocking(move || {
-        crate::state::check_copartitioned(&kafka, &topics.segment_deltas, &topics.state)
+    let (metrics, stop) = (engine.metrics.clone(), shutdown.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        crate::state::wait_for_copartitioned(
+            &kafka,
+            ROLE,
+            &topics.segment_deltas,
+            &[topics.state.as_str()],
+            &metrics,
+            &stop,
+        )
     })
     .await??;
+    if !checked {
+        return Ok(());
+    }
     let role = AggregateRole::new(&engine.config, view, engine.metrics.clone());
     let binding = AggregateRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await

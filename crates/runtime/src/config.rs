@@ -240,6 +240,8 @@ pub struct FollowupSettings {
     pub closed_retention: String,
     /// Outcome events for a case not known yet are kept this long.
     pub orphan_horizon: String,
+    /// Whether this process reads the whole cases topic to answer `/v1/cases` for every case.
+    pub case_directory: bool,
 }
 
 /// One segment routing rule.
@@ -1030,6 +1032,26 @@ impl Reader {
         (text, parsed)
     }
 
+    /// A flag: `true` or `false` (from the environment: the same words).
+    fn flag(&mut self, section: &mut Section, name: &str) -> bool {
+        let Some((key, node)) = self.take(section, name, true) else {
+            return false;
+        };
+        match &node.raw {
+            Raw::Toml(toml::Value::Boolean(value)) => *value,
+            Raw::Env(text) if text == "true" => true,
+            Raw::Env(text) if text == "false" => false,
+            raw => {
+                let found = match raw {
+                    Raw::Env(_) => String::new(),
+                    raw => format!(", found {}", a_type(raw)),
+                };
+                self.report(&key, format!("expected true or false{found}"));
+                false
+            }
+        }
+    }
+
     /// One of the named options.
     fn choice<T: Copy>(&mut self, section: &mut Section, name: &str, options: &[(&str, T)]) -> T {
         let fallback = options[0].1;
@@ -1422,6 +1444,7 @@ impl Reader {
             recovery_horizon: span(self, &mut s, "recovery_horizon", 2),
             closed_retention: span(self, &mut s, "closed_retention", 3),
             orphan_horizon: span(self, &mut s, "orphan_horizon", 4),
+            case_directory: self.flag(&mut s, "case_directory"),
         };
         self.finish(s);
 

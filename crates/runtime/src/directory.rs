@@ -12,7 +12,8 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use npsflow_core::{FollowupCase, Timestamp};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -112,6 +113,20 @@ pub fn follow(
     })
 }
 
+/// The reader's client context: reaching the end of a partition is how it knows it caught
+/// up, not an error to log (librdkafka also reports it as a global error).
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_)) {
+            tracing::debug!(%error, reason, "case directory: kafka client");
+        }
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
 fn read(
     kafka: &KafkaSettings,
     topic: &str,
@@ -124,8 +139,8 @@ fn read(
         .set("group.id", "npsflow-case-directory")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = config.create()?;
-    let partitions = |consumer: &BaseConsumer| -> Result<Vec<i32>, KafkaError> {
+    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
+    let partitions = |consumer: &BaseConsumer<Quiet>| -> Result<Vec<i32>, KafkaError> {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let found = metadata
             .topics()

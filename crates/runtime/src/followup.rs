@@ -4,9 +4,9 @@
 //! 1. Repartition. Detractor alerts (`npsflow.followups`, keyed by customer) are forwarded
 //!    as they are to the internal topic `npsflow.followup-events` keyed by `case_id`
 //!    (`alert_id`); outcome events (`npsflow.followup-outcomes`) are validated, invalid ones
-//!    dead-lettered byte-for-byte, valid ones forwarded keyed by `case_id`; valid survey
-//!    responses (`survey.responses`) become a small `responded` notice keyed by
-//!    `customer_id`. The header `npsflow-kind` says which is which.
+//!    dead-lettered byte-for-byte, valid ones forwarded keyed by `case_id`. The ingest role
+//!    adds a small `responded` notice keyed by `customer_id` for every accepted response
+//!    ([`notice_record`]). The header `npsflow-kind` says which is which.
 //! 2. Decide. A partition of the internal topic owns the cases whose `case_id` hashes to it
 //!    and the recovery watches of the customers whose `customer_id` does: a [`CaseBook`] per
 //!    partition (the core's state machine). When a case closes, a `case_closed` notice goes
@@ -32,8 +32,7 @@ use std::sync::{Arc, RwLock};
 
 use npsflow_core::case::{CaseState, EscalationNotice};
 use npsflow_core::{
-    decode, decode_alert, decode_outcome, CaseBook, Effect, FollowupNotice, FollowupPolicy,
-    Timestamp,
+    decode_alert, decode_outcome, CaseBook, Effect, FollowupNotice, FollowupPolicy, Timestamp,
 };
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::Message;
@@ -63,6 +62,17 @@ mod kind {
 /// Keys on the follow-up state topic.
 const ORPHANS_PREFIX: &str = "orphans/";
 const WATCH_PREFIX: &str = "watch/";
+
+/// A notice for the internal topic, keyed by its case or customer.
+pub fn notice_record(topics: &TopicSettings, notice: &FollowupNotice) -> Outgoing {
+    Outgoing::new(
+        &topics.followup_events,
+        None,
+        Some(notice.key().as_bytes().to_vec()),
+        Some(notice.to_json()),
+        Some(kind_header(kind::NOTICE)),
+    )
+}
 
 /// The cases this process owns, by internal partition; shared with `/metrics`.
 pub type CaseBooks = Arc<RwLock<BTreeMap<i32, CaseBook>>>;
@@ -106,8 +116,8 @@ impl FollowupRole {
         }
     }
 
-    /// How the role meets Kafka: one group reading the alerts, the outcome events, the
-    /// responses (for recovery) and its internal topic.
+    /// How the role meets Kafka: one group reading the alerts, the outcome events and its
+    /// internal topic.
     pub fn binding(config: &Config) -> Binding {
         let topics = &config.settings.topics;
         Binding {
@@ -116,7 +126,6 @@ impl FollowupRole {
             topics: vec![
                 topics.followups.clone(),
                 topics.followup_outcomes.clone(),
-                topics.responses.clone(),
                 topics.followup_events.clone(),
             ],
             transactional: true,
@@ -178,15 +187,6 @@ impl FollowupRole {
                 }
                 Err(reason) => self.dead_letter(message, "outcome", &reason, out),
             }
-        } else if let Ok(response) = decode(payload) {
-            // Invalid responses are ingest's to dead-letter; here they are simply not news.
-            let notice = FollowupNotice::Responded {
-                customer_id: response.customer_id.to_string(),
-                response_id: response.response_id.to_string(),
-                score: response.score.value(),
-                responded_at: response.responded_at,
-            };
-            out.push(forward(notice.key(), notice.to_json(), kind::NOTICE));
         }
     }
 
@@ -381,13 +381,7 @@ impl FollowupRole {
                     seconds,
                 }
                 .emit(metrics),
-                Effect::Notice(notice) => out.push(Outgoing::new(
-                    &topics.followup_events,
-                    None,
-                    Some(notice.key().as_bytes().to_vec()),
-                    Some(notice.to_json()),
-                    Some(kind_header(kind::NOTICE)),
-                )),
+                Effect::Notice(notice) => out.push(notice_record(topics, &notice)),
                 Effect::RecoveryDecided(result) => events::RecoveryDecided {
                     result: result.as_str(),
                 }
@@ -643,13 +637,26 @@ pub async fn run(
 ) -> Result<(), RuntimeError> {
     let kafka = engine.config.settings.kafka.clone();
     let topics = engine.config.settings.topics.clone();
-    tokio::task::spawn_blocking(move || {
-        for state in [&topics.cases, &topics.followup_state, &topics.escalations] {
-            crate::state::check_copartitioned(&kafka, &topics.followup_events, state)?;
-        }
-        Ok::<(), RuntimeError>(())
+    let (metrics, stop) = (engine.metrics.clone(), shutdown.clone());
+    let checked = tokio::task::spawn_blocking(move || {
+        let states = [
+            topics.cases.as_str(),
+            topics.followup_state.as_str(),
+            topics.escalations.as_str(),
+        ];
+        crate::state::wait_for_copartitioned(
+            &kafka,
+            ROLE,
+            &topics.followup_events,
+            &states,
+            &metrics,
+            &stop,
+        )
     })
     .await??;
+    if !checked {
+        return Ok(());
+    }
     let role = FollowupRole::new(&engine.config, books, engine.metrics.clone());
     let binding = FollowupRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
@@ -702,22 +709,18 @@ mod tests {
     }
 
     /// Step 1 on its own: alerts are forwarded keyed by case, valid outcome events too, invalid
-    /// ones dead-lettered byte for byte, valid responses become `responded` notices keyed by
-    /// customer, invalid responses are left to ingest.
+    /// ones dead-lettered byte for byte.
     #[test]
-    fn the_repartition_step_forwards_by_case_and_customer() {
+    fn the_repartition_step_forwards_by_case() {
         let (mut role, topics) = role(&[]);
         let bad = br#"{"event_id":"e","case_id":"c","type":"teleported","occurred_at":"2026-11-22T12:00:00Z"}"#;
         let good = br#"{"event_id":"e","case_id":"det-1","type":"note","occurred_at":"2026-11-22T12:00:00Z"}"#;
-        let response = br#"{"response_id":"r9","score":9,"responded_at":"2026-11-22T12:00:00Z","customer_id":"cust-9"}"#;
         let mut out = Vec::new();
         role.handle_messages(
             &[
                 message(&topics.followups, 0, "cust", &alert("det-1", T0), None),
                 message(&topics.followup_outcomes, 0, "k", good, None),
                 message(&topics.followup_outcomes, 0, "k", bad, None),
-                message(&topics.responses, 0, "k", response, None),
-                message(&topics.responses, 0, "k", b"not json", None),
             ],
             Timestamp(T0),
             &mut out,
@@ -732,7 +735,6 @@ mod tests {
                 (topics.followup_events.as_str(), Some(&b"det-1"[..])),
                 (topics.followup_events.as_str(), Some(&b"det-1"[..])),
                 (topics.dead_letters.as_str(), Some(&b"k"[..])),
-                (topics.followup_events.as_str(), Some(&b"cust-9"[..])),
             ]
         );
         assert_eq!(

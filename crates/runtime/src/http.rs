@@ -28,8 +28,8 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Segment windows, if the aggregate role runs here.
     pub view: Option<Arc<RwLock<AggregateView>>>,
-    /// Every follow-up case.
-    pub cases: Arc<CaseDirectory>,
+    /// Every follow-up case, unless this process does not read them.
+    pub cases: Option<Arc<CaseDirectory>>,
     /// The process's clock (overdue cases, window ends).
     pub clock: Arc<dyn crate::engine::Clock>,
 }
@@ -276,9 +276,12 @@ async fn cases(
             )
         }
     };
+    let Some(directory) = &state.cases else {
+        return no_directory();
+    };
     let owner = query.get("owner");
     let now = state.clock.now();
-    let (found, count) = state.cases.find(
+    let (found, count) = directory.find(
         |case| {
             owner.is_none_or(|o| &case.owner == o)
                 && wanted_state.is_none_or(|s| case.state == s)
@@ -290,17 +293,27 @@ async fn cases(
         "cases": found.iter().map(|c| case_json(c, now)).collect::<Vec<_>>(),
         "count": count,
         "truncated": count > found.len(),
-        "as_of": freshness(&state.cases),
+        "as_of": freshness(directory),
     }))
     .into_response()
 }
 
+fn no_directory() -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "this process does not read the cases topic (followup.case_directory = false)".into(),
+    )
+}
+
 async fn case(State(state): State<AppState>, Path(case_id): Path<String>) -> Response {
-    match state.cases.case(&case_id) {
+    let Some(directory) = &state.cases else {
+        return no_directory();
+    };
+    match directory.case(&case_id) {
         Some(case) => {
             let mut value = case_json(&case, state.clock.now());
             if let Value::Object(fields) = &mut value {
-                fields.insert("as_of".into(), freshness(&state.cases));
+                fields.insert("as_of".into(), freshness(directory));
             }
             Json(value).into_response()
         }

@@ -126,6 +126,9 @@ impl IngestRole {
             events::DeadLettered { reason: code }.emit(metrics);
             out.push(received.dead_letter(&topics.dead_letters, code, detail));
         }
+        if let Some(notice) = &decision.responded {
+            out.push(crate::followup::notice_record(topics, notice));
+        }
         if let Some(t) = decision.event_time {
             events::EventTimeLag {
                 seconds: (now.millis() - t.millis()) as f64 / 1000.0,
@@ -334,9 +337,24 @@ mod tests {
         role.handle_messages(&[message(by_id, 0, 0, "r1", &envelope)], NOW, &mut decided);
         assert_eq!(
             topics_of(&decided),
-            [topics.followups.as_str(), topics.segment_deltas.as_str()],
-            "a new detractor: one alert, then its segment delta"
+            [
+                topics.followup_events.as_str(),
+                topics.followups.as_str(),
+                topics.segment_deltas.as_str()
+            ],
+            "a new detractor: the followup role's notice that the customer answered, one alert, then its segment delta"
         );
+        let notice: npsflow_core::FollowupNotice =
+            serde_json::from_slice(decided[0].payload.as_deref().expect("notice")).expect("json");
+        assert_eq!(
+            decided[0].key.as_deref(),
+            Some(&b"c-r1"[..]),
+            "keyed by customer"
+        );
+        assert!(matches!(
+            notice,
+            npsflow_core::FollowupNotice::Responded { score: 2, .. }
+        ));
 
         // The same input message forwarded again (a replay of step 1), and the same response
         // re-sent with another key: neither has any effect.

@@ -114,8 +114,9 @@ pub struct Process {
     pub view: Option<Arc<RwLock<view::AggregateView>>>,
     /// The cases this process owns, when the followup role runs.
     pub books: followup::CaseBooks,
-    /// Every case, read from the cases topic (any instance answers for all of them).
-    pub directory: Arc<directory::CaseDirectory>,
+    /// Every case, read from the cases topic (any instance answers for all of them), unless
+    /// `followup.case_directory` is false.
+    pub directory: Option<Arc<directory::CaseDirectory>>,
     /// The roles' clock: the wall clock, or a test's hand-moved one.
     pub clock: Arc<dyn engine::Clock>,
 }
@@ -155,7 +156,7 @@ impl Process {
             ))),
             view,
             books: followup::CaseBooks::default(),
-            directory: Arc::default(),
+            directory: config.settings.followup.case_directory.then(Arc::default),
             clock: Arc::new(engine::WallClock),
         }
     }
@@ -208,13 +209,15 @@ pub async fn run(
         });
     }
     let directory_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let directory = directory::follow(
-        engine.config.settings.kafka.clone(),
-        engine.config.settings.topics.cases.clone(),
-        process.directory.clone(),
-        process.metrics.clone(),
-        directory_stop.clone(),
-    );
+    let directory = process.directory.clone().map(|cases| {
+        directory::follow(
+            engine.config.settings.kafka.clone(),
+            engine.config.settings.topics.cases.clone(),
+            cases,
+            process.metrics.clone(),
+            directory_stop.clone(),
+        )
+    });
     let http_stopping = stopping.clone();
     let http = tokio::spawn(http::serve(listener, process.app_state(), async move {
         let mut stopping = http_stopping;
@@ -258,7 +261,9 @@ pub async fn run(
     }
     http.abort();
     directory_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let _ = tokio::task::spawn_blocking(move || directory.join()).await;
+    if let Some(directory) = directory {
+        let _ = tokio::task::spawn_blocking(move || directory.join()).await;
+    }
     result
 }
 

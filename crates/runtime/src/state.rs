@@ -219,6 +219,44 @@ fn read_ranges(
     Ok(found)
 }
 
+/// [`check_copartitioned`] for every state topic of a role, patiently: a broker that cannot
+/// be reached (or answers too slowly) is asked again every few seconds, as an outage pauses
+/// the rest of the pipeline, instead of failing the role; missing or mismatched topics fail at
+/// once. Returns false if `stop` turned true first. Blocking.
+pub fn wait_for_copartitioned(
+    kafka: &KafkaSettings,
+    role: &'static str,
+    input: &str,
+    states: &[&str],
+    metrics: &crate::metrics::Metrics,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<bool, RuntimeError> {
+    loop {
+        let checked = states
+            .iter()
+            .try_for_each(|state| check_copartitioned(kafka, input, state));
+        match checked {
+            Ok(()) => return Ok(true),
+            Err(RuntimeError::Kafka(error)) => {
+                crate::metrics::events::KafkaClientFailed {
+                    client: role,
+                    error: &error,
+                    reason: "checking the role's topics; asking again",
+                }
+                .emit(metrics);
+            }
+            Err(other) => return Err(other),
+        }
+        let until = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < until {
+            if *stop.borrow() {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// Fails unless `state` has at least as many partitions as `input`: a role writes the state
 /// of an input partition to the state partition with the same number.
 pub fn check_copartitioned(
