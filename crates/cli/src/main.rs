@@ -5,9 +5,11 @@
 //! - `npsflow loadgen`: realistic survey traffic to a real broker.
 //! - `npsflow topics create`: creates the topics.
 //! - `npsflow config check`: prints the effective configuration, secrets redacted.
+//! - `npsflow validate FILE.jsonl`: decides each line as the pipeline decodes a message.
 
 mod demo;
 mod loadgen;
+mod validate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -56,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         action: ConfigAction,
     },
+    /// Decides each line of a JSON Lines file (or `-`: standard input) as the pipeline decodes
+    /// a message: prints `LINE valid`, or `LINE invalid CODE SENTENCE` (tab-separated). Exit
+    /// code 0 if all are valid, 1 if some are not, 64 on a usage error, 66 if the file cannot
+    /// be read.
+    Validate(validate::ValidateArgs),
 }
 
 #[derive(Subcommand)]
@@ -110,7 +117,22 @@ fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            // `validate` follows sysexits: a usage error is 64, not clap's 2.
+            let code = match error.exit_code() {
+                0 => 0,
+                _ if validate::invoked(std::env::args_os()) => validate::EXIT_USAGE,
+                code => u8::try_from(code).unwrap_or(2),
+            };
+            return std::process::ExitCode::from(code);
+        }
+    };
+    if let Command::Validate(args) = &cli.command {
+        return validate::run(args);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -178,6 +200,7 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
             npsflow_runtime::init_logging(&config.settings.log);
             loadgen::run(args, &config).await?;
         }
+        Command::Validate(_) => unreachable!("validate runs before the async runtime starts"),
         Command::Topics {
             action: TopicsAction::Create,
         } => {
