@@ -71,7 +71,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render(),
+        state.metrics.render_with(&state.health),
     )
         .into_response()
 }
@@ -321,5 +321,61 @@ async fn case(State(state): State<AppState>, Path(case_id): Path<String>) -> Res
             StatusCode::NOT_FOUND,
             "no such case (or not read yet: see as_of on /v1/cases)".into(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn scrape(state: &AppState) -> String {
+        let response = metrics(State(state.clone())).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        String::from_utf8(body.to_vec()).expect("UTF-8")
+    }
+
+    #[tokio::test]
+    async fn metrics_show_each_roles_readiness_as_readyz_does() {
+        let metrics = Metrics::new();
+        metrics.prepare(&["ingest", "aggregate"], &[]);
+        let state = AppState {
+            metrics,
+            health: Arc::new(Health::default()),
+            view: None,
+            cases: None,
+            clock: Arc::new(crate::engine::WallClock),
+        };
+        // Prepared but not started yet: not ready.
+        let text = scrape(&state).await;
+        assert!(
+            text.contains("npsflow_role_ready{role=\"ingest\"} 0"),
+            "{text}"
+        );
+        assert!(text.contains("npsflow_role_ready{role=\"aggregate\"} 0"));
+
+        let health = &state.health;
+        health.register("ingest");
+        health.set_connected("ingest", true);
+        health.set_producing("ingest", true);
+        health.set_joined("ingest");
+        assert!(scrape(&state)
+            .await
+            .contains("npsflow_role_ready{role=\"ingest\"} 0"));
+        health.set_restored("ingest", true);
+        let text = scrape(&state).await;
+        assert!(
+            text.contains("npsflow_role_ready{role=\"ingest\"} 1"),
+            "{text}"
+        );
+        assert!(text.contains("npsflow_role_ready{role=\"aggregate\"} 0"));
+
+        // A broker outage makes it not ready again, at the next scrape.
+        health.set_connected("ingest", false);
+        assert!(scrape(&state)
+            .await
+            .contains("npsflow_role_ready{role=\"ingest\"} 0"));
     }
 }

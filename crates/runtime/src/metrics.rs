@@ -21,6 +21,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+use crate::health::Health;
 use crate::view::AggregateView;
 
 /// Every metric of one process. Cheap to clone (the metrics are shared).
@@ -51,6 +52,8 @@ pub struct Metrics {
     resent: IntCounter,
     stalled_partitions: IntGaugeVec,
     role_up: IntGaugeVec,
+    /// `npsflow_role_ready{role}`: set from [`Health`] at every scrape ([`Metrics::render_with`]).
+    role_ready: IntGaugeVec,
     segments_owned: Gauge,
     unreadable_records: IntCounterVec,
     warnings: IntCounterVec,
@@ -259,6 +262,12 @@ impl Metrics {
             "1 while a role runs; 0 once it has stopped with an error (the process then exits).",
             &["role"],
         );
+        let role_ready = gauge_vec(
+            &registry,
+            "npsflow_role_ready",
+            "1 when the role is ready (consumer and producer reach a broker, joined its group, state restored), as /readyz says; 0 otherwise.",
+            &["role"],
+        );
         let segments_owned = register(
             &registry,
             Gauge::new(
@@ -305,6 +314,7 @@ impl Metrics {
             resent,
             stalled_partitions,
             role_up,
+            role_ready,
             segments_owned,
             unreadable_records,
             warnings,
@@ -323,6 +333,7 @@ impl Metrics {
         for role in roles {
             self.stalled_partitions.with_label_values(&[role]);
             self.role_up.with_label_values(&[role]).set(1);
+            self.role_ready.with_label_values(&[role]);
             self.batch_seconds.with_label_values(&[role]);
         }
     }
@@ -368,6 +379,17 @@ impl Metrics {
     /// Adds the segment gauges, read from the aggregate role's state at every scrape.
     pub fn register_segments(&self, view: Arc<RwLock<AggregateView>>) {
         let _ = self.segments.set(view);
+    }
+
+    /// The Prometheus text exposition of every metric, with `npsflow_role_ready` set from
+    /// `health` at this moment (what `/readyz` would answer per role).
+    pub fn render_with(&self, health: &Health) -> String {
+        for (role, state) in health.snapshot() {
+            self.role_ready
+                .with_label_values(&[role])
+                .set(i64::from(state.ready()));
+        }
+        self.render()
     }
 
     /// The Prometheus text exposition of every metric.
