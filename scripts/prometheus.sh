@@ -2,7 +2,10 @@
 # The real-Prometheus tier: lint and unit-test the rules, then run npsflow (the demo, on its
 # embedded broker) with a real Prometheus scraping it and evaluating our rules, and check that
 # every dashboard query and every recording rule returns data, that every rule evaluates
-# without error, and that `promtool check metrics` passes on what Prometheus scraped.
+# without error, and that `promtool check metrics` passes on what Prometheus scraped. Before
+# that, statically: dashboards importable into any Grafana (datasource variable, no hard-coded
+# uid), every query scoped by the job and namespace variables, a unit on every panel, and a
+# description and runbook for every alert (deploy/check_prometheus.py --lint).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/prereqs.sh
@@ -16,6 +19,10 @@ trap cleanup EXIT
 echo "== promtool: rules"
 promtool check rules deploy/prometheus/rules.yml
 promtool test rules deploy/prometheus/rules_test.yml
+
+echo "== dashboards and rules: import-ready, scoped by job and namespace, units, runbooks"
+python3 deploy/check_prometheus.py --lint --dashboards deploy/grafana/dashboards/*.json \
+  --rules deploy/prometheus/rules.yml
 
 echo "== npsflow demo with a real Prometheus"
 cargo build -j2 -p npsflow
@@ -34,7 +41,7 @@ pids+=($!)
 
 curl -sf --retry 50 --retry-delay 1 --retry-connrefused "http://127.0.0.1:$http_port/metrics" >"$work/metrics.txt"
 python3 deploy/check_prometheus.py "http://127.0.0.1:$prom_port" "http://127.0.0.1:$http_port" \
-  deploy/grafana/dashboards/*.json --rules deploy/prometheus/rules.yml
+  --dashboards deploy/grafana/dashboards/*.json --rules deploy/prometheus/rules.yml
 curl -sf "http://127.0.0.1:$http_port/metrics" | promtool check metrics
 echo "promtool check metrics: ok"
 echo "prometheus tier: ok"
