@@ -5,7 +5,8 @@
 # without error, and that `promtool check metrics` passes on what Prometheus scraped. Before
 # that, statically: dashboards importable into any Grafana (datasource variable, no hard-coded
 # uid), every query scoped by the job and namespace variables, a unit on every panel, and a
-# description and runbook for every alert (deploy/check_prometheus.py --lint).
+# description and runbook for every alert (deploy/check_prometheus.py --lint); and the
+# Kubernetes manifests against the Kubernetes schemas (scripts/k8s-validate.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/prereqs.sh
@@ -24,8 +25,12 @@ echo "== dashboards and rules: import-ready, scoped by job and namespace, units,
 python3 deploy/check_prometheus.py --lint --dashboards deploy/grafana/dashboards/*.json \
   --rules deploy/prometheus/rules.yml
 
-echo "== npsflow demo with a real Prometheus"
 cargo build -j2 -p npsflow
+
+echo "== Kubernetes manifests: schemas (offline), restricted pods, probes, PDBs, config"
+NPSFLOW_BIN=target/debug/npsflow ./scripts/k8s-validate.sh
+
+echo "== npsflow demo with a real Prometheus"
 target/debug/npsflow demo --http "127.0.0.1:$http_port" --rate 200 >"$work/demo.out" 2>"$work/demo.err" &
 pids+=($!)
 sed -e "s|@TARGET@|127.0.0.1:$http_port|" -e "s|@RULES@|$PWD/deploy/prometheus/rules.yml|" \
