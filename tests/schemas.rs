@@ -996,6 +996,12 @@ async fn pipeline_outputs_on_the_in_process_broker_are_written_for_the_schema_ch
         .map(|c| serde_json::to_vec(c).expect("JSON"))
         .collect();
     assert_eq!(api_cases.len(), 3);
+    // A path that is not UTF-8 once decoded gets a JSON error like every other error.
+    for uri in ["/v1/cases/%FF", "/v1/segments/%FF"] {
+        let (status, body) = pipeline.get(uri).await;
+        assert_eq!(status.as_u16(), 400, "{uri}: {body}");
+        assert!(body["error"].is_string(), "{uri}: {body}");
+    }
     pipeline.stop().await;
 
     write_lines("detractor-alert.broker.jsonl", alerts);

@@ -21,6 +21,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 
 from jsonschema import Draft202012Validator, FormatChecker
@@ -245,6 +246,22 @@ def check_api(schemas, url):
     if not listing["cases"]:
         fail("GET /v1/cases: no cases to check")
     print(f"api: {len(listing['cases'])} cases from GET /v1/cases valid")
+    # Requests schemathesis does not make (it sends valid UTF-8): every error is JSON.
+    for path, status in (("/v1/cases/%FF", 400), ("/v1/segments/%FF", 400),
+                         ("/v1/segments?window=%FF", 400), ("/v1/cases?limit=0", 400),
+                         ("/v1/cases?state=%00", 400), ("/v1/cases/%2E%2E", 404)):
+        try:
+            with urllib.request.urlopen(f"{url}{path}", timeout=30) as response:
+                got, body, kind = response.status, response.read(), response.headers.get_content_type()
+        except urllib.error.HTTPError as error:
+            got, body, kind = error.code, error.read(), error.headers.get_content_type()
+        try:
+            message = json.loads(body).get("error") if kind == "application/json" else None
+        except ValueError:
+            message = None
+        if got != status or not isinstance(message, str):
+            fail(f"GET {path}: {got} {kind} {body[:80]!r}, expected {status} with a JSON error")
+    print("api: malformed requests get JSON errors")
 
 
 def main():

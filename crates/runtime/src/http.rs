@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -143,6 +144,12 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
+/// A path parameter that cannot be read (not UTF-8 once percent-decoded): a JSON error like
+/// every other, instead of axum's plain-text one.
+fn bad_path(rejection: PathRejection) -> Response {
+    error(rejection.status(), rejection.body_text())
+}
+
 /// The `window` query parameter, if given and known; else the 400 message.
 fn check_window(
     view: &AggregateView,
@@ -202,9 +209,13 @@ async fn segments(
 
 async fn segment(
     State(state): State<AppState>,
-    Path(name): Path<String>,
+    name: Result<Path<String>, PathRejection>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
+    let Path(name) = match name {
+        Ok(name) => name,
+        Err(rejection) => return bad_path(rejection),
+    };
     with_view(&state, &query, |view, window| {
         let Some(rows) = view.segment(&name, state.clock.now()) else {
             return error(
@@ -305,7 +316,14 @@ fn no_directory() -> Response {
     )
 }
 
-async fn case(State(state): State<AppState>, Path(case_id): Path<String>) -> Response {
+async fn case(
+    State(state): State<AppState>,
+    case_id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Path(case_id) = match case_id {
+        Ok(case_id) => case_id,
+        Err(rejection) => return bad_path(rejection),
+    };
     let Some(directory) = &state.cases else {
         return no_directory();
     };
