@@ -11,6 +11,31 @@ storage="${3:-memory://tansu/}"
 state_dir="${TMPDIR:-/tmp}/npsflow-tansu-$port"
 mkdir -p "$state_dir"
 
+# Tansu 0.6's sqlite schema has no index on its header table, and its fetch looks up the
+# headers of every record it serves with a query that scans that whole table: each record
+# fetched costs O(headers stored), so once some tens of thousands of headers are stored
+# (dead letters, alerts) the broker runs at 100 % CPU and stops answering heartbeats. A
+# Kafka broker keeps headers inside the record batch. Once Tansu has created its tables,
+# add the index its query needs (Python's sqlite3 reads libsql's files; the path is the one
+# Tansu opens, relative to the working directory): no data and no behaviour changes, only
+# the cost of that lookup.
+index_headers() { # storage
+  case "$1" in
+  sqlite://*) ;;
+  *) return 0 ;;
+  esac
+  python3 - "${1#sqlite:///}" <<'PY'
+import sqlite3, sys, time
+db = sqlite3.connect(sys.argv[1], timeout=30)
+for _ in range(100):
+    if db.execute("select 1 from sqlite_master where type = 'table' and name = 'header'").fetchone():
+        break
+    time.sleep(0.1)
+db.execute("create index if not exists npsflow_header_by_record on header (topition, offset_id)")
+db.commit()
+PY
+}
+
 case "$action" in
 start)
   if ! command -v tansu >/dev/null 2>&1; then
@@ -24,6 +49,7 @@ start)
   echo $! >"$state_dir/pid"
   for _ in $(seq 1 100); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      index_headers "$storage"
       echo "tansu listening on 127.0.0.1:$port (pid $(cat "$state_dir/pid"))"
       exit 0
     fi
