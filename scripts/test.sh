@@ -9,6 +9,9 @@ export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 echo "== unit, property and service tests"
 cargo test --workspace -j2
 
+echo "== contract: schemas and OpenAPI"
+./scripts/contract.sh
+
 echo "== end-to-end tests against a real broker (Tansu)"
 ./scripts/e2e.sh
 
