@@ -160,11 +160,13 @@ impl Engine {
         self.health.set_restored(name, true);
         let transactional =
             binding.transactional && settings.processing.guarantee == Guarantee::ExactlyOnce;
+        let unsettled = Arc::new(kafka::Unsettled::default());
         let context = RoleContext::new(
             name,
             &binding.group,
             self.metrics.clone(),
             self.health.clone(),
+            unsettled.clone(),
         );
         let mut consumer_config =
             kafka::consumer_config(&settings.kafka, &binding.group, &format!("npsflow-{name}"));
@@ -184,6 +186,7 @@ impl Engine {
             name,
             self.health.clone(),
             self.metrics.clone(),
+            unsettled,
         )?;
         let mut committer = if transactional {
             let producer = producer.clone();
@@ -584,11 +587,8 @@ impl Committer {
                 if let Some(previous) = in_flight.take() {
                     finish(consumer, role, metrics, previous).await?;
                 }
-                let (producer, metrics) = (producer.clone(), metrics.clone());
                 *in_flight = Some(InFlight {
-                    delivery: tokio::spawn(async move {
-                        kafka::deliver_all(&producer, &records, &metrics).await
-                    }),
+                    delivery: tokio::spawn(kafka::deliver_all(producer, records, metrics)),
                     delivered: None,
                     offsets,
                     started,

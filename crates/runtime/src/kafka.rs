@@ -183,6 +183,7 @@ pub type DeliveryTicket = Box<(Arc<DeliveryBatch>, usize)>;
 #[derive(Clone)]
 pub struct RoleProducer {
     producer: Arc<BaseProducer<ProducerHealth>>,
+    unsettled: Arc<Unsettled>,
     _polling: Arc<StopPolling>,
 }
 
@@ -207,6 +208,50 @@ impl std::ops::Deref for RoleProducer {
 /// thread may outlive the producer.
 const PRODUCER_POLL: Duration = Duration::from_millis(500);
 
+/// How many records a role has handed to its producer whose delivery has not settled. When
+/// the group takes partitions away, the consumer waits (within [`REVOKE_WAIT`]) until this is
+/// zero before it lets them go: their next owner reads back what was written for them (case
+/// records, escalation notices, snapshots) and must find everything this process sent.
+/// Counted by the producer's delivery reports, so the wait needs no async runtime.
+#[derive(Debug, Default)]
+pub struct Unsettled {
+    count: Mutex<usize>,
+    drained: std::sync::Condvar,
+}
+
+/// The longest a revoke waits for the role's records in flight to settle.
+pub const REVOKE_WAIT: Duration = Duration::from_secs(30);
+
+impl Unsettled {
+    fn add(&self, records: usize) {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner()) += records;
+    }
+
+    fn settle_one(&self) {
+        let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        *count = count.saturating_sub(1);
+        if *count == 0 {
+            self.drained.notify_all();
+        }
+    }
+
+    /// Records not settled yet.
+    pub fn count(&self) -> usize {
+        *self.count.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits until every record handed to the producer has settled, at most `limit`; true if
+    /// they have.
+    pub fn wait_drained(&self, limit: Duration) -> bool {
+        let count = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        let (count, _) = self
+            .drained
+            .wait_timeout_while(count, limit, |count| *count > 0)
+            .unwrap_or_else(|e| e.into_inner());
+        *count == 0
+    }
+}
+
 /// One round of records handed to the producer: how many are not settled yet, and which
 /// failed (by index). The last delivery report wakes the waiting role.
 #[derive(Debug)]
@@ -214,14 +259,17 @@ pub struct DeliveryBatch {
     pending: std::sync::atomic::AtomicUsize,
     failed: Mutex<Vec<(usize, KafkaError)>>,
     settled: tokio::sync::Notify,
+    unsettled: Arc<Unsettled>,
 }
 
 impl DeliveryBatch {
-    fn new(records: usize) -> Arc<DeliveryBatch> {
+    fn new(records: usize, unsettled: &Arc<Unsettled>) -> Arc<DeliveryBatch> {
+        unsettled.add(records);
         Arc::new(DeliveryBatch {
             pending: std::sync::atomic::AtomicUsize::new(records),
             failed: Mutex::new(Vec::new()),
             settled: tokio::sync::Notify::new(),
+            unsettled: unsettled.clone(),
         })
     }
 
@@ -233,6 +281,7 @@ impl DeliveryBatch {
                 .unwrap_or_else(|e| e.into_inner())
                 .push(failure);
         }
+        self.unsettled.settle_one();
         if self
             .pending
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
@@ -254,12 +303,14 @@ impl DeliveryBatch {
     }
 }
 
-/// Creates `role`'s producer from `config`, reporting its connectivity to `health`.
+/// Creates `role`'s producer from `config`, reporting its connectivity to `health` and the
+/// records it has not settled yet to `unsettled`.
 pub fn role_producer(
     mut config: ClientConfig,
     role: &'static str,
     health: Arc<Health>,
     metrics: Metrics,
+    unsettled: Arc<Unsettled>,
 ) -> Result<RoleProducer, KafkaError> {
     health.set_producing(role, false);
     config.set("statistics.interval.ms", "1000");
@@ -277,6 +328,7 @@ pub fn role_producer(
         .map_err(|_| KafkaError::ClientCreation("cannot start the producer thread".into()))?;
     Ok(RoleProducer {
         producer,
+        unsettled,
         _polling: Arc::new(StopPolling(stop)),
     })
 }
@@ -298,17 +350,25 @@ pub struct RoleContext {
     metrics: Metrics,
     health: Arc<Health>,
     changes: Mutex<Vec<AssignmentChange>>,
+    unsettled: Arc<Unsettled>,
 }
 
 impl RoleContext {
-    /// A context for `role` consuming in `group`.
-    pub fn new(role: &'static str, group: &str, metrics: Metrics, health: Arc<Health>) -> Self {
+    /// A context for `role` consuming in `group`; a revoke waits for `unsettled` to drain.
+    pub fn new(
+        role: &'static str,
+        group: &str,
+        metrics: Metrics,
+        health: Arc<Health>,
+        unsettled: Arc<Unsettled>,
+    ) -> Self {
         RoleContext {
             role,
             group: group.to_owned(),
             metrics,
             health,
             changes: Mutex::new(Vec::new()),
+            unsettled,
         }
     }
 
@@ -403,6 +463,23 @@ impl ClientContext for RoleContext {
 }
 
 impl ConsumerContext for RoleContext {
+    /// Before partitions go, what this process wrote for them must be on the broker: their
+    /// next owner starts by reading it back. (The records of a batch are handed to the
+    /// producer before the consumer is polled again, so all of them are counted here.)
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(list) = rebalance {
+            let unsettled = self.unsettled.count();
+            if unsettled > 0 && !self.unsettled.wait_drained(REVOKE_WAIT) {
+                events::RevokedUnsettled {
+                    role: self.role,
+                    partitions: list.count(),
+                    records: self.unsettled.count(),
+                }
+                .emit(&self.metrics);
+            }
+        }
+    }
+
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let change = match rebalance {
             Rebalance::Assign(list) => AssignmentChange::Assigned(partitions(list)),
@@ -543,75 +620,97 @@ pub fn is_permanent(error: &KafkaError) -> bool {
     )
 }
 
-/// Delivers every record. Transient failures are retried with backoff until the broker
-/// takes the record (a broker outage pauses the role, it never drops a record). A record
-/// rejected for good is replaced by its fallback; without one, the role gets the error.
-pub async fn deliver_all(
+/// Delivers every record: hands them all to the producer now (so a revoke that follows
+/// waits for them, see [`Unsettled`]), and returns the future that waits for their delivery.
+/// Transient failures are retried with backoff until the broker takes the record (a broker
+/// outage pauses the role, it never drops a record). A record rejected for good is replaced
+/// by its fallback; without one, the role gets the error.
+pub fn deliver_all(
     producer: &RoleProducer,
-    records: &[Outgoing],
+    records: Vec<Outgoing>,
     metrics: &Metrics,
-) -> Result<(), DeliveryError> {
-    let mut pending: Vec<&Outgoing> = records.iter().collect();
-    let mut backoff = Duration::from_millis(100);
-    while !pending.is_empty() {
-        let batch = DeliveryBatch::new(pending.len());
-        for (index, outgoing) in pending.iter().enumerate() {
-            let mut record = outgoing.record(&batch, index);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                        // The producer's queue is full: let it drain a little.
-                        record = back;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+) -> impl std::future::Future<Output = Result<(), DeliveryError>> + Send + 'static {
+    let first = hand_over(producer, &records);
+    let (producer, metrics) = (producer.clone(), metrics.clone());
+    async move {
+        let mut round = Some(first);
+        let mut pending: Vec<&Outgoing> = records.iter().collect();
+        let mut backoff = Duration::from_millis(100);
+        while !pending.is_empty() {
+            let batch = match round.take() {
+                Some(batch) => batch,
+                None => hand_over_refs(&producer, &pending),
+            };
+            let failures = batch.all_settled().await;
+            let mut retry = Vec::new();
+            let mut transient = false;
+            for (index, error) in failures {
+                let record = pending[index];
+                if !is_permanent(&error) {
+                    events::DeliveryRetried {
+                        topic: &record.topic,
+                        error: &error,
                     }
-                    Err((error, _)) => {
-                        batch.settle(Some((index, error)));
-                        break;
-                    }
+                    .emit(&metrics);
+                    transient = true;
+                    retry.push(record);
+                    continue;
                 }
-            }
-        }
-        let failures = batch.all_settled().await;
-        let mut retry = Vec::new();
-        let mut transient = false;
-        for (index, error) in failures {
-            let record = pending[index];
-            if !is_permanent(&error) {
-                events::DeliveryRetried {
+                events::RecordRejected {
                     topic: &record.topic,
                     error: &error,
+                    fallback: record.fallback.is_some(),
                 }
-                .emit(metrics);
-                transient = true;
-                retry.push(record);
-                continue;
-            }
-            events::RecordRejected {
-                topic: &record.topic,
-                error: &error,
-                fallback: record.fallback.is_some(),
-            }
-            .emit(metrics);
-            match &record.fallback {
-                Some(fallback) => {
-                    retry.push(fallback.as_ref());
-                }
-                None => {
-                    return Err(DeliveryError {
-                        topic: record.topic.clone(),
-                        error,
-                    })
+                .emit(&metrics);
+                match &record.fallback {
+                    Some(fallback) => {
+                        retry.push(fallback.as_ref());
+                    }
+                    None => {
+                        return Err(DeliveryError {
+                            topic: record.topic.clone(),
+                            error,
+                        })
+                    }
                 }
             }
+            if transient {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+            }
+            pending = retry;
         }
-        if transient {
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(10));
-        }
-        pending = retry;
+        Ok(())
     }
-    Ok(())
+}
+
+fn hand_over(producer: &RoleProducer, records: &[Outgoing]) -> Arc<DeliveryBatch> {
+    let refs: Vec<&Outgoing> = records.iter().collect();
+    hand_over_refs(producer, &refs)
+}
+
+/// Hands `records` to the producer, now, and returns the round that counts their delivery
+/// reports. A full producer queue (the broker far behind) is waited out on this thread.
+fn hand_over_refs(producer: &RoleProducer, records: &[&Outgoing]) -> Arc<DeliveryBatch> {
+    let batch = DeliveryBatch::new(records.len(), &producer.unsettled);
+    for (index, outgoing) in records.iter().enumerate() {
+        let mut record = outgoing.record(&batch, index);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    // The producer's queue is full: let it drain a little.
+                    record = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err((error, _)) => {
+                    batch.settle(Some((index, error)));
+                    break;
+                }
+            }
+        }
+    }
+    batch
 }
 
 /// Commits the stored offsets (if `commit`), leaves the group and closes the consumer, on a
@@ -663,7 +762,7 @@ pub fn commit_transaction(
         let attempt = (|| {
             producer.begin_transaction()?;
             // Delivery is confirmed by the commit below, which fails if any record failed.
-            let batch = DeliveryBatch::new(records.len());
+            let batch = DeliveryBatch::new(records.len(), &producer.unsettled);
             for (index, r) in records.iter().enumerate() {
                 let mut record = r.record(&batch, index);
                 loop {
@@ -785,4 +884,35 @@ pub fn record_progress(consumer: &StreamConsumer<RoleContext>, offsets: &[(Strin
             watch.progressed(topic, *partition, offset + 1, now);
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revoke's wait ends when the last record in flight settles, and not before; with
+    /// records that never settle it gives up at its limit.
+    #[test]
+    fn the_revoke_fence_waits_for_every_record_in_flight() {
+        let unsettled = Arc::new(Unsettled::default());
+        let batch = DeliveryBatch::new(2, &unsettled);
+        assert_eq!(unsettled.count(), 2);
+        assert!(
+            !unsettled.wait_drained(Duration::from_millis(50)),
+            "nothing settled yet"
+        );
+        let settling = std::thread::spawn(move || {
+            batch.settle(None);
+            std::thread::sleep(Duration::from_millis(200));
+            batch.settle(Some((1, KafkaError::Canceled)));
+        });
+        let started = std::time::Instant::now();
+        assert!(unsettled.wait_drained(Duration::from_secs(10)));
+        assert!(
+            started.elapsed() >= Duration::from_millis(150),
+            "returned before the last record settled"
+        );
+        assert_eq!(unsettled.count(), 0);
+        settling.join().expect("settled");
+    }
 }

@@ -11,8 +11,9 @@ use tracing::{debug, error, info, warn};
 use super::Metrics;
 
 /// The name of every warning event, the label values of `npsflow_warnings_total`.
-pub const WARNINGS: [&str; 9] = [
+pub const WARNINGS: [&str; 10] = [
     DeliveryRetried::NAME,
+    RevokedUnsettled::NAME,
     RecordRejected::NAME,
     TransactionRetried::NAME,
     ConsumeFailed::NAME,
@@ -176,6 +177,35 @@ impl DeliveryRetried<'_> {
             .produce_errors
             .with_label_values(&[self.topic, "transient"])
             .inc();
+        warned(metrics, Self::NAME);
+    }
+}
+
+/// Partitions were revoked while records this process wrote for them were still not
+/// delivered after [`crate::kafka::REVOKE_WAIT`]: their next owner may not see them when it
+/// reads back its state (at worst an escalation notice is sent again; its `escalation_id`
+/// lets consumers drop it).
+pub struct RevokedUnsettled {
+    /// The role.
+    pub role: &'static str,
+    /// Partitions revoked.
+    pub partitions: usize,
+    /// Records still not delivered.
+    pub records: usize,
+}
+
+impl RevokedUnsettled {
+    /// Its name in `npsflow_warnings_total`.
+    pub const NAME: &'static str = "revoked_unsettled";
+
+    /// Logs and counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        warn!(
+            role = self.role,
+            partitions = self.partitions,
+            records = self.records,
+            "partitions revoked before this process's records for them were delivered"
+        );
         warned(metrics, Self::NAME);
     }
 }
