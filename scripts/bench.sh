@@ -10,6 +10,7 @@
 # ratio. A benchmark, not a test: it asserts nothing about speed.
 #   scripts/bench.sh [N]                       # default 200000
 #   NPSFLOW_BENCH_BIN=path scripts/bench.sh    # measure another build of npsflow
+#   NPSFLOW_BENCH_PERF=file scripts/bench.sh   # and record a CPU profile of the run (perf)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count="${1:-200000}"
@@ -57,6 +58,12 @@ echo "== npsflow run until all $count are decided and applied"
 start_ns=$(date +%s%N)
 "$bin" run >"$work/run.log" 2>&1 &
 run_pid=$!
+perf_pid=""
+if [ -n "${NPSFLOW_BENCH_PERF:-}" ]; then
+  # A CPU profile of the run (perf's software clock: works without hardware counters).
+  perf record -F 999 -g -p "$run_pid" -o "$NPSFLOW_BENCH_PERF" >/dev/null 2>&1 &
+  perf_pid=$!
+fi
 while :; do
   curl -sf "http://127.0.0.1:$http_port/metrics" >"$work/metrics.txt" 2>/dev/null || true
   total=$(metric 'npsflow_events_total')
@@ -72,6 +79,7 @@ while :; do
   sleep 1
 done
 run_figures=$(measure "$run_pid" "$start_ns")
+if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
 kill -INT "$run_pid"
 wait "$run_pid" || true
 run_pid=""

@@ -28,9 +28,8 @@
 //! passes them.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
 
-use npsflow_core::case::{CaseState, EscalationNotice};
+use npsflow_core::case::EscalationNotice;
 use npsflow_core::{
     decode_alert, decode_outcome, CaseBook, Effect, FollowupNotice, FollowupPolicy, Timestamp,
 };
@@ -75,7 +74,7 @@ pub fn notice_record(topics: &TopicSettings, notice: &FollowupNotice) -> Outgoin
 }
 
 /// The cases this process owns, by internal partition; shared with `/metrics`.
-pub type CaseBooks = Arc<RwLock<BTreeMap<i32, CaseBook>>>;
+pub use crate::metrics::CaseBooks;
 
 /// The followup role as a state machine.
 pub struct FollowupRole {
@@ -308,11 +307,9 @@ impl FollowupRole {
         let mut cases = BTreeSet::new();
         let mut orphans = BTreeSet::new();
         let mut watches = BTreeSet::new();
-        let mut changed = false;
         for (partition, effect) in effects {
             match effect {
                 Effect::CaseChanged(id) => {
-                    changed = true;
                     cases.insert((partition, id));
                 }
                 Effect::OrphansChanged(id) => {
@@ -423,46 +420,7 @@ impl FollowupRole {
                 value,
             ));
         }
-        if changed {
-            summarise(&books, metrics);
-        }
     }
-}
-
-/// Sets the open-case gauges from the books.
-fn summarise(books: &BTreeMap<i32, CaseBook>, metrics: &Metrics) {
-    let open_states: Vec<CaseState> = CaseState::ALL
-        .iter()
-        .copied()
-        .filter(|s| *s != CaseState::Closed)
-        .collect();
-    let mut open: Vec<((&'static str, u8), i64)> = open_states
-        .iter()
-        .flat_map(|s| (0..=2).map(move |level| ((s.as_str(), level), 0)))
-        .collect();
-    let mut oldest: Vec<(&'static str, Option<Timestamp>)> =
-        open_states.iter().map(|s| (s.as_str(), None)).collect();
-    for case in books.values().flat_map(CaseBook::cases) {
-        if case.state == CaseState::Closed {
-            continue;
-        }
-        let state = case.state.as_str();
-        if let Some(entry) = open
-            .iter_mut()
-            .find(|((s, l), _)| *s == state && *l == case.escalation_level.min(2))
-        {
-            entry.1 += 1;
-        }
-        if let Some(entry) = oldest.iter_mut().find(|(s, _)| *s == state) {
-            let at = case.alert.responded_at;
-            entry.1 = Some(entry.1.map_or(at, |t| t.min(at)));
-        }
-    }
-    events::CasesSummarised {
-        open: &open,
-        oldest,
-    }
-    .emit(metrics);
 }
 
 /// Of the records read back from a compacted topic (compaction may not have run yet), the
@@ -565,7 +523,6 @@ impl RoleMachine for FollowupRole {
             }
             book.reconcile_escalations(&sent, &policy);
         }
-        summarise(&books, &self.metrics);
     }
 
     fn handle_revoked(&mut self, partitions: &[TopicPartition]) {
@@ -575,7 +532,6 @@ impl RoleMachine for FollowupRole {
                 books.remove(partition);
             }
         }
-        summarise(&books, &self.metrics);
     }
 
     fn handle_messages<M: Message>(

@@ -149,13 +149,17 @@ impl Process {
             metrics.register_segments(view.clone());
             view
         });
+        let books = followup::CaseBooks::default();
+        if roles.contains(&Role::Followup) {
+            metrics.register_cases(books.clone());
+        }
         Process {
             metrics,
             health: Arc::new(health::Health::new(std::time::Duration::from_millis(
                 config.stall_timeout.millis().max(1) as u64,
             ))),
             view,
-            books: followup::CaseBooks::default(),
+            books,
             directory: config.settings.followup.case_directory.then(Arc::default),
             clock: Arc::new(engine::WallClock),
         }

@@ -24,6 +24,10 @@ use prometheus::{
 use crate::health::Health;
 use crate::view::AggregateView;
 
+/// The follow-up cases a process owns, by partition of the followup role's internal topic:
+/// written by the role, summarised into the case gauges at every scrape.
+pub type CaseBooks = Arc<RwLock<std::collections::BTreeMap<i32, npsflow_core::CaseBook>>>;
+
 /// Every metric of one process. Cheap to clone (the metrics are shared).
 #[derive(Clone)]
 pub struct Metrics {
@@ -59,6 +63,8 @@ pub struct Metrics {
     warnings: IntCounterVec,
     /// The aggregate role's segments, rendered at every scrape, when the role runs here.
     segments: Arc<std::sync::OnceLock<Arc<RwLock<AggregateView>>>>,
+    /// The followup role's cases, summarised at every scrape, when the role runs here.
+    books: Arc<std::sync::OnceLock<CaseBooks>>,
     /// The followup role's metrics.
     cases: Arc<CaseMetrics>,
 }
@@ -76,10 +82,8 @@ struct CaseMetrics {
     first_contacts: IntCounterVec,
     time_to_first_contact: Histogram,
     time_to_close: Histogram,
-    /// `npsflow_case_oldest_open_age_seconds{state}`, set at scrape from `oldest`.
+    /// `npsflow_case_oldest_open_age_seconds{state}`, set at scrape.
     oldest_open_age: GaugeVec,
-    /// Per open state, the `responded_at` of the oldest case this process owns in it.
-    oldest: std::sync::Mutex<Vec<(&'static str, Option<npsflow_core::Timestamp>)>>,
     /// `npsflow_detractors_recovered_total{result}`.
     recovered: IntCounterVec,
     /// `npsflow_followup_inputs_total{kind,result}`: alerts, outcomes and notices.
@@ -294,6 +298,7 @@ impl Metrics {
         let cases = Arc::new(CaseMetrics::new(&registry));
         Metrics {
             cases,
+            books: Arc::default(),
             registry,
             outcomes,
             dead_letters,
@@ -381,6 +386,12 @@ impl Metrics {
         let _ = self.segments.set(view);
     }
 
+    /// Adds the open-case gauges, summarised from the followup role's cases at every scrape
+    /// (not per batch: that would walk every case each time).
+    pub fn register_cases(&self, books: CaseBooks) {
+        let _ = self.books.set(books);
+    }
+
     /// The Prometheus text exposition of every metric, with `npsflow_role_ready` set from
     /// `health` at this moment (what `/readyz` would answer per role).
     pub fn render_with(&self, health: &Health) -> String {
@@ -394,7 +405,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        self.cases.refresh_ages(crate::wall_now());
+        if let Some(books) = self.books.get() {
+            let books = books.read().unwrap_or_else(|e| e.into_inner());
+            self.cases.summarise(&books, crate::wall_now());
+        }
         let mut buffer = Vec::new();
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
@@ -476,13 +490,8 @@ impl CaseMetrics {
             )
             .expect("valid metric"),
         );
-        let open_states: Vec<(&'static str, Option<npsflow_core::Timestamp>)> = CaseState::ALL
-            .iter()
-            .filter(|s| **s != CaseState::Closed)
-            .map(|s| (s.as_str(), None))
-            .collect();
-        for (state, _) in &open_states {
-            oldest_open_age.with_label_values(&[state]);
+        for state in CaseState::ALL.iter().filter(|s| **s != CaseState::Closed) {
+            oldest_open_age.with_label_values(&[state.as_str()]);
         }
         let recovered = counter_vec(
             registry,
@@ -527,17 +536,48 @@ impl CaseMetrics {
                 "From the response to the case's closing.",
             ),
             oldest_open_age,
-            oldest: std::sync::Mutex::new(open_states),
             recovered,
             inputs,
         }
     }
 
-    fn refresh_ages(&self, now: npsflow_core::Timestamp) {
-        let oldest = self.oldest.lock().unwrap_or_else(|e| e.into_inner());
-        for (state, since) in oldest.iter() {
-            let age = since.map_or(0.0, |t| (now.millis() - t.millis()).max(0) as f64 / 1000.0);
-            self.oldest_open_age.with_label_values(&[state]).set(age);
+    /// Sets the open-case gauges from the cases owned now: count per open state and
+    /// escalation level, and the age of the oldest case per open state (0: none).
+    fn summarise(
+        &self,
+        books: &std::collections::BTreeMap<i32, npsflow_core::CaseBook>,
+        now: npsflow_core::Timestamp,
+    ) {
+        use npsflow_core::case::CaseState;
+        let states = CaseState::ALL.len();
+        let mut open = vec![[0_i64; 3]; states];
+        let mut oldest: Vec<Option<npsflow_core::Timestamp>> = vec![None; states];
+        for case in books.values().flat_map(npsflow_core::CaseBook::cases) {
+            if case.state == CaseState::Closed {
+                continue;
+            }
+            let Some(index) = CaseState::ALL.iter().position(|s| *s == case.state) else {
+                continue;
+            };
+            open[index][usize::from(case.escalation_level.min(2))] += 1;
+            let at = case.alert.responded_at;
+            oldest[index] = Some(oldest[index].map_or(at, |t| t.min(at)));
+        }
+        for (index, state) in CaseState::ALL.iter().enumerate() {
+            if *state == CaseState::Closed {
+                continue;
+            }
+            for (level, count) in open[index].iter().enumerate() {
+                let level = level.to_string();
+                self.open
+                    .with_label_values(&[state.as_str(), level.as_str()])
+                    .set(*count);
+            }
+            let age =
+                oldest[index].map_or(0.0, |t| (now.millis() - t.millis()).max(0) as f64 / 1000.0);
+            self.oldest_open_age
+                .with_label_values(&[state.as_str()])
+                .set(age);
         }
     }
 }
@@ -638,5 +678,54 @@ mod tests {
         assert_eq!(sample(-50.0), "-50");
         assert_eq!(sample(3.5), "3.5");
         assert_eq!(sample(f64::INFINITY), "+Inf");
+    }
+
+    /// The open-case gauges come from the cases owned at scrape time: counts by state and
+    /// escalation level, and the age of the oldest open case.
+    #[test]
+    fn open_case_gauges_are_summarised_at_scrape_time() {
+        use npsflow_core::{decode_alert, CaseBook, FollowupPolicy, Timestamp};
+        const HOUR: i64 = 3_600_000;
+        let now = crate::wall_now();
+        let alert = |id: &str, score: u8, hours_ago: i64| {
+            let at = Timestamp(now.millis() - hours_ago * HOUR).to_rfc3339();
+            let json = format!(
+                r#"{{"alert_id":"{id}","kind":"detractor","response_id":"r-{id}","customer_id":"c","owner":"ann","route":"default","score":{score},"severity":"medium","segments":{{}},"responded_at":"{at}","emitted_at":"{at}"}}"#
+            );
+            decode_alert(json.as_bytes()).expect("an alert")
+        };
+        let metrics = Metrics::new();
+        let books = CaseBooks::default();
+        metrics.register_cases(books.clone());
+        let gauge = |text: &str, series: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{series} missing"))
+        };
+        let open0 = r#"npsflow_cases_open{escalation_level="0",state="open"}"#;
+        let open1 = r#"npsflow_cases_open{escalation_level="1",state="open"}"#;
+        let oldest = r#"npsflow_case_oldest_open_age_seconds{state="open"}"#;
+        assert_eq!(gauge(&metrics.render(), open0), 0.0);
+        {
+            let policy = FollowupPolicy::default();
+            let mut books = books.write().expect("not poisoned");
+            let book = books.entry(0).or_insert_with(CaseBook::default);
+            let mut out = Vec::new();
+            book.open(alert("a", 5, 1), &policy, now, &mut out);
+            book.open(alert("b", 6, 5), &policy, now, &mut out);
+            // Score 2 escalates to level 1 at once (its timer is due now).
+            let book = books.entry(1).or_insert_with(CaseBook::default);
+            book.open(alert("c", 2, 2), &policy, now, &mut out);
+            book.handle_timeout(now, &policy, &mut out);
+        }
+        let text = metrics.render();
+        assert_eq!(gauge(&text, open0), 2.0);
+        assert_eq!(gauge(&text, open1), 1.0);
+        let age = gauge(&text, oldest);
+        assert!((5.0 * 3600.0..5.0 * 3600.0 + 60.0).contains(&age), "{age}");
+        books.write().expect("not poisoned").remove(&0);
+        let text = metrics.render();
+        assert_eq!(gauge(&text, open0), 0.0);
+        assert_eq!(gauge(&text, open1), 1.0);
     }
 }

@@ -711,30 +711,3 @@ impl RecoveryDecided {
             .inc();
     }
 }
-
-/// The open cases this process owns, summarised.
-pub struct CasesSummarised<'a> {
-    /// Count per (state, escalation level) of every open state and level.
-    pub open: &'a [((&'static str, u8), i64)],
-    /// Per open state, the `responded_at` of its oldest case.
-    pub oldest: Vec<(&'static str, Option<npsflow_core::Timestamp>)>,
-}
-
-impl CasesSummarised<'_> {
-    /// Sets the gauges.
-    pub fn emit(&self, metrics: &Metrics) {
-        for ((state, level), count) in self.open {
-            let level = level.to_string();
-            metrics
-                .cases
-                .open
-                .with_label_values(&[*state, level.as_str()])
-                .set(*count);
-        }
-        *metrics
-            .cases
-            .oldest
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = self.oldest.clone();
-    }
-}
