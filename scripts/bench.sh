@@ -4,13 +4,15 @@
 #   1. the transport floor: a bare rdkafka consumer reads all N and does nothing else
 #      (crates/cli/examples/transport_floor.rs);
 #   2. `npsflow run` (release build, default configuration, every role) consumes them from
-#      the earliest offset until every message has its outcome and the aggregator has
-#      applied every accepted response.
+#      the earliest offset until every message has its outcome, the aggregator has applied
+#      every accepted response and every detractor alert has opened its case.
 # For each: events per CPU-second (user+sys of the process), wall events/s, max RSS; then the
 # ratio. A benchmark, not a test: it asserts nothing about speed.
 #   scripts/bench.sh [N]                       # default 200000
 #   NPSFLOW_BENCH_BIN=path scripts/bench.sh    # measure another build of npsflow
 #   NPSFLOW_BENCH_PERF=file scripts/bench.sh   # and record a CPU profile of the run (perf)
+#   NPSFLOW_BENCH_BROKER=noida scripts/bench.sh # on noida-db instead of Tansu: a broker fast
+#                                               # enough that npsflow, not the broker, is the limit
 set -euo pipefail
 cd "$(dirname "$0")/.."
 count="${1:-200000}"
@@ -19,9 +21,10 @@ http_port="${NPSFLOW_BENCH_HTTP_PORT:-19466}"
 work=".tmp/bench-$$"
 mkdir -p "$work"
 run_pid=""
+broker="${NPSFLOW_BENCH_BROKER:-tansu}"
 cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null || true
-  scripts/tansu.sh stop "$port"
+  "scripts/$broker.sh" stop "$port"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -29,13 +32,27 @@ trap cleanup EXIT
 cargo build -j2 --release -p npsflow --bins --example transport_floor
 floor=target/release/examples/transport_floor
 bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
-# Tansu resolves sqlite paths relative to its working directory (the repository root).
-scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
+case "$broker" in
+tansu)
+  # Tansu resolves sqlite paths relative to its working directory (the repository root).
+  scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
+  ;;
+noida)
+  scripts/noida.sh start "$port" "$PWD/$work/noida"
+  # noida-db's cooperative-sticky rebalancing hangs; one process needs no rebalancing, but
+  # the group still has to form.
+  export NPSFLOW__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY=range
+  ;;
+*)
+  echo "NPSFLOW_BENCH_BROKER: tansu or noida" >&2
+  exit 2
+  ;;
+esac
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
 export NPSFLOW__LOG__FORMAT=json
 "$bin" topics create >/dev/null
-echo "== producing $count seeded messages"
+echo "== producing $count seeded messages ($broker)"
 "$bin" loadgen --count "$count" --rate 0 --seed 7 >/dev/null 2>&1
 
 # Prints "wall_ns cpu_ticks rss_kib" of a finished or running process.
@@ -69,8 +86,12 @@ while :; do
   total=$(metric 'npsflow_events_total')
   accepted=$(metric 'npsflow_events_total\{outcome="accepted"\}')
   applied=$(metric 'npsflow_delta_responses_total\{result="applied"\}')
-  # Every accepted response counts in segment `all` and at least one more delta.
-  if [ "$total" -ge "$count" ] && [ "$applied" -ge "$accepted" ] && [ "$accepted" -gt 0 ]; then
+  alerts=$(metric 'npsflow_alerts_total')
+  opened=$(metric 'npsflow_cases_opened_total')
+  # Every accepted response counts in segment `all` and at least one more delta; every
+  # detractor alert has opened its case.
+  if [ "$total" -ge "$count" ] && [ "$applied" -ge "$accepted" ] && [ "$accepted" -gt 0 ] &&
+    [ "$opened" -ge "$alerts" ]; then
     break
   fi
   kill -0 "$run_pid" 2>/dev/null || { echo "npsflow exited" >&2; tail "$work/run.log" >&2; exit 1; }

@@ -4,6 +4,7 @@
 # then an exact comparison with the known answer (tests/chaos.rs).
 #   scripts/chaos.sh          # short form, as CI runs it: 8,000 messages (~5 minutes)
 #   scripts/chaos.sh --long   # 200,000 messages sent over 10 minutes (draining takes longer)
+#   NPSFLOW_CHAOS_KEEP=1 scripts/chaos.sh   # keep the broker data and process logs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 port="${NPSFLOW_CHAOS_PORT:-19192}"
@@ -21,20 +22,20 @@ stop_all() {
   scripts/tansu.sh stop "$port"
 }
 scripts/tansu.sh stop "$port"
-trap 'stop_all; rm -rf "$work"' EXIT
+trap 'stop_all; [ -n "${NPSFLOW_CHAOS_KEEP:-}" ] && echo "chaos: kept $work" || rm -rf "$work"' EXIT
 export NPSFLOW_CHAOS_PIDFILE="$PWD/$work/pids"
 
 storage="sqlite:///$work/tansu.db"
 scripts/tansu.sh start "$port" "$storage"
-cargo build -j2 -p npsflow
+cargo build -j2 --release -p npsflow
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 # Three partitions per topic: still moved on every kill and resize, and a load Tansu's sqlite
 # storage keeps up with on two cores (six saturate it, and reads back slow down to minutes).
 export NPSFLOW__TOPICS__PARTITIONS=3
-target/debug/npsflow topics create
+target/release/npsflow topics create
 
 export NPSFLOW_CHAOS_BROKERS="127.0.0.1:$port" NPSFLOW_CHAOS_PORT="$port" \
-  NPSFLOW_CHAOS_STORAGE="$storage" NPSFLOW_CHAOS_BIN="$PWD/target/debug/npsflow" \
+  NPSFLOW_CHAOS_STORAGE="$storage" NPSFLOW_CHAOS_BIN="$PWD/target/release/npsflow" \
   NPSFLOW_CHAOS_MESSAGES="$messages" NPSFLOW_CHAOS_SECONDS="$seconds" \
   NPSFLOW_CHAOS_OUTAGE_SECONDS="$outage"
 cargo test -j2 -p npsflow-tests --test chaos -- --ignored --nocapture

@@ -493,15 +493,15 @@ impl ConsumerContext for RoleContext {
                 return;
             }
         };
-        let (event, count) = match &change {
-            AssignmentChange::Assigned(p) => ("assign", p.len()),
-            AssignmentChange::Revoked(p) => ("revoke", p.len()),
+        let (event, partitions) = match &change {
+            AssignmentChange::Assigned(p) => ("assign", p),
+            AssignmentChange::Revoked(p) => ("revoke", p),
         };
         events::Rebalanced {
             role: self.role,
             group: &self.group,
             event,
-            partitions: count,
+            partitions,
         }
         .emit(&self.metrics);
         self.health.progress(self.role, |watch| match &change {

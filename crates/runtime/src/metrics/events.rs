@@ -366,17 +366,23 @@ pub struct Rebalanced<'a> {
     pub group: &'a str,
     /// `assign` or `revoke`.
     pub event: &'static str,
-    /// How many partitions.
-    pub partitions: usize,
+    /// The partitions assigned or revoked.
+    pub partitions: &'a [(String, i32)],
 }
 
 impl Rebalanced<'_> {
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
+        let list: Vec<String> = self
+            .partitions
+            .iter()
+            .map(|(topic, partition)| format!("{topic}/{partition}"))
+            .collect();
         info!(
             role = self.role,
             event = self.event,
-            partitions = self.partitions,
+            partitions = self.partitions.len(),
+            which = %list.join(","),
             "rebalance"
         );
         metrics
