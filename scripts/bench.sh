@@ -78,7 +78,7 @@ run_pid=$!
 perf_pid=""
 if [ -n "${NPSFLOW_BENCH_PERF:-}" ]; then
   # A CPU profile of the run (perf's software clock: works without hardware counters).
-  perf record -F 999 -g -p "$run_pid" -o "$NPSFLOW_BENCH_PERF" >/dev/null 2>&1 &
+  perf record -F ${NPSFLOW_BENCH_PERF_HZ:-999} ${NPSFLOW_BENCH_PERF_CALLS:--g} -p "$run_pid" -o "$NPSFLOW_BENCH_PERF" >/dev/null 2>&1 &
   perf_pid=$!
 fi
 while :; do
@@ -101,6 +101,9 @@ while :; do
 done
 run_figures=$(measure "$run_pid" "$start_ns")
 if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+# Batches per role (each batch is one commit point): events per batch is what the per-batch
+# costs (snapshots, case records, deltas) are spread over.
+awk '/^npsflow_batch_seconds_count/ { sub(/.*role="/, "", $1); sub(/".*/, "", $1); printf "batches %s: %d\n", $1, $2 }' "$work/metrics.txt"
 kill -INT "$run_pid"
 wait "$run_pid" || true
 run_pid=""

@@ -19,6 +19,12 @@ use clap::{Parser, Subcommand};
 use npsflow_runtime::{Config, Process, Role};
 use tokio::sync::watch;
 
+/// mimalloc instead of the system allocator: the pipeline allocates and frees many small
+/// buffers per message (decoded fields, records, JSON), where glibc's malloc spent about a
+/// third of the ingest role's CPU (see BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Real-time Net Promoter Score on Kafka.
 #[derive(Parser)]
 #[command(name = "npsflow", version, about)]
