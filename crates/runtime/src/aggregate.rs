@@ -236,7 +236,11 @@ mod tests {
     /// Segment deltas as the ingest role makes them, for `scores` (one response each).
     fn deltas(config: &Config, scores: &[u8]) -> Vec<Outgoing> {
         let topics = &config.settings.topics;
-        let mut ingest = IngestRole::new(config, Metrics::new());
+        let partitions = crate::ingest::Partitions {
+            responses_by_id: 1,
+            followup_events: 1,
+        };
+        let mut ingest = IngestRole::new(config, partitions, Metrics::new());
         let mut forwarded = Vec::new();
         for (i, score) in scores.iter().enumerate() {
             let payload = format!(

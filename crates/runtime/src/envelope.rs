@@ -56,21 +56,12 @@ impl<'a> Received<'a> {
         }
     }
 
-    /// A message read from the repartition topic: the original, unwrapped from the envelope
-    /// the repartition step put it in. A message that is not an envelope stands for itself.
-    pub(crate) fn forwarded<M: Message>(message: &'a M) -> Received<'a> {
-        message
-            .payload()
-            .and_then(Received::from_envelope)
-            .unwrap_or_else(|| Received::direct(message))
-    }
-
-    /// The message wrapped for the repartition topic, so that it carries everything a dead
-    /// letter needs: `NPF1`, source partition (i32) and offset (i64), source topic, key (or
-    /// none), header count and headers, then the original bytes. Big-endian lengths; -1
-    /// stands for a null key, header value or payload. Kept in the value rather than in
-    /// Kafka headers, which some brokers store at a high cost per header.
-    pub(crate) fn to_envelope(&self) -> Vec<u8> {
+    /// Appends the message wrapped for the repartition topic to `out`, so that it carries
+    /// everything a dead letter needs: `NPF1`, source partition (i32) and offset (i64), source
+    /// topic, key (or none), header count and headers, then the original bytes. Big-endian
+    /// lengths; -1 stands for a null key, header value or payload. Kept in the value rather
+    /// than in Kafka headers, which some brokers store at a high cost per header.
+    pub(crate) fn write_envelope(&self, out: &mut Vec<u8>) {
         fn bytes(out: &mut Vec<u8>, value: Option<&[u8]>) {
             match value {
                 Some(v) => {
@@ -80,23 +71,20 @@ impl<'a> Received<'a> {
                 None => out.extend_from_slice(&(-1i32).to_be_bytes()),
             }
         }
-        let payload = self.payload.unwrap_or_default();
-        let mut out = Vec::with_capacity(payload.len() + 64);
         out.extend_from_slice(ENVELOPE_MAGIC);
         out.extend_from_slice(&self.partition.to_be_bytes());
         out.extend_from_slice(&self.offset.to_be_bytes());
-        bytes(&mut out, Some(self.topic.as_bytes()));
-        bytes(&mut out, self.key);
+        bytes(out, Some(self.topic.as_bytes()));
+        bytes(out, self.key);
         out.extend_from_slice(&(self.headers.len() as i32).to_be_bytes());
         for header in &self.headers {
-            bytes(&mut out, Some(header.key.as_bytes()));
-            bytes(&mut out, header.value);
+            bytes(out, Some(header.key.as_bytes()));
+            bytes(out, header.value);
         }
-        bytes(&mut out, self.payload);
-        out
+        bytes(out, self.payload);
     }
 
-    /// The message inside an envelope (see [`Received::to_envelope`]), if it is one.
+    /// The message inside an envelope (see [`Received::write_envelope`]), if it is one.
     pub(crate) fn from_envelope(envelope: &'a [u8]) -> Option<Received<'a>> {
         struct Reader<'a>(&'a [u8]);
         impl<'a> Reader<'a> {
@@ -250,7 +238,8 @@ mod tests {
                 headers: headers.clone(),
                 payload,
             };
-            let envelope = original.to_envelope();
+            let mut envelope = Vec::new();
+            original.write_envelope(&mut envelope);
             let back = Received::from_envelope(&envelope).expect("an envelope");
             assert_eq!(
                 (

@@ -2,11 +2,13 @@
 //! (like ingest):
 //!
 //! 1. Repartition. Detractor alerts (`npsflow.followups`, keyed by customer) are forwarded
-//!    as they are to the internal topic `npsflow.followup-events` keyed by `case_id`
-//!    (`alert_id`); outcome events (`npsflow.followup-outcomes`) are validated, invalid ones
-//!    dead-lettered byte-for-byte, valid ones forwarded keyed by `case_id`. The ingest role
-//!    adds a small `responded` notice keyed by `customer_id` for every accepted response
-//!    ([`notice_record`]). The header `npsflow-kind` says which is which.
+//!    as they are to the internal topic `npsflow.followup-events`, on the partition of their
+//!    `case_id` (`alert_id`); outcome events (`npsflow.followup-outcomes`) are validated,
+//!    invalid ones dead-lettered byte-for-byte, valid ones forwarded to the partition of their
+//!    `case_id`. The ingest role adds a small `responded` notice, on the partition of the
+//!    `customer_id`, for every accepted response ([`push_notice`]). Items are bundled (one
+//!    record per partition and batch, [`crate::bundle`]); each item's first byte says what it
+//!    is (`a` alert, `o` outcome event, `n` notice).
 //! 2. Decide. A partition of the internal topic owns the cases whose `case_id` hashes to it
 //!    and the recovery watches of the customers whose `customer_id` does: a [`CaseBook`] per
 //!    partition (the core's state machine). When a case closes, a `case_closed` notice goes
@@ -33,10 +35,11 @@ use npsflow_core::case::EscalationNotice;
 use npsflow_core::{
     decode_alert, decode_outcome, CaseBook, Effect, FollowupNotice, FollowupPolicy, Timestamp,
 };
-use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::message::Headers;
 use rdkafka::Message;
 use tokio::sync::watch;
 
+use crate::bundle::{self, Bundler};
 use crate::config::{ClockKind, Config, TopicSettings};
 use crate::engine::{Binding, Engine, RoleMachine, TopicPartition};
 use crate::envelope::{headers, Received};
@@ -51,26 +54,40 @@ pub const ROLE: &str = "followup";
 /// How many of the last escalation notices of a partition are read back on assignment.
 pub const ESCALATIONS_READ_BACK: i64 = 10_000;
 
-/// What a record on the internal topic carries (header `npsflow-kind`).
+/// What an item on the internal topic carries: its first byte (records written before
+/// bundles carried one item and said what it was in the header `npsflow-kind`).
 mod kind {
-    pub const ALERT: &[u8] = b"alert";
-    pub const OUTCOME: &[u8] = b"outcome";
-    pub const NOTICE: &[u8] = b"notice";
+    pub const ALERT: u8 = b'a';
+    pub const OUTCOME: u8 = b'o';
+    pub const NOTICE: u8 = b'n';
+
+    /// The kind named by a pre-bundle record's `npsflow-kind` header.
+    pub fn from_header(value: &[u8]) -> Option<u8> {
+        match value {
+            b"alert" => Some(ALERT),
+            b"outcome" => Some(OUTCOME),
+            b"notice" => Some(NOTICE),
+            _ => None,
+        }
+    }
 }
+
 
 /// Keys on the follow-up state topic.
 const ORPHANS_PREFIX: &str = "orphans/";
 const WATCH_PREFIX: &str = "watch/";
 
-/// A notice for the internal topic, keyed by its case or customer.
-pub fn notice_record(topics: &TopicSettings, notice: &FollowupNotice) -> Outgoing {
-    Outgoing::new(
-        &topics.followup_events,
-        None,
-        Some(notice.key().as_bytes().to_vec()),
-        Some(notice.to_json()),
-        Some(kind_header(kind::NOTICE)),
-    )
+/// Bundles for the internal topic, which has `partitions` partitions.
+pub fn notice_bundler(topics: &TopicSettings, partitions: i32) -> Bundler {
+    Bundler::new(&topics.followup_events, partitions, bundle::TARGET_BYTES)
+}
+
+/// A notice for the internal topic, on the partition of its case or customer.
+pub fn push_notice(bundler: &mut Bundler, notice: &FollowupNotice, out: &mut Vec<Outgoing>) {
+    bundler.push_keyed(notice.key().as_bytes(), out, |w| {
+        w.push(kind::NOTICE);
+        w.extend_from_slice(&notice.to_json());
+    });
 }
 
 /// The cases this process owns, by internal partition; shared with `/metrics`.
@@ -85,27 +102,30 @@ pub struct FollowupRole {
     clock: ClockKind,
     /// The largest event time seen (the clock with `windows.clock = event_time`).
     event_now: Timestamp,
+    /// Alerts, outcome events and notices on their way to the internal topic.
+    forwarded: Bundler,
 }
 
-fn kind_header(kind: &[u8]) -> OwnedHeaders {
-    OwnedHeaders::new_with_capacity(1).insert(Header {
-        key: headers::KIND,
-        value: Some(kind),
-    })
-}
-
-fn kind_of<M: Message>(message: &M) -> Option<&[u8]> {
+/// The kind a pre-bundle record of the internal topic names in its header.
+fn kind_of<M: Message>(message: &M) -> Option<u8> {
     message
         .headers()?
         .iter()
         .find(|h| h.key == headers::KIND)
-        .and_then(|h| h.value)
+        .and_then(|h| kind::from_header(h.value?))
 }
 
 impl FollowupRole {
-    /// The role for `config`, keeping its cases in `books`.
-    pub fn new(config: &Config, books: CaseBooks, metrics: Metrics) -> FollowupRole {
+    /// The role for `config`, keeping its cases in `books`; its internal topic has
+    /// `partitions` partitions.
+    pub fn new(
+        config: &Config,
+        partitions: i32,
+        books: CaseBooks,
+        metrics: Metrics,
+    ) -> FollowupRole {
         FollowupRole {
+            forwarded: notice_bundler(&config.settings.topics, partitions),
             topics: config.settings.topics.clone(),
             policy: config.followup.clone(),
             books,
@@ -151,19 +171,17 @@ impl FollowupRole {
     fn repartition<M: Message>(&mut self, message: &M, out: &mut Vec<Outgoing>) {
         let topics = &self.topics;
         let payload = message.payload().unwrap_or_default();
-        let forward = |key: &str, payload: Vec<u8>, kind: &[u8]| {
-            Outgoing::new(
-                &topics.followup_events,
-                None,
-                Some(key.as_bytes().to_vec()),
-                Some(payload),
-                Some(kind_header(kind)),
-            )
+        let forwarded = &mut self.forwarded;
+        let mut forward = |key: &str, kind: u8, out: &mut Vec<Outgoing>| {
+            forwarded.push_keyed(key.as_bytes(), out, |w| {
+                w.push(kind);
+                w.extend_from_slice(payload);
+            });
         };
         if message.topic() == topics.followups {
             match decode_alert(payload) {
                 Ok(alert) => {
-                    out.push(forward(&alert.alert_id, payload.to_vec(), kind::ALERT));
+                    forward(&alert.alert_id, kind::ALERT, out);
                     events::FollowupInput {
                         kind: "alert",
                         result: "forwarded",
@@ -176,7 +194,7 @@ impl FollowupRole {
         } else if message.topic() == topics.followup_outcomes {
             match decode_outcome(payload) {
                 Ok(event) => {
-                    out.push(forward(&event.case_id, payload.to_vec(), kind::OUTCOME));
+                    forward(&event.case_id, kind::OUTCOME, out);
                     events::FollowupInput {
                         kind: "outcome",
                         result: "forwarded",
@@ -211,21 +229,54 @@ impl FollowupRole {
         ));
     }
 
-    /// Step 2 for a message of the internal topic: the partition's book decides.
+    /// Step 2 for a record of the internal topic: each item in it, in order.
     fn decide<M: Message>(
         &mut self,
         message: &M,
         wall: Timestamp,
         effects: &mut Vec<(i32, Effect)>,
     ) {
+        let payload = message.payload().unwrap_or_default();
+        let items: Vec<(Option<u8>, &[u8])> = if bundle::is_bundle(payload) {
+            bundle::items(payload)
+                .unwrap_or_default()
+                .into_iter()
+                .map(|item| match item.split_first() {
+                    Some((kind, rest)) => (Some(*kind), rest),
+                    None => (None, item),
+                })
+                .collect()
+        } else {
+            vec![(kind_of(message), payload)]
+        };
+        for (kind, item) in items {
+            if let Err(error) = self.decide_one(message.partition(), kind, item, wall, effects) {
+                events::UnreadableRecord {
+                    topic: message.topic(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    error: &error,
+                }
+                .emit(&self.metrics);
+            }
+        }
+    }
+
+    /// Step 2 for one item: the partition's book decides.
+    fn decide_one(
+        &mut self,
+        partition: i32,
+        kind: Option<u8>,
+        payload: &[u8],
+        wall: Timestamp,
+        effects: &mut Vec<(i32, Effect)>,
+    ) -> Result<(), String> {
         enum Input {
             Alert(npsflow_core::CaseAlert),
             Outcome(npsflow_core::OutcomeEvent),
             Notice(FollowupNotice),
         }
-        let partition = message.partition();
-        let payload = message.payload().unwrap_or_default();
-        let decoded: Result<Input, String> = match kind_of(message) {
+        let input = match kind {
             Some(kind::ALERT) => decode_alert(payload)
                 .map(Input::Alert)
                 .map_err(|e| e.to_string()),
@@ -235,20 +286,8 @@ impl FollowupRole {
             Some(kind::NOTICE) => serde_json::from_slice(payload)
                 .map(Input::Notice)
                 .map_err(|e| e.to_string()),
-            _ => Err("no npsflow-kind header".to_owned()),
-        };
-        let input = match decoded {
-            Ok(input) => input,
-            Err(error) => {
-                return events::UnreadableRecord {
-                    topic: message.topic(),
-                    partition,
-                    offset: message.offset(),
-                    error: &error,
-                }
-                .emit(&self.metrics)
-            }
-        };
+            _ => Err("an item of unknown kind".to_owned()),
+        }?;
         let event_time = match &input {
             Input::Alert(alert) => Some(alert.responded_at),
             Input::Outcome(event) => Some(event.occurred_at),
@@ -284,6 +323,7 @@ impl FollowupRole {
             }
         }
         effects.extend(out.into_iter().map(|e| (partition, e)));
+        Ok(())
     }
 
     /// Escalations sent in an earlier batch are delivered by the time this batch's records
@@ -301,7 +341,7 @@ impl FollowupRole {
 
     /// Turns what the books decided into records and metrics. A case, orphan list or watch
     /// changed several times in one batch is written once, as it is now.
-    fn emit(&self, effects: Vec<(i32, Effect)>, out: &mut Vec<Outgoing>) {
+    fn emit(&mut self, effects: Vec<(i32, Effect)>, out: &mut Vec<Outgoing>) {
         let topics = &self.topics;
         let metrics = &self.metrics;
         let mut cases = BTreeSet::new();
@@ -378,7 +418,7 @@ impl FollowupRole {
                     seconds,
                 }
                 .emit(metrics),
-                Effect::Notice(notice) => out.push(notice_record(topics, &notice)),
+                Effect::Notice(notice) => push_notice(&mut self.forwarded, &notice, out),
                 Effect::RecoveryDecided(result) => events::RecoveryDecided {
                     result: result.as_str(),
                 }
@@ -551,6 +591,7 @@ impl RoleMachine for FollowupRole {
         if !effects.is_empty() {
             self.emit(effects, out);
         }
+        self.forwarded.finish(out);
     }
 
     fn poll_timeout(&self) -> Option<Timestamp> {
@@ -581,6 +622,7 @@ impl RoleMachine for FollowupRole {
         if !effects.is_empty() {
             self.emit(effects, out);
         }
+        self.forwarded.finish(out);
     }
 }
 
@@ -594,26 +636,41 @@ pub async fn run(
     let kafka = engine.config.settings.kafka.clone();
     let topics = engine.config.settings.topics.clone();
     let (metrics, stop) = (engine.metrics.clone(), shutdown.clone());
-    let checked = tokio::task::spawn_blocking(move || {
+    let partitions = tokio::task::spawn_blocking(move || {
         let states = [
             topics.cases.as_str(),
             topics.followup_state.as_str(),
             topics.escalations.as_str(),
         ];
-        crate::state::wait_for_copartitioned(
+        let checked = crate::state::wait_for_copartitioned(
             &kafka,
             ROLE,
             &topics.followup_events,
             &states,
             &metrics,
             &stop,
+        )?;
+        if !checked {
+            return Ok(None);
+        }
+        crate::state::wait_for_partition_counts(
+            &kafka,
+            ROLE,
+            &[&topics.followup_events],
+            &metrics,
+            &stop,
         )
     })
     .await??;
-    if !checked {
+    let Some(partitions) = partitions else {
         return Ok(());
-    }
-    let role = FollowupRole::new(&engine.config, books, engine.metrics.clone());
+    };
+    let role = FollowupRole::new(
+        &engine.config,
+        partitions[0],
+        books,
+        engine.metrics.clone(),
+    );
     let binding = FollowupRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
 }
@@ -632,26 +689,46 @@ mod tests {
         let config = Config::load(None, env).expect("valid");
         let topics = config.settings.topics.clone();
         (
-            FollowupRole::new(&config, CaseBooks::default(), Metrics::new()),
+            FollowupRole::new(&config, PARTITIONS, CaseBooks::default(), Metrics::new()),
             topics,
         )
     }
 
+    /// The internal topic's partitions in these tests.
+    const PARTITIONS: i32 = 3;
+
+    /// One item of `kind`, bundled as the role writes it.
+    fn bundled(kind: u8, payload: &[u8]) -> Vec<u8> {
+        let mut bundler = Bundler::new("events", 1, 1 << 20);
+        let mut out = Vec::new();
+        bundler.push(0, &mut out, |w| {
+            w.push(kind);
+            w.extend_from_slice(payload);
+        });
+        bundler.finish(&mut out);
+        out.remove(0).payload.expect("a bundle")
+    }
+
+    /// A record of `topic`: on the internal topic (`kind` given), a bundle of one item.
     fn message(
         topic: &str,
         partition: i32,
         key: &str,
         payload: &[u8],
-        kind: Option<&[u8]>,
+        kind: Option<u8>,
     ) -> OwnedMessage {
+        let payload = match kind {
+            Some(kind) => bundled(kind, payload),
+            None => payload.to_vec(),
+        };
         OwnedMessage::new(
-            Some(payload.to_vec()),
+            Some(payload),
             Some(key.as_bytes().to_vec()),
             topic.to_owned(),
             rdkafka::Timestamp::NotAvailable,
             partition,
             0,
-            kind.map(kind_header),
+            None,
         )
     }
 
@@ -664,45 +741,81 @@ mod tests {
         .into_bytes()
     }
 
-    /// Step 1 on its own: alerts are forwarded keyed by case, valid outcome events too, invalid
-    /// ones dead-lettered byte for byte.
+    /// Step 1 on its own: alerts and valid outcome events are forwarded, as received, to the
+    /// partition of their case (bundled, each item marked with its kind); invalid ones are
+    /// dead-lettered byte for byte.
     #[test]
     fn the_repartition_step_forwards_by_case() {
         let (mut role, topics) = role(&[]);
         let bad = br#"{"event_id":"e","case_id":"c","type":"teleported","occurred_at":"2026-11-22T12:00:00Z"}"#;
         let good = br#"{"event_id":"e","case_id":"det-1","type":"note","occurred_at":"2026-11-22T12:00:00Z"}"#;
+        let the_alert = alert("det-1", T0);
         let mut out = Vec::new();
         role.handle_messages(
             &[
-                message(&topics.followups, 0, "cust", &alert("det-1", T0), None),
+                message(&topics.followups, 0, "cust", &the_alert, None),
                 message(&topics.followup_outcomes, 0, "k", good, None),
                 message(&topics.followup_outcomes, 0, "k", bad, None),
             ],
             Timestamp(T0),
             &mut out,
         );
-        let summary: Vec<(&str, Option<&[u8]>)> = out
+        let summary: Vec<(&str, Option<i32>)> = out
             .iter()
-            .map(|r| (r.topic.as_str(), r.key.as_deref()))
+            .map(|r| (r.topic.as_str(), r.partition))
             .collect();
+        let case_partition = bundle::partition_for_key(b"det-1", PARTITIONS);
         assert_eq!(
             summary,
             [
-                (topics.followup_events.as_str(), Some(&b"det-1"[..])),
-                (topics.followup_events.as_str(), Some(&b"det-1"[..])),
-                (topics.dead_letters.as_str(), Some(&b"k"[..])),
+                (topics.dead_letters.as_str(), None),
+                (topics.followup_events.as_str(), Some(case_partition)),
             ]
         );
         assert_eq!(
-            out[1].payload.as_deref(),
-            Some(&good[..]),
-            "forwarded as received"
-        );
-        assert_eq!(
-            out[2].payload.as_deref(),
+            out[0].payload.as_deref(),
             Some(&bad[..]),
             "dead letter byte for byte"
         );
+        assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
+        let items = bundle::items(out[1].payload.as_deref().expect("a bundle")).expect("items");
+        let mut want_alert = vec![kind::ALERT];
+        want_alert.extend_from_slice(&the_alert);
+        let mut want_outcome = vec![kind::OUTCOME];
+        want_outcome.extend_from_slice(good);
+        assert_eq!(
+            items,
+            [&want_alert[..], &want_outcome[..]],
+            "forwarded as received, in order"
+        );
+    }
+
+    /// A record of the internal topic written before bundles (one item, its kind in the
+    /// `npsflow-kind` header) is still read.
+    #[test]
+    fn records_from_before_bundles_are_read() {
+        let (mut role, topics) = role(&[]);
+        let events = topics.followup_events.clone();
+        for read in role.handle_assigned(&[(events.clone(), 0)]) {
+            role.handle_restored(&read, Vec::new(), Timestamp(T0));
+        }
+        let header = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: headers::KIND,
+            value: Some(&b"alert"[..]),
+        });
+        let legacy = OwnedMessage::new(
+            Some(alert("det-9", T0)),
+            Some(b"det-9".to_vec()),
+            events,
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            0,
+            Some(header),
+        );
+        let mut out = Vec::new();
+        role.handle_messages(&[legacy], Timestamp(T0), &mut out);
+        assert_eq!(role.metrics.cases_opened(), 1);
+        assert!(out.iter().any(|r| r.topic == topics.cases));
     }
 
     /// With `windows.clock = event_time` (a replay), deadlines fire as event time passes them,

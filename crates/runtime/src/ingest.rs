@@ -2,12 +2,15 @@
 //!
 //! 1. Repartition: messages from `survey.responses` are validated; invalid ones go to the
 //!    dead-letter topic byte-for-byte, valid ones are forwarded in an envelope
-//!    ([`crate::envelope`]) to the internal topic `npsflow.responses-by-id`, keyed by
-//!    `response_id`. So every copy of a response, whatever key or partition it was sent
+//!    ([`crate::envelope`]) to the internal topic `npsflow.responses-by-id`, on the partition
+//!    of their `response_id` (bundled: one record per partition and batch, see
+//!    [`crate::bundle`]). So every copy of a response, whatever key or partition it was sent
 //!    with, lands on one partition of that topic.
-//! 2. Decide: messages from the repartition topic get their outcome from the core (duplicate,
-//!    too old, future, accepted), detractors get an alert, and accepted responses become
-//!    segment deltas. Dead letters are rebuilt exactly as the message was received.
+//! 2. Decide: responses from the repartition topic get their outcome from the core
+//!    (duplicate, too old, future, accepted), detractors get an alert, and accepted responses
+//!    become segment deltas (each response named by its position in the repartition
+//!    partition) and a `responded` notice for the followup role (bundled too). Dead letters
+//!    are rebuilt exactly as the message was received.
 //!
 //! [`IngestRole`] is the state machine (the core's `Ingest` and the records each message
 //! causes); the engine ([`crate::engine`]) delivers them and commits. A repartition-topic
@@ -19,6 +22,7 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::Message;
 use tokio::sync::watch;
 
+use crate::bundle::{self, Bundler};
 use crate::config::{self, Config, TopicSettings};
 use crate::engine::{Binding, Engine, RoleMachine, TopicPartition};
 use crate::envelope::{source_headers, Received};
@@ -45,23 +49,45 @@ pub fn spec(config: &Config) -> IngestSpec {
     }
 }
 
+/// How many partitions the internal topics ingest writes to have (it picks their partitions
+/// itself, to bundle what goes to each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Partitions {
+    /// `topics.responses_by_id`.
+    pub responses_by_id: i32,
+    /// `topics.followup_events`.
+    pub followup_events: i32,
+}
+
 /// The ingest role as a state machine.
 pub struct IngestRole {
     ingest: Ingest,
     topics: TopicSettings,
-    /// Messages read back per assigned repartition-topic partition to rebuild its duplicate
+    /// Records read back per assigned repartition-topic partition to rebuild its duplicate
     /// memory.
     restore_messages: i64,
     metrics: Metrics,
     evicted_reported: u64,
+    /// Valid messages on their way to the repartition topic.
+    forwarded: Bundler,
+    /// `responded` notices on their way to the followup role.
+    notices: Bundler,
 }
 
 impl IngestRole {
-    /// The role for `config`, reporting to `metrics`.
-    pub fn new(config: &Config, metrics: Metrics) -> IngestRole {
+    /// The role for `config`, writing to internal topics with `partitions`, reporting to
+    /// `metrics`.
+    pub fn new(config: &Config, partitions: Partitions, metrics: Metrics) -> IngestRole {
+        let topics = &config.settings.topics;
         IngestRole {
             ingest: Ingest::new(spec(config)),
-            topics: config.settings.topics.clone(),
+            forwarded: Bundler::new(
+                &topics.responses_by_id,
+                partitions.responses_by_id,
+                bundle::TARGET_BYTES,
+            ),
+            notices: crate::followup::notice_bundler(topics, partitions.followup_events),
+            topics: topics.clone(),
             restore_messages: config.settings.dedupe.restore_messages,
             metrics,
             evicted_reported: 0,
@@ -79,19 +105,17 @@ impl IngestRole {
         }
     }
 
-    /// Step 1 for one input message: forward it keyed by `response_id`, or dead-letter it.
-    fn repartition<M: Message>(&self, message: &M, out: &mut Vec<Outgoing>) {
+    /// Step 1 for one input message: forward it to the partition of its `response_id`, or
+    /// dead-letter it.
+    fn repartition<M: Message>(&mut self, message: &M, out: &mut Vec<Outgoing>) {
         let topics = &self.topics;
         let received = Received::direct(message);
         let payload = message.payload().unwrap_or_default();
         match repartition_key(payload, topics.max_message_bytes as usize) {
-            Ok(response_id) => out.push(Outgoing::new(
-                &topics.responses_by_id,
-                None,
-                Some(response_id.as_bytes().to_vec()),
-                Some(received.to_envelope()),
-                None,
-            )),
+            Ok(response_id) => {
+                self.forwarded
+                    .push_keyed(response_id.as_bytes(), out, |w| received.write_envelope(w));
+            }
             Err(reason) => {
                 let code = reason.code();
                 events::ResponseDecided { outcome: "invalid" }.emit(&self.metrics);
@@ -101,19 +125,41 @@ impl IngestRole {
         }
     }
 
-    /// Step 2 for one repartitioned message: the core decides; dead letter, alert, delta.
+    /// Step 2 for one record of the repartition topic: each response in it, in order.
     fn decide<M: Message>(&mut self, message: &M, now: Timestamp, out: &mut Vec<Outgoing>) {
+        let payload = message.payload().unwrap_or_default();
+        let Some(items) = bundle::items(payload) else {
+            return events::UnreadableRecord {
+                topic: message.topic(),
+                partition: message.partition(),
+                offset: message.offset(),
+                error: &"not a bundle of forwarded messages",
+            }
+            .emit(&self.metrics);
+        };
+        for (index, item) in items.into_iter().enumerate() {
+            // A record written before bundles existed, or not by npsflow, stands for itself.
+            let received = Received::from_envelope(item).unwrap_or_else(|| Received::direct(message));
+            let position = bundle::position(message.offset(), index);
+            self.decide_one(message.partition(), position, &received, now, out);
+        }
+    }
+
+    /// Step 2 for one response: the core decides; dead letter, alert, delta, notice.
+    fn decide_one(
+        &mut self,
+        partition: i32,
+        position: i64,
+        received: &Received<'_>,
+        now: Timestamp,
+        out: &mut Vec<Outgoing>,
+    ) {
         let metrics = &self.metrics;
         let topics = &self.topics;
-        let received = Received::forwarded(message);
         let payload = received.payload.unwrap_or_default();
-        let decision = self.ingest.process_forwarded(
-            message.partition(),
-            message.offset(),
-            received.source(),
-            payload,
-            now,
-        );
+        let decision =
+            self.ingest
+                .process_forwarded(partition, position, received.source(), payload, now);
         if decision.is_resent() {
             events::ResentRecognised.emit(metrics);
             return;
@@ -127,7 +173,7 @@ impl IngestRole {
             out.push(received.dead_letter(&topics.dead_letters, code, detail));
         }
         if let Some(notice) = &decision.responded {
-            out.push(crate::followup::notice_record(topics, notice));
+            crate::followup::push_notice(&mut self.notices, notice, out);
         }
         if let Some(t) = decision.event_time {
             events::EventTimeLag {
@@ -188,17 +234,19 @@ impl RoleMachine for IngestRole {
         self.ingest.forget_partition(partition);
         for record in &records {
             let payload = record.payload.as_deref().unwrap_or_default();
-            let (source, bytes) = match Received::from_envelope(payload) {
-                Some(original) => (original.source(), original.payload.unwrap_or_default()),
-                None => (
-                    Source {
-                        partition,
-                        offset: record.offset,
-                    },
-                    payload,
-                ),
-            };
-            self.ingest.remember(partition, source, bytes, now);
+            for item in bundle::items(payload).unwrap_or_default() {
+                let (source, bytes) = match Received::from_envelope(item) {
+                    Some(original) => (original.source(), original.payload.unwrap_or_default()),
+                    None => (
+                        Source {
+                            partition,
+                            offset: record.offset,
+                        },
+                        item,
+                    ),
+                };
+                self.ingest.remember(partition, source, bytes, now);
+            }
         }
     }
 
@@ -223,6 +271,8 @@ impl RoleMachine for IngestRole {
                 self.repartition(message, out);
             }
         }
+        self.forwarded.finish(out);
+        self.notices.finish(out);
         for delta in self.ingest.take_deltas() {
             out.push(Outgoing::new(
                 &self.topics.segment_deltas,
@@ -243,9 +293,30 @@ impl RoleMachine for IngestRole {
     }
 }
 
-/// Runs the ingest role on `engine` until `shutdown` turns true.
+/// Runs the ingest role on `engine` until `shutdown` turns true, once it knows how many
+/// partitions its internal topics have.
 pub async fn run(engine: Engine, shutdown: watch::Receiver<bool>) -> Result<(), RuntimeError> {
-    let role = IngestRole::new(&engine.config, engine.metrics.clone());
+    let kafka = engine.config.settings.kafka.clone();
+    let topics = engine.config.settings.topics.clone();
+    let (metrics, stop) = (engine.metrics.clone(), shutdown.clone());
+    let counts = tokio::task::spawn_blocking(move || {
+        crate::state::wait_for_partition_counts(
+            &kafka,
+            ROLE,
+            &[&topics.responses_by_id, &topics.followup_events],
+            &metrics,
+            &stop,
+        )
+    })
+    .await??;
+    let Some(counts) = counts else {
+        return Ok(());
+    };
+    let partitions = Partitions {
+        responses_by_id: counts[0],
+        followup_events: counts[1],
+    };
+    let role = IngestRole::new(&engine.config, partitions, engine.metrics.clone());
     let binding = IngestRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
 }
@@ -258,10 +329,18 @@ mod tests {
 
     const NOW: Timestamp = Timestamp(1_750_000_000_000);
 
+    const PARTITIONS: Partitions = Partitions {
+        responses_by_id: 3,
+        followup_events: 2,
+    };
+
     fn role() -> (IngestRole, TopicSettings) {
         let config = Config::load(None, Vec::<(String, String)>::new()).expect("defaults");
         let topics = config.settings.topics.clone();
-        (IngestRole::new(&config, Metrics::new()), topics)
+        (
+            IngestRole::new(&config, PARTITIONS, Metrics::new()),
+            topics,
+        )
     }
 
     fn message(
@@ -294,10 +373,25 @@ mod tests {
         out.iter().map(|r| r.topic.as_str()).collect()
     }
 
-    /// The role on its own, no Kafka: input messages are forwarded by response id or
-    /// dead-lettered byte for byte; forwarded ones are decided (an alert and a delta for a new
-    /// detractor); the same input message forwarded again is recognised, and the same response
-    /// re-sent from elsewhere is a duplicate.
+    /// The record `out` has for the repartition topic, as the decide step reads it.
+    fn forwarded(out: &[Outgoing], topics: &TopicSettings, offset: i64) -> OwnedMessage {
+        let record = out
+            .iter()
+            .find(|r| r.topic == topics.responses_by_id)
+            .expect("a bundle for the repartition topic");
+        message(
+            &topics.responses_by_id,
+            record.partition.expect("a partition"),
+            offset,
+            "",
+            record.payload.as_deref().expect("payload"),
+        )
+    }
+
+    /// The role on its own, no Kafka: input messages are forwarded to the partition of their
+    /// response id (bundled) or dead-lettered byte for byte; forwarded ones are decided (an
+    /// alert, a notice and a delta for a new detractor); the same input message forwarded
+    /// again is recognised, and the same response re-sent from elsewhere is a duplicate.
     #[test]
     fn forwards_decides_and_recognises_repeats() {
         let (mut role, topics) = role();
@@ -320,37 +414,44 @@ mod tests {
             NOW,
             &mut out,
         );
-        assert_eq!(topics_of(&out), [by_id, topics.dead_letters.as_str()]);
-        assert_eq!(out[0].key.as_deref(), Some(&b"r1"[..]));
+        assert_eq!(topics_of(&out), [topics.dead_letters.as_str(), by_id]);
         assert_eq!(
-            out[1].payload.as_deref(),
+            out[1].partition,
+            Some(crate::bundle::partition_for_key(b"r1", PARTITIONS.responses_by_id)),
+            "on the partition of the response id"
+        );
+        assert_eq!(
+            out[0].payload.as_deref(),
             Some(&bad[..]),
             "dead letter byte for byte"
         );
-        assert_eq!(out[1].key.as_deref(), Some(&b"k"[..]));
-        let headers = out[1].headers.as_ref().expect("headers");
+        assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
+        let headers = out[0].headers.as_ref().expect("headers");
         let reason = headers.iter().find(|h| h.key == "npsflow-error");
         assert_eq!(reason.and_then(|h| h.value), Some(&b"not_json"[..]));
 
-        let envelope = out[0].payload.clone().expect("an envelope");
+        let first = forwarded(&out, &topics, 0);
         let mut decided = Vec::new();
-        role.handle_messages(&[message(by_id, 0, 0, "r1", &envelope)], NOW, &mut decided);
+        role.handle_messages(std::slice::from_ref(&first), NOW, &mut decided);
         assert_eq!(
             topics_of(&decided),
             [
-                topics.followup_events.as_str(),
                 topics.followups.as_str(),
+                topics.followup_events.as_str(),
                 topics.segment_deltas.as_str()
             ],
-            "a new detractor: the followup role's notice that the customer answered, one alert, then its segment delta"
+            "a new detractor: one alert, the followup role's notice that the customer answered, then its segment delta"
         );
-        let notice: npsflow_core::FollowupNotice =
-            serde_json::from_slice(decided[0].payload.as_deref().expect("notice")).expect("json");
         assert_eq!(
-            decided[0].key.as_deref(),
-            Some(&b"c-r1"[..]),
-            "keyed by customer"
+            decided[1].partition,
+            Some(crate::bundle::partition_for_key(b"c-r1", PARTITIONS.followup_events)),
+            "the notice goes to the customer's partition"
         );
+        let items = crate::bundle::items(decided[1].payload.as_deref().expect("notice"))
+            .expect("a bundle");
+        let (kind, json) = items[0].split_first().expect("an item");
+        assert_eq!(*kind, b'n');
+        let notice: npsflow_core::FollowupNotice = serde_json::from_slice(json).expect("json");
         assert!(matches!(
             notice,
             npsflow_core::FollowupNotice::Responded { score: 2, .. }
@@ -370,20 +471,62 @@ mod tests {
             NOW,
             &mut again,
         );
-        let resent_elsewhere = again[0].payload.clone().expect("an envelope");
         let mut repeats = Vec::new();
-        role.handle_messages(
-            &[
-                message(by_id, 0, 1, "r1", &envelope),
-                message(by_id, 0, 2, "r1", &resent_elsewhere),
-            ],
-            NOW,
-            &mut repeats,
-        );
+        let replayed = forwarded(&out, &topics, 1);
+        let resent_elsewhere = forwarded(&again, &topics, 2);
+        role.handle_messages(&[replayed, resent_elsewhere], NOW, &mut repeats);
         assert!(repeats.is_empty(), "{:?}", topics_of(&repeats));
         assert_eq!(role.metrics.outcome_count("duplicate"), 1);
         assert_eq!(role.metrics.outcome_count("accepted"), 1);
         assert_eq!(role.metrics.outcome_count("invalid"), 1);
+    }
+
+    /// Many responses of one batch share one record per partition, and each is decided on
+    /// its own, named in the deltas by its position (record offset, index in the record).
+    #[test]
+    fn a_bundle_carries_a_batch_and_each_response_keeps_its_position() {
+        let (mut role, topics) = role();
+        let inputs: Vec<OwnedMessage> = (0..50)
+            .map(|i| message(&topics.responses, 0, i, "k", &response(&format!("r{i}"), 9)))
+            .collect();
+        let mut out = Vec::new();
+        role.handle_messages(&inputs, NOW, &mut out);
+        assert!(out.len() <= PARTITIONS.responses_by_id as usize, "{}", out.len());
+        let records: Vec<OwnedMessage> = out
+            .iter()
+            .enumerate()
+            .map(|(offset, r)| {
+                message(
+                    &topics.responses_by_id,
+                    r.partition.expect("partition"),
+                    100 + offset as i64,
+                    "",
+                    r.payload.as_deref().expect("payload"),
+                )
+            })
+            .collect();
+        let mut decided = Vec::new();
+        role.handle_messages(&records, NOW, &mut decided);
+        assert_eq!(role.metrics.outcome_count("accepted"), 50);
+        let all: Vec<npsflow_core::SegmentDelta> = decided
+            .iter()
+            .filter(|r| r.topic == topics.segment_deltas)
+            .map(|r| npsflow_core::SegmentDelta::from_json(r.payload.as_deref().expect("delta")))
+            .collect::<Result<_, _>>()
+            .expect("deltas");
+        let positions: std::collections::BTreeSet<i64> = all
+            .iter()
+            .filter(|d| d.segment == "all")
+            .flat_map(|d| d.responses.iter().map(|r| r.0))
+            .collect();
+        assert_eq!(positions.len(), 50, "every response has a position of its own");
+        for record in &records {
+            let items = crate::bundle::items(record.payload().expect("payload")).expect("items");
+            for index in 0..items.len() {
+                let position = crate::bundle::position(record.offset(), index);
+                assert!(positions.contains(&position), "{position}");
+            }
+        }
     }
 
     /// Duplicate memory read back on assignment: a response decided by the partition's
@@ -398,14 +541,14 @@ mod tests {
             NOW,
             &mut out,
         );
-        let envelope = out[0].payload.clone().expect("an envelope");
+        let earlier = forwarded(&out, &topics, 10);
 
         let (mut second, _) = role();
-        let reads = second.handle_assigned(&[(by_id.to_owned(), 1)]);
+        let reads = second.handle_assigned(&[(by_id.to_owned(), earlier.partition())]);
         let stored = StoredRecord {
             offset: 10,
-            key: Some(b"r7".to_vec()),
-            payload: Some(envelope.clone()),
+            key: None,
+            payload: earlier.payload().map(<[u8]>::to_vec),
         };
         second.handle_restored(&reads[0], vec![stored], NOW);
         let mut resend = Vec::new();
@@ -416,16 +559,7 @@ mod tests {
         );
         let mut decided = Vec::new();
         second.handle_messages(
-            &[
-                message(by_id, 1, 10, "r7", &envelope),
-                message(
-                    by_id,
-                    1,
-                    11,
-                    "r7",
-                    resend[0].payload.as_deref().unwrap_or_default(),
-                ),
-            ],
+            &[earlier, forwarded(&resend, &topics, 11)],
             NOW,
             &mut decided,
         );

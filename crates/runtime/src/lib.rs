@@ -14,6 +14,7 @@
 //! - [`topics`]: topic creation.
 
 pub mod aggregate;
+pub mod bundle;
 pub mod config;
 pub mod directory;
 pub mod engine;

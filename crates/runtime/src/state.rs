@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
@@ -115,10 +116,13 @@ pub fn read(
     limit: Duration,
 ) -> Result<Vec<Vec<StoredRecord>>, RuntimeError> {
     let mut config = client_config(kafka, "npsflow-restore");
+    // Only what committed transactions wrote is state (an aborted transaction's writes, a
+    // fenced process's among them, never are).
     config
         .set("group.id", group)
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = config.create()?;
     let mut wanted = TopicPartitionList::new();
     for read in reads {
@@ -195,10 +199,22 @@ fn read_ranges(
             }
             .into());
         }
-        let Some(received) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => message,
+            // The end of a partition, or a pause: a partition is read when the consumer's
+            // position has reached its end, which may be past the last message read (the
+            // offsets of transaction markers and of aborted transactions hold no message).
+            None | Some(Err(KafkaError::PartitionEOF(_))) => {
+                let positions = consumer.position()?;
+                pending.retain(|(topic, partition), (_, end)| {
+                    !positions
+                        .find_partition(topic, *partition)
+                        .is_some_and(|e| matches!(e.offset(), Offset::Offset(at) if at >= *end))
+                });
+                continue;
+            }
+            Some(Err(error)) => return Err(error.into()),
         };
-        let message = received?;
         key.0.clear();
         key.0.push_str(message.topic());
         key.1 = message.partition();
@@ -231,12 +247,45 @@ pub fn wait_for_copartitioned(
     metrics: &crate::metrics::Metrics,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<bool, RuntimeError> {
-    loop {
-        let checked = states
+    patiently(role, metrics, stop, || {
+        states
             .iter()
-            .try_for_each(|state| check_copartitioned(kafka, input, state));
-        match checked {
-            Ok(()) => return Ok(true),
+            .try_for_each(|state| check_copartitioned(kafka, input, state))
+    })
+    .map(|done| done.is_some())
+}
+
+/// How many partitions each of `topics` has, asked patiently like
+/// [`wait_for_copartitioned`]; a missing topic fails at once. `None` if `stop` turned true
+/// first. Blocking.
+pub fn wait_for_partition_counts(
+    kafka: &KafkaSettings,
+    role: &'static str,
+    topics: &[&str],
+    metrics: &crate::metrics::Metrics,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Option<Vec<i32>>, RuntimeError> {
+    patiently(role, metrics, stop, || {
+        let consumer: BaseConsumer = client_config(kafka, "npsflow-metadata").create()?;
+        topics
+            .iter()
+            .map(|topic| partition_count(&consumer, topic).map(|n| n as i32))
+            .collect()
+    })
+}
+
+/// Runs `ask` until it answers, again every few seconds while the broker cannot be reached
+/// (as an outage pauses the rest of the pipeline); other errors fail at once. `None` if
+/// `stop` turned true first.
+fn patiently<T>(
+    role: &'static str,
+    metrics: &crate::metrics::Metrics,
+    stop: &tokio::sync::watch::Receiver<bool>,
+    mut ask: impl FnMut() -> Result<T, RuntimeError>,
+) -> Result<Option<T>, RuntimeError> {
+    loop {
+        match ask() {
+            Ok(answer) => return Ok(Some(answer)),
             Err(RuntimeError::Kafka(error)) => {
                 crate::metrics::events::KafkaClientFailed {
                     client: role,
@@ -250,11 +299,26 @@ pub fn wait_for_copartitioned(
         let until = Instant::now() + Duration::from_secs(3);
         while Instant::now() < until {
             if *stop.borrow() {
-                return Ok(false);
+                return Ok(None);
             }
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// How many partitions `topic` has; an error if it does not exist.
+fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, RuntimeError> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
+    let partitions = metadata
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none())
+        .map(|t| t.partitions().len())
+        .unwrap_or(0);
+    if partitions == 0 {
+        return Err(TopicError::Missing(topic.to_owned()).into());
+    }
+    Ok(partitions)
 }
 
 /// Fails unless `state` has at least as many partitions as `input`: a role writes the state
@@ -265,20 +329,10 @@ pub fn check_copartitioned(
     state: &str,
 ) -> Result<(), RuntimeError> {
     let consumer: BaseConsumer = client_config(kafka, "npsflow-metadata").create()?;
-    let count = |topic: &str| -> Result<usize, RuntimeError> {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
-        let partitions = metadata
-            .topics()
-            .first()
-            .filter(|t| t.error().is_none())
-            .map(|t| t.partitions().len())
-            .unwrap_or(0);
-        if partitions == 0 {
-            return Err(TopicError::Missing(topic.to_owned()).into());
-        }
-        Ok(partitions)
-    };
-    let (i, s) = (count(input)?, count(state)?);
+    let (i, s) = (
+        partition_count(&consumer, input)?,
+        partition_count(&consumer, state)?,
+    );
     if s < i {
         return Err(TopicError::NotCopartitioned {
             state: state.to_owned(),
