@@ -243,7 +243,8 @@ mod tests {
             Tally {
                 promoters: 2,
                 passives: 1,
-                detractors: 1
+                detractors: 1,
+                invitations: 0,
             }
         );
         assert_eq!(store.high_water("region=east", 0), Some(12));

@@ -75,6 +75,8 @@ pub struct Tally {
     pub passives: u64,
     /// Responses scoring 0-6.
     pub detractors: u64,
+    /// Survey invitations sent (for the response rate); not responses.
+    pub invitations: u64,
 }
 
 impl Tally {
@@ -117,6 +119,39 @@ impl Tally {
         self.responses() == 0
     }
 
+    /// True if nothing at all was counted, invitations included.
+    pub fn is_zero(&self) -> bool {
+        self.is_empty() && self.invitations == 0
+    }
+
+    /// `invitations` invitations.
+    pub fn invited(invitations: u64) -> Tally {
+        Tally {
+            invitations,
+            ..Tally::default()
+        }
+    }
+
+    /// Responses per invitation sent in the same interval; `None` with no invitations. (Not a
+    /// fraction of those invitations: a response may answer an invitation from before the
+    /// interval, so the ratio can exceed 1.)
+    pub fn response_rate(&self) -> Option<f64> {
+        (self.invitations > 0).then(|| self.responses() as f64 / self.invitations as f64)
+    }
+
+    /// The variance of one response's score coded +1 (promoter), 0 (passive), -1
+    /// (detractor): p + d - (p - d)^2; `None` with no responses.
+    pub fn score_variance(&self) -> Option<f64> {
+        let n = self.responses();
+        if n == 0 {
+            return None;
+        }
+        let n = n as f64;
+        let p = self.promoters as f64 / n;
+        let d = self.detractors as f64 / n;
+        Some((p + d - (p - d).powi(2)).max(0.0))
+    }
+
     /// NPS = 100 * (promoters - detractors) / responses, in [-100, 100]; `None` with no responses.
     pub fn nps(&self) -> Option<f64> {
         let n = self.responses();
@@ -130,10 +165,7 @@ impl Tally {
         if n == 0 {
             return None;
         }
-        let n = n as f64;
-        let p = self.promoters as f64 / n;
-        let d = self.detractors as f64 / n;
-        let variance = ((p + d - (p - d).powi(2)) / n).max(0.0);
+        let variance = self.score_variance()? / n as f64;
         Some(100.0 * 1.96 * variance.sqrt())
     }
 
@@ -150,6 +182,7 @@ impl Add for Tally {
             promoters: self.promoters + other.promoters,
             passives: self.passives + other.passives,
             detractors: self.detractors + other.detractors,
+            invitations: self.invitations + other.invitations,
         }
     }
 }
@@ -168,6 +201,7 @@ impl Sub for Tally {
             promoters: self.promoters.saturating_sub(other.promoters),
             passives: self.passives.saturating_sub(other.passives),
             detractors: self.detractors.saturating_sub(other.detractors),
+            invitations: self.invitations.saturating_sub(other.invitations),
         }
     }
 }
@@ -211,6 +245,65 @@ impl fmt::Display for Band {
     }
 }
 
+/// How a window's NPS compares with the window just before it (the same length, ending where
+/// this one starts): the difference and whether it is more than noise, by the two-sample z
+/// statistic on scores coded +1/0/-1.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Change {
+    /// The earlier window's NPS; `None` if it had no responses.
+    pub previous_nps: Option<f64>,
+    /// This NPS minus the earlier one, in NPS points; `None` unless both have responses.
+    pub delta: Option<f64>,
+    /// delta / sqrt(var1/n1 + var2/n2), with var = p + d - (p - d)^2 per response (on the
+    /// -1..1 scale); `None` unless both windows have responses and the difference has a
+    /// spread (two unanimous windows: 0 if they agree, `None` if they do not).
+    pub z: Option<f64>,
+    /// Responses in this window and in the earlier one.
+    pub responses: (u64, u64),
+}
+
+impl Change {
+    /// |z| beyond this is a change at the 5 % level (two-sided).
+    pub const Z_95: f64 = 1.96;
+
+    /// The change from `previous` to `current`.
+    pub fn between(current: &Tally, previous: &Tally) -> Change {
+        let previous_nps = previous.nps();
+        let delta = current.nps().zip(previous_nps).map(|(c, p)| c - p);
+        let z = match (delta, current.score_variance(), previous.score_variance()) {
+            (Some(delta), Some(v1), Some(v2)) => {
+                let se =
+                    (v1 / current.responses() as f64 + v2 / previous.responses() as f64).sqrt();
+                if se > 0.0 {
+                    Some(delta / 100.0 / se)
+                } else if delta == 0.0 {
+                    Some(0.0)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+        Change {
+            previous_nps,
+            delta,
+            z,
+            responses: (current.responses(), previous.responses()),
+        }
+    }
+
+    /// True if the change is more than noise: |z| > 1.96 (or the two windows are unanimous
+    /// and disagree), with at least `min_responses` responses in each window.
+    pub fn significant(&self, min_responses: u64) -> bool {
+        let enough = self.responses.0 >= min_responses && self.responses.1 >= min_responses;
+        let beyond = match self.z {
+            Some(z) => z.abs() > Self::Z_95,
+            None => self.delta.is_some_and(|d| d != 0.0),
+        };
+        enough && beyond
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -220,7 +313,44 @@ mod tests {
             promoters,
             passives,
             detractors,
+            invitations: 0,
         }
+    }
+
+    /// The two-sample z on a worked example: 50/30/20 (n = 100) against 30/30/40 (n = 100).
+    #[test]
+    fn change_is_the_two_sample_z_on_coded_scores() {
+        let now = tally(50, 30, 20);
+        let before = tally(30, 30, 40);
+        let change = Change::between(&now, &before);
+        assert_eq!(change.previous_nps, Some(-10.0));
+        assert!((change.delta.expect("delta") - 40.0).abs() < 1e-9);
+        // var1 = 0.7 - 0.09 = 0.61, var2 = 0.7 - 0.01 = 0.69; se = sqrt(0.013) = 0.11402
+        let se: f64 = (0.61f64 / 100.0 + 0.69 / 100.0).sqrt();
+        assert!((change.z.expect("z") - 0.4 / se).abs() < 1e-9);
+        assert!(change.significant(30));
+        assert!(!change.significant(101), "too few responses to say");
+        // No earlier responses: nothing to compare.
+        let none = Change::between(&now, &Tally::default());
+        assert_eq!((none.previous_nps, none.delta, none.z), (None, None, None));
+        assert!(!none.significant(0));
+        // Unanimous windows: no spread; agreeing is no change, disagreeing is one.
+        let all_promoters = Change::between(&tally(40, 0, 0), &tally(40, 0, 0));
+        assert_eq!(all_promoters.z, Some(0.0));
+        assert!(!all_promoters.significant(30));
+        let flipped = Change::between(&tally(40, 0, 0), &tally(0, 0, 40));
+        assert_eq!(flipped.z, None);
+        assert!(flipped.significant(30));
+    }
+
+    #[test]
+    fn response_rate_is_responses_per_invitation() {
+        let mut t = tally(3, 1, 1);
+        assert_eq!(t.response_rate(), None);
+        t += Tally::invited(10);
+        assert_eq!(t.response_rate(), Some(0.5));
+        assert!(!t.is_empty() && !t.is_zero());
+        assert!(Tally::invited(2).is_empty() && !Tally::invited(2).is_zero());
     }
 
     #[test]

@@ -5,12 +5,13 @@
 //! A [`WindowSummary`] states the interval it counts: at `now`, a window covers the half-open
 //! event-time interval `[from, to)` ([`WindowSpec::interval`](crate::window::WindowSpec::interval)),
 //! and the summary's counts are exactly the responses with `from <= responded_at < to`, so
-//! anyone can recompute them from the raw responses.
+//! anyone can recompute them from the raw responses. It also counts the window just before,
+//! `[from - length, from)`, and says how the NPS changed from it ([`Change`]).
 
 use rustc_hash::FxHashMap;
 use std::hash::Hash;
 
-use crate::nps::{Band, Category, Tally};
+use crate::nps::{Band, Category, Change, Tally};
 use crate::time::Timestamp;
 use crate::window::{SegmentWindows, WindowSpecs};
 
@@ -36,11 +37,16 @@ pub struct WindowSummary {
     pub ci95: Option<f64>,
     /// Band of the NPS, or `None` with no responses.
     pub band: Option<Band>,
+    /// The counts of the window just before, `[from - (to - from), from)`.
+    pub previous: Tally,
+    /// How the NPS changed from the window just before.
+    pub change: Change,
 }
 
 impl WindowSummary {
-    /// The summary of a tally of the responses in `[from, to)`.
-    pub fn of(tally: Tally, from: Timestamp, to: Timestamp) -> WindowSummary {
+    /// The summary of a tally of the responses in `[from, to)`, and of `previous`, the
+    /// responses in the window just before.
+    pub fn of(tally: Tally, previous: Tally, from: Timestamp, to: Timestamp) -> WindowSummary {
         WindowSummary {
             from,
             to,
@@ -48,6 +54,8 @@ impl WindowSummary {
             nps: tally.nps(),
             ci95: tally.ci95(),
             band: tally.band(),
+            previous,
+            change: Change::between(&tally, &previous),
         }
     }
 }
@@ -105,8 +113,13 @@ impl<K: Hash + Eq + Clone> Scoreboard<K> {
     /// A segment's summary in window number `window` at `now`, with the interval it counts.
     pub fn summary(&self, segment: &K, window: usize, now: Timestamp) -> Option<WindowSummary> {
         let (from, to) = self.specs.windows()[window].interval(now);
-        self.tally(segment, window, now)
-            .map(|tally| WindowSummary::of(tally, from, to))
+        let windows = self.segments.get(segment)?;
+        Some(WindowSummary::of(
+            windows.tally(&self.specs, window, now),
+            windows.previous_tally(&self.specs, window, now),
+            from,
+            to,
+        ))
     }
 
     /// Every segment known, in no particular order.

@@ -20,12 +20,16 @@
 //! the skew counts once `to` has passed it; a late one counts in every window whose
 //! interval still holds it.
 //!
-//! A ring of slots per window and segment holds one tally per step of the window, plus
-//! headroom for responses up to the allowed clock skew ahead of `now`. Memory per segment is
-//! therefore fixed, whatever the traffic, and proportional to the number of steps: about
-//! `24 bytes * (length / step + skew / step)` per window (about 6 KiB for the four default
-//! windows at 60 steps each). A finer resolution costs memory in every segment: a 28d window
-//! in 1-minute steps needs 40,320 slots, close to 1 MiB per segment.
+//! Each window also answers for the window just before it, `[from - length, from)`, so that
+//! its change can be tested ([`crate::nps::Change`]).
+//!
+//! A ring of slots per window and segment holds one tally per step of the window and of the
+//! one before it, plus headroom for responses up to the allowed clock skew ahead of `now`.
+//! Memory per segment is therefore fixed, whatever the traffic, and proportional to the
+//! number of steps: `16 bytes * (2 * length / step + skew / step)` per window (about 8 KiB
+//! for the four default windows at 60 steps each; a slot holds 32-bit counts, saturating).
+//! A finer resolution costs memory in every segment: a 28d window in 1-minute steps needs
+//! 80,640 slots, about 1.3 MiB per segment.
 
 use std::fmt;
 
@@ -43,7 +47,8 @@ pub struct WindowSpec {
     bucket: Span,
     /// Steps (buckets) in the window: `length / bucket`.
     buckets: i64,
-    /// Slots in each ring: `buckets` plus headroom for future events.
+    /// Slots in each ring: twice `buckets` (this window and the one before) plus headroom for
+    /// future events.
     slots: i64,
 }
 
@@ -83,6 +88,15 @@ impl WindowSpec {
         let to = self.bucket_of(now).saturating_add(1).saturating_mul(step);
         let from = to.saturating_sub(self.length.millis());
         (Timestamp(from), Timestamp(to))
+    }
+
+    /// The interval just before the window at `now`: `[from - length, from)`.
+    pub fn previous_interval(&self, now: Timestamp) -> (Timestamp, Timestamp) {
+        let (from, _) = self.interval(now);
+        (
+            Timestamp(from.millis().saturating_sub(self.length.millis())),
+            from,
+        )
     }
 
     /// The buckets `first..=last` that make up the interval at `now`.
@@ -294,7 +308,7 @@ impl WindowSpecs {
                 length,
                 bucket,
                 buckets: steps,
-                slots: steps + headroom,
+                slots: 2 * steps + headroom,
             });
         }
         let longest = windows.iter().map(|w| w.length).max().unwrap_or_default();
@@ -379,14 +393,44 @@ pub struct SegmentWindows {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Ring {
     newest: i64,
-    slots: Box<[Tally]>,
+    slots: Box<[Slot]>,
+}
+
+/// One step's counts in a ring: 32 bits each (saturating), half a [`Tally`]'s size.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Slot {
+    promoters: u32,
+    passives: u32,
+    detractors: u32,
+    invitations: u32,
+}
+
+impl Slot {
+    fn add(&mut self, tally: Tally) {
+        let add = |slot: &mut u32, n: u64| {
+            *slot = slot.saturating_add(u32::try_from(n).unwrap_or(u32::MAX));
+        };
+        add(&mut self.promoters, tally.promoters);
+        add(&mut self.passives, tally.passives);
+        add(&mut self.detractors, tally.detractors);
+        add(&mut self.invitations, tally.invitations);
+    }
+
+    fn tally(self) -> Tally {
+        Tally {
+            promoters: u64::from(self.promoters),
+            passives: u64::from(self.passives),
+            detractors: u64::from(self.detractors),
+            invitations: u64::from(self.invitations),
+        }
+    }
 }
 
 impl Ring {
     fn new(slots: i64) -> Ring {
         Ring {
             newest: i64::MIN,
-            slots: vec![Tally::default(); slots as usize].into_boxed_slice(),
+            slots: vec![Slot::default(); slots as usize].into_boxed_slice(),
         }
     }
 
@@ -401,11 +445,11 @@ impl Ring {
     fn add(&mut self, bucket: i64, tally: Tally) {
         if bucket > self.newest {
             if self.newest == i64::MIN || bucket - self.newest >= self.len() {
-                self.slots.fill(Tally::default());
+                self.slots.fill(Slot::default());
             } else {
                 for b in self.newest + 1..=bucket {
                     let slot = self.slot(b);
-                    self.slots[slot] = Tally::default();
+                    self.slots[slot] = Slot::default();
                 }
             }
             self.newest = bucket;
@@ -413,7 +457,7 @@ impl Ring {
             return; // Older than anything any query can still ask for.
         }
         let slot = self.slot(bucket);
-        self.slots[slot] += tally;
+        self.slots[slot].add(tally);
     }
 
     /// The sum of buckets `first..=last` that the ring still holds.
@@ -423,7 +467,9 @@ impl Ring {
         }
         let first = first.max(self.newest - self.len() + 1);
         let last = last.min(self.newest);
-        (first..=last).fold(Tally::default(), |sum, b| sum + self.slots[self.slot(b)])
+        (first..=last).fold(Tally::default(), |sum, b| {
+            sum + self.slots[self.slot(b)].tally()
+        })
     }
 }
 
@@ -441,8 +487,57 @@ pub struct WindowCounts {
     pub buckets: Vec<BucketCounts>,
 }
 
-/// One bucket's counts: `(bucket, promoters, passives, detractors)`.
-pub type BucketCounts = (i64, u64, u64, u64);
+/// One bucket's counts, in a snapshot as `[bucket, promoters, passives, detractors]`, with
+/// the invitations as a fifth number when there are any.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketCounts {
+    /// The bucket (step number).
+    pub bucket: i64,
+    /// Its counts.
+    pub tally: Tally,
+}
+
+impl serde::Serialize for BucketCounts {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeSeq;
+        let t = &self.tally;
+        let with_invitations = t.invitations > 0;
+        let mut seq = serializer.serialize_seq(Some(if with_invitations { 5 } else { 4 }))?;
+        seq.serialize_element(&self.bucket)?;
+        seq.serialize_element(&t.promoters)?;
+        seq.serialize_element(&t.passives)?;
+        seq.serialize_element(&t.detractors)?;
+        if with_invitations {
+            seq.serialize_element(&t.invitations)?;
+        }
+        seq.end()
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for BucketCounts {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let numbers: Vec<i64> = serde::Deserialize::deserialize(deserializer)?;
+        let count = |i: usize| -> Result<u64, D::Error> {
+            numbers.get(i).map_or(Ok(0), |n| {
+                u64::try_from(*n).map_err(|_| serde::de::Error::custom("a negative count"))
+            })
+        };
+        if !(4..=5).contains(&numbers.len()) {
+            return Err(serde::de::Error::custom(
+                "a bucket is [bucket, promoters, passives, detractors(, invitations)]",
+            ));
+        }
+        Ok(BucketCounts {
+            bucket: numbers[0],
+            tally: Tally {
+                promoters: count(1)?,
+                passives: count(2)?,
+                detractors: count(3)?,
+                invitations: count(4)?,
+            },
+        })
+    }
+}
 
 impl Ring {
     fn export(&self) -> Option<(i64, Vec<BucketCounts>)> {
@@ -450,9 +545,11 @@ impl Ring {
             return None;
         }
         let buckets = (self.newest - self.len() + 1..=self.newest)
-            .map(|b| (b, self.slots[self.slot(b)]))
-            .filter(|(_, t)| !t.is_empty())
-            .map(|(b, t)| (b, t.promoters, t.passives, t.detractors))
+            .map(|b| BucketCounts {
+                bucket: b,
+                tally: self.slots[self.slot(b)].tally(),
+            })
+            .filter(|counts| !counts.tally.is_zero())
             .collect();
         Some((self.newest, buckets))
     }
@@ -489,13 +586,8 @@ impl SegmentWindows {
             }
             let ring = &mut windows.rings[index];
             ring.add(saved.newest, Tally::default());
-            for &(bucket, promoters, passives, detractors) in &saved.buckets {
-                let tally = Tally {
-                    promoters,
-                    passives,
-                    detractors,
-                };
-                ring.add(bucket, tally);
+            for counts in &saved.buckets {
+                ring.add(counts.bucket, counts.tally);
             }
         }
         windows
@@ -526,6 +618,14 @@ impl SegmentWindows {
     pub fn tally(&self, specs: &WindowSpecs, window: usize, now: Timestamp) -> Tally {
         let (first, last) = specs.windows[window].bucket_range(now);
         self.rings[window].sum(first, last)
+    }
+
+    /// The counts of the window just before window `window` at `now`:
+    /// `[from - length, from)` ([`WindowSpec::previous_interval`]).
+    pub fn previous_tally(&self, specs: &WindowSpecs, window: usize, now: Timestamp) -> Tally {
+        let spec = &specs.windows[window];
+        let (first, last) = spec.bucket_range(now);
+        self.rings[window].sum(first - spec.buckets, last - spec.buckets)
     }
 
     /// True until something is counted.
@@ -591,6 +691,10 @@ mod tests {
     /// `from <= t < to`.
     fn recount(responses: &[(Timestamp, Category)], spec: &WindowSpec, now: Timestamp) -> Tally {
         let (from, to) = spec.interval(now);
+        recount_in(responses, from, to)
+    }
+
+    fn recount_in(responses: &[(Timestamp, Category)], from: Timestamp, to: Timestamp) -> Tally {
         responses
             .iter()
             .filter(|(t, _)| from <= *t && *t < to)
@@ -638,6 +742,18 @@ mod tests {
                     "{} restored",
                     spec.name()
                 );
+                // The window before it, [from - length, from), from the same counts.
+                let (from, to) = spec.previous_interval(now);
+                assert_eq!(to, spec.interval(now).0);
+                assert_eq!(to.millis() - from.millis(), spec.length().millis());
+                let before = recount_in(responses, from, to);
+                assert_eq!(
+                    w.previous_tally(specs, index, now),
+                    before,
+                    "{} previous at {now:?}",
+                    spec.name()
+                );
+                assert_eq!(back.previous_tally(specs, index, now), before);
             }
         }
     }
@@ -722,7 +838,8 @@ mod tests {
             Tally {
                 promoters: 1,
                 passives: 0,
-                detractors: 1
+                detractors: 1,
+                invitations: 0,
             }
         );
         assert_eq!(w.tally(&specs, 0, at(104)).promoters, 2);
