@@ -5,6 +5,13 @@
 //!
 //! Needs `NPSFLOW_E2E_BROKERS` (e.g. `127.0.0.1:19092`); `scripts/e2e.sh` starts Tansu and
 //! runs it: `cargo test -p npsflow-runtime --test real_broker -- --ignored`.
+//!
+//! The same tests prove `processing.guarantee = exactly_once` on a broker with transactions
+//! (`scripts/eos.sh`, noida-db: `NPSFLOW_E2E_GUARANTEE=exactly_once`, and
+//! `NPSFLOW_E2E_KAFKA_PROPERTIES` for the client properties that broker needs). Every output
+//! is read back with `isolation.level=read_committed` and must be there exactly once (no
+//! alert, escalation or dead letter re-sent), and the offsets committed inside the
+//! transactions must be exactly where the inputs end.
 
 mod util;
 
@@ -30,7 +37,8 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
         std::process::id(),
         npsflow_runtime::wall_now().millis()
     );
-    let names = run_names(&run);
+    let mut names = run_names(&run);
+    names.extend(broker_env());
     let extra: Vec<(&str, &str)> = names.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = config(&brokers, &extra);
     let topics = &config.settings.topics;
@@ -138,6 +146,33 @@ async fn a_seeded_data_set_gives_exactly_the_known_answer() {
         );
         assert!(metrics.contains(&line), "missing {line}");
     }
+    if exactly_once() {
+        // The offset half of the transactions: each group's committed offsets reach the end
+        // of its inputs (past the transaction markers on the internal topics, so a drained
+        // partition shows no lag), and a restart would process nothing again.
+        let kafka = &config.settings.kafka;
+        let groups = [
+            (&kafka.ingest_group, &topics.responses),
+            (&kafka.ingest_group, &topics.responses_by_id),
+            (&kafka.aggregate_group, &topics.segment_deltas),
+            (&kafka.followup_group, &topics.followups),
+            (&kafka.followup_group, &topics.followup_events),
+        ];
+        wait_until(
+            "every group's offsets committed to the end of its inputs",
+            || {
+                groups
+                    .iter()
+                    .all(|(group, topic)| lag(&brokers, group, topic) == Some(0))
+            },
+        )
+        .await;
+        assert_eq!(
+            committed_total(&brokers, &kafka.ingest_group, &topics.responses),
+            Some(MESSAGES as i64)
+        );
+        println!("exactly once: every group's offsets committed to the end of its inputs");
+    }
     pipeline.stop().await;
 }
 
@@ -167,6 +202,7 @@ async fn followup_cases_give_exactly_the_known_answer() {
             ("NPSFLOW__FOLLOWUP__RESOLVE_SLA", "2h".into()),
             ("NPSFLOW__FOLLOWUP__ESCALATE_SCORES", "0,1".into()),
         ])
+        .chain(broker_env())
         .collect();
     let extra: Vec<(&str, &str)> = names.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let config = config(&brokers, &extra);

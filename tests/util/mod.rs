@@ -37,6 +37,40 @@ pub fn config(brokers: &str, extra: &[(&str, &str)]) -> Arc<Config> {
     Arc::new(Config::load(None, env).expect("valid test config"))
 }
 
+/// The guarantee and client properties a real-broker tier runs with, from its script:
+/// `NPSFLOW_E2E_GUARANTEE` (`processing.guarantee`, default at_least_once) and
+/// `NPSFLOW_E2E_KAFKA_PROPERTIES` (`kafka.properties` as `name=value,...`, e.g.
+/// `partition.assignment.strategy=range` for noida-db), as config environment entries.
+pub fn broker_env() -> Vec<(&'static str, String)> {
+    let mut env = Vec::new();
+    if let Ok(guarantee) = std::env::var("NPSFLOW_E2E_GUARANTEE") {
+        env.push(("NPSFLOW__PROCESSING__GUARANTEE", guarantee));
+    }
+    if let Ok(properties) = std::env::var("NPSFLOW_E2E_KAFKA_PROPERTIES") {
+        env.push(("NPSFLOW__KAFKA__PROPERTIES", properties));
+    }
+    env
+}
+
+/// True when the real-broker tier runs with `processing.guarantee = exactly_once`.
+pub fn exactly_once() -> bool {
+    std::env::var("NPSFLOW_E2E_GUARANTEE").is_ok_and(|g| g == "exactly_once")
+}
+
+/// A consumer of test outputs: a fresh group, nothing committed, and only what committed
+/// transactions wrote (librdkafka's default, said here because the exactly-once tiers rely
+/// on it: an aborted or fenced transaction's records must not count).
+pub fn reader(brokers: &str, group: &str) -> BaseConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed")
+        .create()
+        .expect("consumer")
+}
+
 pub struct Pipeline {
     pub process: Process,
     stop: watch::Sender<bool>,
@@ -215,12 +249,7 @@ pub async fn produce_large(
 
 /// Every message of a topic, read from the start until `count` arrived.
 pub fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("group.id", format!("reader-{topic}-{}", rand_suffix()))
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let consumer = reader(brokers, &format!("reader-{topic}-{}", rand_suffix()));
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
         .expect("metadata");
@@ -249,19 +278,14 @@ pub fn read_topic(brokers: &str, topic: &str, count: usize) -> Vec<OwnedMessage>
 
 /// Every message of `topic` up to its current end (read with a fresh group, from the start).
 pub fn read_to_end(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set(
-            "group.id",
-            format!(
-                "reader-to-end-{topic}-{}-{}",
-                std::process::id(),
-                rand_suffix()
-            ),
-        )
-        .set("enable.auto.commit", "false")
-        .create()
-        .expect("consumer");
+    let consumer = reader(
+        brokers,
+        &format!(
+            "reader-to-end-{topic}-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ),
+    );
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(30))
         .expect("metadata");
@@ -283,6 +307,8 @@ pub fn read_to_end(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
     }
     consumer.assign(&list).expect("assign");
     let deadline = Instant::now() + Duration::from_secs(120);
+    // A partition is read when the position reaches its end: with transactions, the last
+    // offsets may be markers or aborted records, which are never delivered.
     while !ends.is_empty() && Instant::now() < deadline {
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(message)) => {
@@ -291,8 +317,15 @@ pub fn read_to_end(brokers: &str, topic: &str) -> Vec<OwnedMessage> {
                 }
                 messages.push(message.detach());
             }
+            Some(Err(rdkafka::error::KafkaError::PartitionEOF(_))) | None => {
+                let positions = consumer.position().expect("positions");
+                ends.retain(|partition, end| {
+                    !positions
+                        .find_partition(topic, *partition)
+                        .is_some_and(|e| matches!(e.offset(), Offset::Offset(at) if at >= *end))
+                });
+            }
             Some(Err(e)) => println!("reading {topic}: {e}"),
-            None => {}
         }
     }
     assert!(ends.is_empty(), "read {topic} to its end: {ends:?} left");
@@ -445,6 +478,27 @@ pub fn committed_total(brokers: &str, group: &str, topic: &str) -> Option<i64> {
             })
             .sum(),
     )
+}
+
+/// The end of `topic` (for read_committed readers: its last stable offset) minus the group's
+/// committed offsets, summed over partitions; `None` if the broker does not answer.
+pub fn lag(brokers: &str, group: &str, topic: &str) -> Option<i64> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("isolation.level", "read_committed")
+        .create()
+        .ok()?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(30))
+        .ok()?;
+    let mut total_end = 0;
+    for partition in metadata.topics()[0].partitions() {
+        total_end += consumer
+            .fetch_watermarks(topic, partition.id(), Duration::from_secs(30))
+            .ok()?
+            .1;
+    }
+    Some(total_end - committed_total(brokers, group, topic)?)
 }
 
 /// Every topic and consumer group, named for one test run (on a shared broker).

@@ -2,8 +2,11 @@
 //! on its assigned partitions, in the shared [`AggregateView`] that `/metrics` and
 //! `/v1/segments` read. Per batch it applies what was not applied before and writes the
 //! snapshot of every segment the batch touched to the state topic (same partition number);
-//! the engine stores the deltas' offsets only after those snapshots are delivered. A newly
-//! assigned partition is restored from its state partition before any delta of it is applied.
+//! the engine stores the deltas' offsets only after those snapshots are delivered (with
+//! `processing.guarantee = exactly_once`, snapshots and offsets are one transaction per deltas
+//! partition, so a process that lost the partition cannot overwrite its new owner's
+//! snapshots). A newly assigned partition is restored from its state partition before any
+//! delta of it is applied.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, RwLock};
@@ -46,7 +49,7 @@ impl AggregateRole {
             role: ROLE,
             group: config.settings.kafka.aggregate_group.clone(),
             topics: vec![config.settings.topics.segment_deltas.clone()],
-            transactional: false,
+            transactional: true,
         }
     }
 
@@ -285,6 +288,7 @@ mod tests {
         Arc::new(RwLock::new(AggregateView::new(
             config.windows.clone(),
             config.settings.windows.clock,
+            config.settings.analytics.min_responses,
         )))
     }
 

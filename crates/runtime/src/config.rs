@@ -256,16 +256,18 @@ pub struct SegmentRouteSettings {
     pub owner: String,
 }
 
-/// How ingest's outputs and input offsets are committed.
+/// How the roles' outputs, state and input offsets are committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Guarantee {
     /// Outputs are delivered, then offsets stored: after a crash some outputs may be sent
     /// again (alerts keep their `alert_id`; the aggregator skips re-sent counts).
     AtLeastOnce,
-    /// Each batch's outputs and its input offsets are committed in one Kafka transaction:
-    /// consumers reading with `isolation.level=read_committed` see every output once. Needs a
-    /// broker with transactions (Apache Kafka has them; Tansu 0.6 does not).
+    /// Each batch's outputs, state writes and input offsets are committed in Kafka
+    /// transactions (one per input partition, whose transactional id fences the partition's
+    /// previous owner): consumers reading with `isolation.level=read_committed` see every
+    /// output once. Needs a broker with transactions (Apache Kafka and noida-db have them;
+    /// Tansu 0.6 does not).
     ExactlyOnce,
 }
 
@@ -274,8 +276,8 @@ pub enum Guarantee {
 pub struct ProcessingSettings {
     /// `at_least_once` or `exactly_once`.
     pub guarantee: Guarantee,
-    /// Transactional id of this ingest process (exactly_once); empty: one is made from the
-    /// host name and process id.
+    /// Prefix of the transactional ids (exactly_once): each input partition's producer has
+    /// the id `<prefix>-<topic>-<partition>`; empty: the role's consumer group is the prefix.
     pub transactional_id: String,
 }
 
@@ -1504,6 +1506,28 @@ impl Reader {
             }
         }
 
+        // Transactional ids are npsflow's to choose (one per input partition, see
+        // `processing.transactional_id`); and exactly once, every client reads committed
+        // records only, or what an aborted (or fenced) transaction wrote would be read.
+        let property = Key::default().name("kafka").name("properties");
+        if s.kafka.properties.contains_key("transactional.id") {
+            self.report(
+                &property.name("transactional.id"),
+                "is set by npsflow (one per input partition in exactly_once); use `processing.transactional_id` for their prefix",
+            );
+        }
+        if s.processing.guarantee == Guarantee::ExactlyOnce
+            && s.kafka
+                .properties
+                .get("isolation.level")
+                .is_some_and(|level| level.trim() != "read_committed")
+        {
+            self.report(
+                &property.name("isolation.level"),
+                "must be read_committed (librdkafka's default) with `processing.guarantee = exactly_once`: what aborted transactions wrote must never be read",
+            );
+        }
+
         let topics = [
             ("topics.responses", &s.topics.responses),
             ("topics.responses_by_id", &s.topics.responses_by_id),
@@ -2392,6 +2416,30 @@ format = "S3cr3tMarker"
             printed.contains("\"sasl.oauthbearer.config\" = \"<redacted>\""),
             "{printed}"
         );
+    }
+
+    #[test]
+    fn exactly_once_reads_committed_and_owns_transactional_ids() {
+        let found = problems(
+            None,
+            &[
+                ("NPSFLOW__PROCESSING__GUARANTEE", "exactly_once"),
+                (
+                    "NPSFLOW__KAFKA__PROPERTIES__ISOLATION_LEVEL",
+                    "read_uncommitted",
+                ),
+                ("NPSFLOW__KAFKA__PROPERTIES__TRANSACTIONAL_ID", "mine"),
+            ],
+        );
+        assert_eq!(found.len(), 2, "{found:#?}");
+        the_problem(&found, "`kafka.properties.\"isolation.level\"` (NPSFLOW__KAFKA__PROPERTIES__ISOLATION_LEVEL): must be read_committed");
+        the_problem(&found, "`kafka.properties.\"transactional.id\"` (NPSFLOW__KAFKA__PROPERTIES__TRANSACTIONAL_ID): is set by npsflow");
+        // At least once, reading uncommitted records is the user's choice.
+        let env = [(
+            "NPSFLOW__KAFKA__PROPERTIES__ISOLATION_LEVEL",
+            "read_uncommitted",
+        )];
+        assert!(load(None, &env).is_ok());
     }
 
     #[test]

@@ -135,10 +135,12 @@ fn read(
     stop: &AtomicBool,
 ) -> Result<(), KafkaError> {
     let mut config = client_config(kafka, "npsflow-case-directory");
+    // Cases a committed transaction wrote, never an aborted one's (exactly once).
     config
         .set("group.id", "npsflow-case-directory")
         .set("enable.auto.commit", "false")
-        .set("enable.partition.eof", "true");
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", "read_committed");
     let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     let partitions = |consumer: &BaseConsumer<Quiet>| -> Result<Vec<i32>, KafkaError> {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;

@@ -12,10 +12,14 @@
 //!   fallback, or the role stops), and the commit point: an input offset is stored only after
 //!   everything its batch caused is delivered. At least once, delivery is pipelined: the next
 //!   batch is received and decided while the previous one is delivered, and offsets are
-//!   stored in batch order. Exactly once, outputs and offsets go in one transaction;
+//!   stored in batch order. Exactly once, each input partition has a transactional producer
+//!   of its own (created, and so fencing any earlier owner, before its state is read back),
+//!   and a batch's records go in the transaction of the partition that caused them, with that
+//!   partition's offset (see [`Transactions`]);
 //! - health (progress per partition, restored or not), timers (they fire on the injected
 //!   clock even when no message arrives), and graceful shutdown (finish, commit, leave).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +27,6 @@ use futures::FutureExt;
 use npsflow_core::Timestamp;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{BorrowedMessage, OwnedMessage};
-use rdkafka::producer::Producer;
 use rdkafka::Message;
 use tokio::sync::watch;
 
@@ -170,31 +173,37 @@ impl Engine {
         );
         let mut consumer_config =
             kafka::consumer_config(&settings.kafka, &binding.group, &format!("npsflow-{name}"));
-        let mut producer_config = kafka::producer_config(
+        let producer_config = kafka::producer_config(
             &settings.kafka,
             &format!("npsflow-{name}-producer"),
             settings.topics.max_message_bytes as usize,
         );
         if transactional {
-            // Offsets are committed inside each batch's transaction, never by the consumer.
-            consumer_config.set("enable.auto.commit", "false");
-            producer_config.set("transactional.id", transactional_id(&self.config, name));
+            // Offsets are committed inside the transactions, never by the consumer; what
+            // aborted transactions wrote is never read.
+            consumer_config
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed");
         }
         let consumer: StreamConsumer<RoleContext> = consumer_config.create_with_context(context)?;
+        // At least once it delivers every record; exactly once it only reports whether the
+        // role reaches a broker (each partition's transactional producer sends).
         let producer = kafka::role_producer(
-            producer_config,
+            producer_config.clone(),
             name,
             self.health.clone(),
             self.metrics.clone(),
-            unsettled,
+            unsettled.clone(),
         )?;
         let mut committer = if transactional {
-            let producer = producer.clone();
-            tokio::task::spawn_blocking(move || {
-                producer.init_transactions(Duration::from_secs(60))
-            })
-            .await??;
-            Committer::Transactional
+            Committer::Transactional(Transactions::new(Fencing {
+                config: producer_config,
+                prefix: transactional_prefix(&self.config, &binding.group),
+                role: name,
+                health: self.health.clone(),
+                metrics: self.metrics.clone(),
+                unsettled,
+            }))
         } else {
             Committer::AtLeastOnce { in_flight: None }
         };
@@ -235,8 +244,22 @@ impl Engine {
             if !changes.is_empty() {
                 // Attend to the new assignment with nothing of the old one still in flight.
                 committer.drain(&consumer, name, &self.metrics).await?;
-                let (new, held) = apply_changes(&mut role, &mut assigned, &mut restores, changes);
-                self.start_restore(&mut role, &binding, &consumer, &mut restores, new, held);
+                let (new, held) = apply_changes(
+                    &mut role,
+                    &mut assigned,
+                    &mut restores,
+                    &mut committer,
+                    changes,
+                );
+                self.start_restore(
+                    &mut role,
+                    &binding,
+                    &consumer,
+                    &committer,
+                    &mut restores,
+                    new,
+                    held,
+                );
             }
             // Messages fetched just before their partition was revoked belong to the new
             // owner, which decides them with that partition's full state.
@@ -251,31 +274,43 @@ impl Engine {
             let mut held = restores.hold(&mut batch);
             let now = self.clock.now();
             for (done, found) in restores.take_finished() {
-                held.extend(
-                    self.finish_restore(&mut role, &binding, &consumer, done, found?, now)?,
-                );
+                held.extend(self.finish_restore(
+                    &mut role,
+                    &binding,
+                    &consumer,
+                    &mut committer,
+                    done,
+                    found?,
+                    now,
+                )?);
             }
             self.health.set_restored(name, restores.is_empty());
-            let mut records = Vec::new();
-            if !held.is_empty() {
-                role.handle_messages(&held, now, &mut records);
-            }
-            if !batch.is_empty() {
-                role.handle_messages(&batch, now, &mut records);
-            }
+            // What the role makes of it, with the input partition that caused each part
+            // (exactly once, the role sees one partition at a time, so every record has its
+            // partition's transaction; at least once, the whole batch at once).
+            let mut caused: Vec<(Option<TopicPartition>, Vec<Outgoing>)> = Vec::new();
+            handle(&mut role, &mut held, transactional, now, &mut caused);
+            handle(&mut role, &mut batch, transactional, now, &mut caused);
             if role.poll_timeout().is_some_and(|due| due <= now) {
+                let mut records = Vec::new();
                 role.handle_timeout(now, &mut records);
+                caused.push((None, records));
             }
-            if batch.is_empty() && held.is_empty() && records.is_empty() {
+            if batch.is_empty() && held.is_empty() && caused.iter().all(|(_, r)| r.is_empty()) {
                 // Nothing new: the batch in flight reaches its commit point if it is
                 // delivered. If it is not (the broker may be down), the driver goes back to
                 // receiving, which keeps the consumer's statistics and errors (and so the
                 // health) served; `settled` wakes it once the delivery is done.
-                committer.store_if_settled(&consumer, name, &self.metrics)?;
+                committer
+                    .commit_if_settled(&consumer, name, &self.metrics)
+                    .await?;
                 continue;
             }
             let max = kafka::max_record_bytes(settings.topics.max_message_bytes as usize);
-            let records = kafka::fit_records(records, max, &self.metrics);
+            let caused = caused
+                .into_iter()
+                .map(|(cause, records)| (cause, kafka::fit_records(records, max, &self.metrics)))
+                .collect();
             let offsets = kafka::last_offsets(
                 held.iter()
                     .map(kafka::position)
@@ -287,7 +322,7 @@ impl Engine {
                     &producer,
                     name,
                     &self.metrics,
-                    records,
+                    caused,
                     offsets,
                     started,
                 )
@@ -320,12 +355,17 @@ impl Engine {
 
     /// Starts reading back the state the role needs for newly assigned `partitions`, on a
     /// blocking thread. They are paused until it is handed to the role; `held` are messages of
-    /// them received already (from a restore abandoned because the assignment moved).
+    /// them received already (from a restore abandoned because the assignment moved). Exactly
+    /// once, every new partition goes this way, state or not: its producer is made first,
+    /// which fences the partition's previous owner, and only then are its state and its
+    /// committed offset read, so they include everything that owner committed.
+    #[allow(clippy::too_many_arguments)]
     fn start_restore<R: RoleMachine>(
         &self,
         role: &mut R,
         binding: &Binding,
         consumer: &StreamConsumer<RoleContext>,
+        committer: &Committer,
         restores: &mut Restores,
         partitions: Vec<TopicPartition>,
         held: Vec<OwnedMessage>,
@@ -334,8 +374,20 @@ impl Engine {
             return;
         }
         let list = partition_list(&partitions);
-        let reads = role.handle_assigned(&partitions);
-        if reads.is_empty() {
+        // One partition at a time, so that each read is known to belong to its partition.
+        let mut reads = Vec::new();
+        let mut owners = Vec::new();
+        for tp in &partitions {
+            for read in role.handle_assigned(std::slice::from_ref(tp)) {
+                owners.push(((read.topic().to_owned(), read.partition()), tp.clone()));
+                reads.push(read);
+            }
+        }
+        let fencing = match committer {
+            Committer::Transactional(transactions) => Some(transactions.fencing.clone()),
+            Committer::AtLeastOnce { .. } => None,
+        };
+        if reads.is_empty() && fencing.is_none() {
             // Nothing to read: they flow at once (and are not left paused from before).
             if let Err(error) = consumer.resume(&list) {
                 tracing::debug!(%error, "resuming partitions that need no restore");
@@ -350,11 +402,39 @@ impl Engine {
         let kafka = self.config.settings.kafka.clone();
         let group = binding.group.clone();
         let wanted = reads.clone();
+        let fenced = partitions.clone();
         restores.pending.push(Restore {
             partitions,
             reads,
+            owners,
             task: tokio::task::spawn_blocking(move || {
-                state::read(&kafka, &group, &wanted, RESTORE_LIMIT)
+                let deadline = Instant::now() + RESTORE_LIMIT;
+                let producers = match &fencing {
+                    Some(fencing) => fencing.fence(&fenced, RESTORE_LIMIT)?,
+                    None => Vec::new(),
+                };
+                let left = deadline.saturating_duration_since(Instant::now());
+                let found = if wanted.is_empty() {
+                    Vec::new()
+                } else {
+                    state::read(&kafka, &group, &wanted, left)?
+                };
+                let committed = if fencing.is_some() {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    kafka::committed_offsets(
+                        &kafka,
+                        &group,
+                        &fenced,
+                        left.max(Duration::from_secs(10)),
+                    )?
+                } else {
+                    Vec::new()
+                };
+                Ok(Restored {
+                    found,
+                    producers,
+                    committed,
+                })
             }),
             found: None,
             held,
@@ -363,33 +443,93 @@ impl Engine {
     }
 
     /// Hands a finished restore's state to the role and resumes its partitions; returns the
-    /// messages of them received meanwhile, to be handled next.
+    /// messages of them received meanwhile, to be handled next. Exactly once, the partitions'
+    /// producers are taken into use, and a partition is read again from the offset committed
+    /// when its state was read (its previous owner may have committed a last transaction
+    /// after this consumer asked where to start).
+    #[allow(clippy::too_many_arguments)]
     fn finish_restore<R: RoleMachine>(
         &self,
         role: &mut R,
         binding: &Binding,
         consumer: &StreamConsumer<RoleContext>,
+        committer: &mut Committer,
         done: Restore,
-        found: Result<Vec<Vec<StoredRecord>>, RuntimeError>,
+        found: Result<Restored, RuntimeError>,
         now: Timestamp,
     ) -> Result<Vec<OwnedMessage>, RuntimeError> {
-        let found = found?;
+        let restored = found?;
         let mut count = 0;
-        for (read, records) in done.reads.iter().zip(found) {
+        for (read, records) in done.reads.iter().zip(restored.found) {
             count += records.len();
             role.handle_restored(read, records, now);
+        }
+        let mut held = done.held;
+        if let Committer::Transactional(transactions) = committer {
+            transactions.producers.extend(restored.producers);
+            transactions.owners.extend(done.owners);
+            for ((topic, partition), committed) in restored.committed {
+                let tp = (topic, partition);
+                let Some(offset) = committed else {
+                    transactions.committed.remove(&tp);
+                    continue;
+                };
+                transactions.committed.insert(tp.clone(), offset);
+                let of_tp = |m: &OwnedMessage| m.partition() == tp.1 && m.topic() == tp.0;
+                let first_held = held.iter().filter(|m| of_tp(m)).map(|m| m.offset()).min();
+                if first_held != Some(offset) {
+                    held.retain(|m| !of_tp(m));
+                    if let Err(error) = consumer.seek(
+                        &tp.0,
+                        tp.1,
+                        rdkafka::Offset::Offset(offset),
+                        Duration::from_secs(10),
+                    ) {
+                        tracing::warn!(%error, topic = tp.0, partition = tp.1, offset, "seeking to the committed offset after a restore");
+                    }
+                }
+            }
         }
         if let Err(error) = consumer.resume(&partition_list(&done.partitions)) {
             tracing::debug!(%error, "resuming after a restore");
         }
         events::Restored {
             role: binding.role,
-            partitions: done.reads.len(),
+            partitions: done.partitions.len(),
             records: count,
             seconds: done.started.elapsed().as_secs_f64(),
         }
         .emit(&self.metrics);
-        Ok(done.held)
+        Ok(held)
+    }
+}
+
+/// Hands `messages` to the role: at once, or (`per_partition`) one input partition at a time
+/// in offset order, noting which partition caused which records.
+fn handle<R: RoleMachine, M: Message>(
+    role: &mut R,
+    messages: &mut [M],
+    per_partition: bool,
+    now: Timestamp,
+    caused: &mut Vec<(Option<TopicPartition>, Vec<Outgoing>)>,
+) {
+    if messages.is_empty() {
+        return;
+    }
+    if !per_partition {
+        let mut records = Vec::new();
+        role.handle_messages(messages, now, &mut records);
+        caused.push((None, records));
+        return;
+    }
+    // Stable: each partition's messages stay in offset order.
+    messages.sort_by(|a, b| (a.topic(), a.partition()).cmp(&(b.topic(), b.partition())));
+    for chunk in messages.chunk_by(|a, b| a.partition() == b.partition() && a.topic() == b.topic())
+    {
+        let mut records = Vec::new();
+        role.handle_messages(chunk, now, &mut records);
+        let cause = (chunk[0].topic().to_owned(), chunk[0].partition());
+        caused.push((Some(cause), records));
     }
 }
 
@@ -401,13 +541,23 @@ fn partition_list(partitions: &[TopicPartition]) -> rdkafka::TopicPartitionList 
     list
 }
 
-type Found = Result<Result<Vec<Vec<StoredRecord>>, RuntimeError>, tokio::task::JoinError>;
+type Found = Result<Result<Restored, RuntimeError>, tokio::task::JoinError>;
+
+/// What a restore found: the records of each read, and exactly once each partition's
+/// producer (already fencing its previous owner) and committed offset.
+struct Restored {
+    found: Vec<Vec<StoredRecord>>,
+    producers: Vec<(TopicPartition, RoleProducer)>,
+    committed: Vec<(TopicPartition, Option<i64>)>,
+}
 
 /// A restore in progress: partitions paused until the role has their state.
 struct Restore {
     partitions: Vec<TopicPartition>,
     reads: Vec<StateRead>,
-    task: tokio::task::JoinHandle<Result<Vec<Vec<StoredRecord>>, RuntimeError>>,
+    /// Each state partition read, with the input partition whose state it holds.
+    owners: Vec<(TopicPartition, TopicPartition)>,
+    task: tokio::task::JoinHandle<Result<Restored, RuntimeError>>,
     /// What the reads found, once [`Restores::finished`] has seen it.
     found: Option<Found>,
     /// Messages of these partitions received meanwhile, in order.
@@ -518,6 +668,7 @@ fn apply_changes<R: RoleMachine>(
     role: &mut R,
     assigned: &mut Vec<TopicPartition>,
     restores: &mut Restores,
+    committer: &mut Committer,
     changes: Vec<AssignmentChange>,
 ) -> (Vec<TopicPartition>, Vec<OwnedMessage>) {
     let mut new: Vec<TopicPartition> = Vec::new();
@@ -533,6 +684,9 @@ fn apply_changes<R: RoleMachine>(
                         .any(|(t, p)| *p == m.partition() && t == m.topic())
                 });
                 role.handle_revoked(&partitions);
+                if let Committer::Transactional(transactions) = committer {
+                    transactions.revoked(&partitions);
+                }
                 let (again, again_held) = restores.revoke(&partitions);
                 new.extend(again);
                 held.extend(again_held);
@@ -566,11 +720,14 @@ enum Committer {
     /// Deliver, then store the offsets for the consumer's next commit. Pipelined: one batch
     /// may be in flight while the next is received and decided.
     AtLeastOnce { in_flight: Option<InFlight> },
-    /// Records and offsets in one Kafka transaction per batch.
-    Transactional,
+    /// Records and offsets in Kafka transactions, one per input partition and batch.
+    Transactional(Transactions),
 }
 
 impl Committer {
+    /// Takes a batch to its commit point: `caused` are its records by the input partition
+    /// that caused them (`None`: the batch as a whole, or timers), `offsets` the last offset
+    /// handled per partition.
     #[allow(clippy::too_many_arguments)]
     async fn commit(
         &mut self,
@@ -578,7 +735,7 @@ impl Committer {
         producer: &RoleProducer,
         role: &'static str,
         metrics: &Metrics,
-        records: Vec<Outgoing>,
+        caused: Vec<(Option<TopicPartition>, Vec<Outgoing>)>,
         offsets: Vec<(String, i32, i64)>,
         started: Instant,
     ) -> Result<(), RuntimeError> {
@@ -587,6 +744,10 @@ impl Committer {
                 if let Some(previous) = in_flight.take() {
                     finish(consumer, role, metrics, previous).await?;
                 }
+                let records = caused
+                    .into_iter()
+                    .flat_map(|(_, records)| records)
+                    .collect();
                 *in_flight = Some(InFlight {
                     delivery: tokio::spawn(kafka::deliver_all(producer, records, metrics)),
                     delivered: None,
@@ -595,17 +756,11 @@ impl Committer {
                 });
                 Ok(())
             }
-            Committer::Transactional => {
-                let group = consumer
-                    .group_metadata()
-                    .ok_or(RuntimeError::NoGroupMetadata)?;
-                let next = kafka::next_offsets(&offsets);
-                let (producer, task_metrics) = (producer.clone(), metrics.clone());
-                tokio::task::spawn_blocking(move || {
-                    kafka::commit_transaction(&producer, &records, &next, &group, &task_metrics)
-                })
-                .await??;
-                kafka::record_progress(consumer, &offsets);
+            Committer::Transactional(transactions) => {
+                let work = transactions.attribute(caused);
+                transactions
+                    .commit(consumer, role, metrics, work, &offsets)
+                    .await?;
                 events::BatchCommitted {
                     role,
                     seconds: started.elapsed().as_secs_f64(),
@@ -631,8 +786,10 @@ impl Committer {
         }
     }
 
-    /// Stores the offsets of the batch in flight if its delivery has settled; never waits.
-    fn store_if_settled(
+    /// With nothing new received: at least once, stores the offsets of the batch in flight
+    /// if its delivery has settled (never waits); exactly once, commits the positions of
+    /// partitions the consumer has moved past transaction markers only.
+    async fn commit_if_settled(
         &mut self,
         consumer: &StreamConsumer<RoleContext>,
         role: &'static str,
@@ -658,7 +815,11 @@ impl Committer {
                     }
                 }
             }
-            Committer::Transactional => Ok(()),
+            Committer::Transactional(transactions) => {
+                transactions
+                    .commit(consumer, role, metrics, BTreeMap::new(), &[])
+                    .await
+            }
         }
     }
 
@@ -674,7 +835,236 @@ impl Committer {
                 Some(previous) => finish(consumer, role, metrics, previous).await,
                 None => Ok(()),
             },
-            Committer::Transactional => Ok(()),
+            Committer::Transactional(_) => Ok(()),
+        }
+    }
+}
+
+/// Sorts records into transactions by input partition: a record written to a state partition
+/// (one read back on assignment, in `owners`) goes with the input partition whose state it
+/// holds, if that one is `ready` (restored, with a producer); any other with the partition
+/// whose messages caused it. A record no partition claims (a role's timer writing to no state
+/// partition) goes with `fallback` (a ready partition), if any.
+fn attribute(
+    caused: Vec<(Option<TopicPartition>, Vec<Outgoing>)>,
+    owners: &BTreeMap<TopicPartition, TopicPartition>,
+    ready: impl Fn(&TopicPartition) -> bool,
+    fallback: Option<TopicPartition>,
+) -> BTreeMap<TopicPartition, Vec<Outgoing>> {
+    let mut work: BTreeMap<TopicPartition, Vec<Outgoing>> = BTreeMap::new();
+    for (cause, records) in caused {
+        for record in records {
+            let state = record.partition.and_then(|partition| {
+                owners
+                    .get(&(record.topic.clone(), partition))
+                    .filter(|input| ready(input))
+            });
+            match state.or(cause.as_ref()).or(fallback.as_ref()).cloned() {
+                Some(owner) => work.entry(owner).or_default().push(record),
+                None => tracing::warn!(
+                    topic = record.topic,
+                    "a record with no assigned partition to commit it with was dropped"
+                ),
+            }
+        }
+    }
+    work
+}
+
+/// What makes an input partition's transactional producer.
+#[derive(Clone)]
+struct Fencing {
+    /// The producers' configuration, without a transactional id.
+    config: rdkafka::ClientConfig,
+    /// The transactional ids' prefix: a partition's id is `<prefix>-<topic>-<partition>`.
+    prefix: String,
+    role: &'static str,
+    health: Arc<Health>,
+    metrics: Metrics,
+    unsettled: Arc<kafka::Unsettled>,
+}
+
+impl Fencing {
+    /// An initialised producer for each of `partitions`. Initialising a transactional id
+    /// fences every earlier producer with it: the broker aborts the transaction it left open
+    /// and refuses anything it sends from then on. Blocking.
+    fn fence(
+        &self,
+        partitions: &[TopicPartition],
+        limit: Duration,
+    ) -> Result<Vec<(TopicPartition, RoleProducer)>, RuntimeError> {
+        let mut producers = Vec::with_capacity(partitions.len());
+        for (topic, partition) in partitions {
+            let producer = kafka::partition_producer(
+                &self.config,
+                &transactional_id(&self.prefix, topic, *partition),
+                self.role,
+                self.health.clone(),
+                self.metrics.clone(),
+                self.unsettled.clone(),
+                limit,
+            )?;
+            producers.push(((topic.clone(), *partition), producer));
+        }
+        Ok(producers)
+    }
+}
+
+/// Exactly once (`processing.guarantee = exactly_once`): one transactional producer per
+/// assigned input partition, with a transactional id made from the partition
+/// (`<prefix>-<topic>-<partition>`), the pre-KIP-447 scheme (Kafka Streams' first
+/// exactly-once). Whoever is assigned a partition initialises that id before it reads the
+/// partition's state and committed offset, which fences the partition's previous owner: a
+/// process that stalled past its session timeout (a zombie) and wakes up cannot commit
+/// anything for a partition it lost, even on a broker that does not check the group
+/// generation of transactional offset commits (KIP-447; noida-db 0.2.3 does not).
+///
+/// Each transaction holds the records one partition's messages caused and that partition's
+/// offset; records a role writes to a partition it reads back as state (a snapshot, a case, an
+/// escalation notice: also from timers) go in the transaction of the input partition whose
+/// state it is. Offsets committed are the consumer's position when it is past the last
+/// message handled: past transaction markers, so that a drained partition has no lag.
+struct Transactions {
+    fencing: Fencing,
+    /// Input partition -> its producer, from the end of its restore until it is revoked.
+    producers: BTreeMap<TopicPartition, RoleProducer>,
+    /// State partition -> the input partition whose state it holds.
+    owners: BTreeMap<TopicPartition, TopicPartition>,
+    /// Input partition -> the offset committed (the next to read), where known.
+    committed: BTreeMap<TopicPartition, i64>,
+}
+
+impl Transactions {
+    fn new(fencing: Fencing) -> Transactions {
+        Transactions {
+            fencing,
+            producers: BTreeMap::new(),
+            owners: BTreeMap::new(),
+            committed: BTreeMap::new(),
+        }
+    }
+
+    /// Partitions taken away: their producers are dropped (never used again).
+    fn revoked(&mut self, partitions: &[TopicPartition]) {
+        for tp in partitions {
+            self.producers.remove(tp);
+            self.committed.remove(tp);
+        }
+        self.owners.retain(|_, input| !partitions.contains(input));
+    }
+
+    /// Sorts records into transactions by input partition (see [`attribute`]).
+    fn attribute(
+        &self,
+        caused: Vec<(Option<TopicPartition>, Vec<Outgoing>)>,
+    ) -> BTreeMap<TopicPartition, Vec<Outgoing>> {
+        let fallback = self.producers.keys().next().cloned();
+        attribute(
+            caused,
+            &self.owners,
+            |tp| self.producers.contains_key(tp),
+            fallback,
+        )
+    }
+
+    /// Commits each partition's records with its offset, one transaction per partition, all
+    /// at once; a partition with no records is committed when the consumer's position has
+    /// moved past transaction markers. `offsets` are the last offsets handled.
+    async fn commit(
+        &mut self,
+        consumer: &StreamConsumer<RoleContext>,
+        role: &'static str,
+        metrics: &Metrics,
+        mut work: BTreeMap<TopicPartition, Vec<Outgoing>>,
+        offsets: &[(String, i32, i64)],
+    ) -> Result<(), RuntimeError> {
+        let mut next: BTreeMap<TopicPartition, i64> = offsets
+            .iter()
+            .map(|(topic, partition, offset)| ((topic.clone(), *partition), offset + 1))
+            .collect();
+        // The consumer's position, where it is past what was handled: control records only
+        // (every message received of a partition with a producer has been handled).
+        if let Ok(positions) = consumer.position() {
+            for element in positions.elements() {
+                let tp = (element.topic().to_owned(), element.partition());
+                let rdkafka::Offset::Offset(position) = element.offset() else {
+                    continue;
+                };
+                if !self.producers.contains_key(&tp) {
+                    continue;
+                }
+                let committed = self.committed.get(&tp).copied().unwrap_or(-1);
+                let handled = next.get(&tp).copied().unwrap_or(committed);
+                if position > handled.max(committed) {
+                    next.insert(tp, position);
+                }
+            }
+        }
+        next.retain(|tp, offset| self.committed.get(tp).is_none_or(|c| *offset > *c));
+        for tp in next.keys() {
+            work.entry(tp.clone()).or_default();
+        }
+        if work.is_empty() {
+            return Ok(());
+        }
+        let mut tasks = Vec::with_capacity(work.len());
+        for (tp, records) in work {
+            let Some(producer) = self.producers.get(&tp).cloned() else {
+                // Every partition handled was restored, so it has a producer.
+                tracing::warn!(
+                    topic = tp.0,
+                    partition = tp.1,
+                    "no producer for a partition"
+                );
+                continue;
+            };
+            let group = consumer
+                .group_metadata()
+                .ok_or(RuntimeError::NoGroupMetadata)?;
+            let offset = next.get(&tp).copied();
+            let list = kafka::next_offsets(
+                &offset
+                    .map(|o| (tp.0.clone(), tp.1, o - 1))
+                    .into_iter()
+                    .collect::<Vec<_>>(),
+            );
+            let task_metrics = metrics.clone();
+            let partition = tp.clone();
+            tasks.push(tokio::task::spawn_blocking(move || {
+                let result =
+                    kafka::commit_transaction(&producer, &records, &list, &group, &task_metrics);
+                (partition, offset, result)
+            }));
+        }
+        let mut failed = None;
+        let mut progressed = Vec::new();
+        for task in futures::future::join_all(tasks).await {
+            let (tp, offset, result) = task?;
+            match result {
+                Ok(()) => {
+                    if let Some(offset) = offset {
+                        self.committed.insert(tp.clone(), offset);
+                        progressed.push((tp.0, tp.1, offset - 1));
+                    }
+                }
+                Err(error) => {
+                    if kafka::is_fatal_in_transaction(&error) {
+                        events::PartitionFenced {
+                            role,
+                            topic: &tp.0,
+                            partition: tp.1,
+                            error: &error,
+                        }
+                        .emit(metrics);
+                    }
+                    failed.get_or_insert(error);
+                }
+            }
+        }
+        kafka::record_progress(consumer, &progressed);
+        match failed {
+            Some(error) => Err(error.into()),
+            None => Ok(()),
         }
     }
 }
@@ -718,21 +1108,19 @@ fn stored(
     Ok(())
 }
 
-/// The role's transactional id: configured, or one per host and process.
-fn transactional_id(config: &Config, role: &str) -> String {
+/// The prefix of a role's transactional ids: `processing.transactional_id`, else the role's
+/// consumer group. The same in every process of a deployment, so that the next owner of a
+/// partition fences the last one whichever process it is.
+fn transactional_prefix(config: &Config, group: &str) -> String {
     match config.settings.processing.transactional_id.as_str() {
-        "" => format!("npsflow-{role}-{}-{}", host_name(), std::process::id()),
-        id if role == crate::ingest::ROLE => id.to_owned(),
-        id => format!("{id}-{role}"),
+        "" => group.to_owned(),
+        prefix => prefix.to_owned(),
     }
 }
 
-fn host_name() -> String {
-    std::fs::read_to_string("/etc/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "npsflow".into())
+/// The transactional id of an input partition's producer.
+fn transactional_id(prefix: &str, topic: &str, partition: i32) -> String {
+    format!("{prefix}-{topic}-{partition}")
 }
 
 /// How the driver receives a batch.
@@ -873,6 +1261,95 @@ mod tests {
                 self.left -= 1;
             }
         }
+    }
+
+    fn record(topic: &str, partition: Option<i32>, key: &str) -> Outgoing {
+        Outgoing::new(topic, partition, Some(key.as_bytes().to_vec()), None, None)
+    }
+
+    /// Exactly once, each record goes in the transaction of the input partition it belongs
+    /// to: a write to a state partition with that partition's owner (also from a timer, and
+    /// also when another partition's messages caused it), anything else with its cause; a
+    /// state partition whose owner is not ready yet does not claim.
+    #[test]
+    fn records_go_in_the_transaction_of_their_input_partition() {
+        let tp = |t: &str, p: i32| (t.to_owned(), p);
+        let owners: BTreeMap<TopicPartition, TopicPartition> = [
+            (tp("cases", 0), tp("events", 0)),
+            (tp("cases", 1), tp("events", 1)),
+            (tp("escalations", 1), tp("events", 1)),
+            (tp("cases", 2), tp("events", 2)),
+        ]
+        .into();
+        let ready = |input: &TopicPartition| input.1 != 2;
+        let caused = vec![
+            (
+                Some(tp("events", 0)),
+                vec![
+                    record("cases", Some(0), "a"),
+                    // A confirmation of another partition's case, made while handling p0.
+                    record("cases", Some(1), "b"),
+                    // Keyed, no explicit partition: the cause's.
+                    record("followup-events", None, "c"),
+                    // Partition 2 is still being restored: not its transaction.
+                    record("cases", Some(2), "d"),
+                ],
+            ),
+            (
+                Some(tp("outcomes", 1)),
+                vec![record("followup-events", Some(1), "e")],
+            ),
+            // Timers.
+            (
+                None,
+                vec![
+                    record("escalations", Some(1), "f"),
+                    record("elsewhere", None, "g"),
+                ],
+            ),
+        ];
+        let work = attribute(caused, &owners, ready, Some(tp("events", 0)));
+        let keys = |input: TopicPartition| -> Vec<String> {
+            work.get(&input)
+                .map(|records| {
+                    records
+                        .iter()
+                        .map(|r| {
+                            String::from_utf8_lossy(r.key.as_deref().unwrap_or_default())
+                                .into_owned()
+                        })
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(keys(tp("events", 0)), ["a", "c", "d", "g"]);
+        assert_eq!(keys(tp("events", 1)), ["b", "f"]);
+        assert_eq!(keys(tp("outcomes", 1)), ["e"]);
+        assert_eq!(work.len(), 3);
+    }
+
+    /// Transactional ids are made from the partition, never from the process, so that the
+    /// next owner of a partition (any process) fences the previous one.
+    #[test]
+    fn transactional_ids_name_the_partition_not_the_process() {
+        let env = |id: &str| {
+            let env = [(
+                "NPSFLOW__PROCESSING__TRANSACTIONAL_ID".to_owned(),
+                id.to_owned(),
+            )];
+            Config::load(None, env).expect("config")
+        };
+        let prefix = transactional_prefix(&env(""), "npsflow-aggregate");
+        assert_eq!(prefix, "npsflow-aggregate");
+        assert_eq!(
+            transactional_id(&prefix, "npsflow.segment-deltas", 4),
+            "npsflow-aggregate-npsflow.segment-deltas-4"
+        );
+        let prefix = transactional_prefix(&env("prod-eu"), "npsflow-aggregate");
+        assert_eq!(
+            transactional_id(&prefix, "npsflow.segment-deltas", 4),
+            "prod-eu-npsflow.segment-deltas-4"
+        );
     }
 
     fn read_all(brokers: &str, topic: &str, count: usize) -> Vec<String> {

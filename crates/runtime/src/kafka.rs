@@ -314,6 +314,50 @@ pub fn role_producer(
 ) -> Result<RoleProducer, KafkaError> {
     health.set_producing(role, false);
     config.set("statistics.interval.ms", "1000");
+    polled_producer(config, role, health, metrics, unsettled)
+}
+
+/// The transactional producer of one input partition (`processing.guarantee =
+/// exactly_once`): `config` with `transactional_id`, initialised, which fences every earlier
+/// producer with that id (the broker aborts its open transaction and refuses its writes from
+/// then on). Its statistics are off: the role's own producer reports connectivity. Blocking.
+pub fn partition_producer(
+    config: &ClientConfig,
+    transactional_id: &str,
+    role: &'static str,
+    health: Arc<Health>,
+    metrics: Metrics,
+    unsettled: Arc<Unsettled>,
+    limit: Duration,
+) -> Result<RoleProducer, KafkaError> {
+    let mut config = config.clone();
+    config
+        .set("transactional.id", transactional_id)
+        .set("statistics.interval.ms", "0");
+    let producer = polled_producer(config, role, health, metrics, unsettled)?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match producer.init_transactions(left.max(Duration::from_secs(1))) {
+            Ok(()) => return Ok(producer),
+            // A broker that is away or slow: ask again within the limit.
+            Err(KafkaError::Transaction(e))
+                if e.is_retriable() && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+fn polled_producer(
+    config: ClientConfig,
+    role: &'static str,
+    health: Arc<Health>,
+    metrics: Metrics,
+    unsettled: Arc<Unsettled>,
+) -> Result<RoleProducer, KafkaError> {
     let producer: Arc<BaseProducer<ProducerHealth>> =
         Arc::new(config.create_with_context(ProducerHealth::new(role, health, metrics))?);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -776,21 +820,19 @@ pub fn commit_transaction(
                     }
                 }
             }
-            producer.send_offsets_to_transaction(offsets, group, timeout)?;
+            if offsets.count() > 0 {
+                producer.send_offsets_to_transaction(offsets, group, timeout)?;
+            }
             producer.commit_transaction(timeout)
         })();
         let error = match attempt {
             Ok(()) => return Ok(()),
             Err(error) => error,
         };
-        let fatal = match &error {
-            KafkaError::Transaction(e) => e.is_fatal(),
-            _ => false,
-        };
-        if fatal {
-            return Err(error);
-        }
-        if is_permanent(&error) {
+        if !is_retried_in_transaction(&error) {
+            if !is_fatal_in_transaction(&error) {
+                let _ = producer.abort_transaction(timeout);
+            }
             return Err(error);
         }
         events::TransactionRetried { error: &error }.emit(metrics);
@@ -798,6 +840,74 @@ pub fn commit_transaction(
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
+}
+
+/// Whether a transaction error leaves the producer unusable: fenced by a newer producer with
+/// its transactional id (another process owns the partition now), or another fatal error.
+pub fn is_fatal_in_transaction(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    match error {
+        KafkaError::Transaction(e) => {
+            e.is_fatal() || matches!(e.code(), C::ProducerFenced | C::InvalidProducerEpoch)
+        }
+        _ => false,
+    }
+}
+
+/// Whether a failed transaction is aborted and tried again: not when the producer is fenced or
+/// in a fatal state, a record is rejected for good, or the group has moved on without this
+/// member (an illegal generation or unknown member when the offsets are sent: the batch was
+/// decided for partitions that may belong to another process now, so the role stops and
+/// starts again from what is committed).
+pub fn is_retried_in_transaction(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    if is_fatal_in_transaction(error) || is_permanent(error) {
+        return false;
+    }
+    match error {
+        KafkaError::Transaction(e) => !matches!(
+            e.code(),
+            C::IllegalGeneration | C::UnknownMemberId | C::FencedInstanceId
+        ),
+        _ => true,
+    }
+}
+
+/// The offsets `group` has committed on `partitions` (the next offset to read), `None` where
+/// it has none. Blocking.
+pub fn committed_offsets(
+    kafka: &KafkaSettings,
+    group: &str,
+    partitions: &[(String, i32)],
+    limit: Duration,
+) -> Result<Vec<((String, i32), Option<i64>)>, KafkaError> {
+    if partitions.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut config = client_config(kafka, "npsflow-offsets");
+    config
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed");
+    let consumer: BaseConsumer = config.create()?;
+    let mut list = rdkafka::TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        list.add_partition(topic, *partition);
+    }
+    let committed = consumer.committed_offsets(list, limit)?;
+    Ok(partitions
+        .iter()
+        .map(|(topic, partition)| {
+            let offset =
+                committed
+                    .find_partition(topic, *partition)
+                    .and_then(|e| match e.offset() {
+                        rdkafka::Offset::Offset(offset) => Some(offset),
+                        _ => None,
+                    });
+            ((topic.clone(), *partition), offset)
+        })
+        .collect())
 }
 
 /// Replaces every record that cannot fit in `max_bytes` (its key, value and headers, with a

@@ -557,6 +557,33 @@ impl RoleFailed<'_> {
     }
 }
 
+/// A partition's transactional producer was fenced: another process has been assigned the
+/// partition and initialised its transactional id since (this process stalled past its
+/// session timeout). Nothing this process writes for it is committed; the role stops.
+pub struct PartitionFenced<'a> {
+    /// The role.
+    pub role: &'static str,
+    /// The input topic.
+    pub topic: &'a str,
+    /// The input partition.
+    pub partition: i32,
+    /// The error.
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl PartitionFenced<'_> {
+    /// Logs it (the role's failure that follows is counted).
+    pub fn emit(&self, _metrics: &Metrics) {
+        error!(
+            role = self.role,
+            topic = self.topic,
+            partition = self.partition,
+            error = %self.error,
+            "transactional producer fenced: another process owns the partition now"
+        );
+    }
+}
+
 /// A role started.
 pub struct RoleStarted<'a> {
     /// The role.
