@@ -221,7 +221,8 @@ mod tests {
             .fetch_metadata(Some("keys"), std::time::Duration::from_secs(10))
             .expect("metadata");
         for key in &keys {
-            let record: BaseRecord<'_, str, str> = BaseRecord::to("keys").key(key.as_str()).payload("x");
+            let record: BaseRecord<'_, str, str> =
+                BaseRecord::to("keys").key(key.as_str()).payload("x");
             producer.send(record).map_err(|(e, _)| e).expect("queued");
         }
         producer

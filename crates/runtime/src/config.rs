@@ -87,6 +87,21 @@ pub struct Settings {
     pub log: LogSettings,
     /// Closed-loop follow-up: SLAs, escalations, recovery.
     pub followup: FollowupSettings,
+    /// What the numbers mean: change tests, accounts.
+    pub analytics: AnalyticsSettings,
+}
+
+/// Change tests and account summaries.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct AnalyticsSettings {
+    /// A window's change from the window before is `significant` only with at least this many
+    /// responses on both sides.
+    pub min_responses: u64,
+    /// Accounts' NPS covers this span (e.g. `28d`, at least 60 ms so it can move in steps of a
+    /// sixtieth of itself). Parsed into [`Config::account_window`].
+    pub account_window: String,
+    /// An account whose NPS is below this (-100..100) is at risk.
+    pub at_risk_below: i64,
 }
 
 /// Where Kafka is and how to talk to it. Its `Debug` output redacts secret properties.
@@ -143,6 +158,12 @@ pub struct TopicSettings {
     pub escalations: String,
     /// Internal, compacted: outcomes waiting for their case and recovery watches.
     pub followup_state: String,
+    /// Optional input: survey invitations sent (for the response rate).
+    pub invitations: String,
+    /// Compacted view: every segment summary the API serves, keyed by window and segment.
+    pub segment_view: String,
+    /// Compacted view: every account summary the API serves, keyed by `account_id`.
+    pub account_view: String,
     /// Partitions used by `npsflow topics create`.
     pub partitions: i32,
     /// Replication factor used by `npsflow topics create`.
@@ -362,6 +383,8 @@ pub struct Config {
     pub stall_timeout: Span,
     /// SLAs, escalation routing and horizons of follow-up cases.
     pub followup: npsflow_core::FollowupPolicy,
+    /// `analytics.account_window`.
+    pub account_window: Span,
 }
 
 /// The properties librdkafka itself treats as sensitive (flagged `_RK_SENSITIVE` in
@@ -833,6 +856,7 @@ struct Read {
     batch_max_wait: Option<Span>,
     stall_timeout: Option<Span>,
     followup_spans: [Option<Span>; 5],
+    account_window: Option<Span>,
 }
 
 impl Reader {
@@ -1314,6 +1338,9 @@ impl Reader {
             cases: self.string(&mut s, "cases"),
             escalations: self.string(&mut s, "escalations"),
             followup_state: self.string(&mut s, "followup_state"),
+            invitations: self.string(&mut s, "invitations"),
+            segment_view: self.string(&mut s, "segment_view"),
+            account_view: self.string(&mut s, "account_view"),
             partitions: to(self.int(&mut s, "partitions", 1, i32_max)),
             replication: to(self.int(&mut s, "replication", 1, i32_max)),
             max_message_bytes: to(self.int(
@@ -1415,6 +1442,17 @@ impl Reader {
         };
         self.finish(s);
 
+        let mut s = self.section(root, "analytics");
+        let min_responses = to(self.int(&mut s, "min_responses", 0, i64::MAX));
+        let (account_window, account_span) = self.span(&mut s, "account_window", Span(60), false);
+        let at_risk_below = self.int(&mut s, "at_risk_below", -100, 100);
+        let analytics = AnalyticsSettings {
+            min_responses,
+            account_window,
+            at_risk_below,
+        };
+        self.finish(s);
+
         let mut s = self.section(root, "health");
         let (stall_timeout, stall) = self.span(&mut s, "stall_timeout", Span(1), false);
         let health = HealthSettings { stall_timeout };
@@ -1468,6 +1506,7 @@ impl Reader {
                 health,
                 log,
                 followup,
+                analytics,
             },
             skew: skew.flatten(),
             resolutions: steps,
@@ -1476,6 +1515,7 @@ impl Reader {
             batch_max_wait: batch_wait.flatten(),
             stall_timeout: stall.flatten(),
             followup_spans: spans,
+            account_window: account_span.flatten(),
         }
     }
 
@@ -1657,6 +1697,7 @@ impl Reader {
             batch_max_wait: read.batch_max_wait?,
             stall_timeout: read.stall_timeout?,
             followup: followup?,
+            account_window: read.account_window?,
         })
     }
 

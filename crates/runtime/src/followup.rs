@@ -72,7 +72,6 @@ mod kind {
     }
 }
 
-
 /// Keys on the follow-up state topic.
 const ORPHANS_PREFIX: &str = "orphans/";
 const WATCH_PREFIX: &str = "watch/";
@@ -665,12 +664,7 @@ pub async fn run(
     let Some(partitions) = partitions else {
         return Ok(());
     };
-    let role = FollowupRole::new(
-        &engine.config,
-        partitions[0],
-        books,
-        engine.metrics.clone(),
-    );
+    let role = FollowupRole::new(&engine.config, partitions[0], books, engine.metrics.clone());
     let binding = FollowupRole::binding(&engine.config);
     engine.drive(role, binding, shutdown).await
 }

@@ -137,6 +137,20 @@ pub fn row_json(row: &Row) -> Value {
         "nps": s.nps,
         "ci95": s.ci95,
         "band": s.band.map(|b| b.as_str()),
+        "invitations": s.tally.invitations,
+        "response_rate": s.tally.response_rate(),
+        "previous": {
+            "from": npsflow_core::Timestamp(2 * s.from.millis() - s.to.millis()).to_rfc3339(),
+            "to": s.from.to_rfc3339(),
+            "responses": s.previous.responses(),
+            "nps": s.change.previous_nps,
+        },
+        "change": {
+            "previous_nps": s.change.previous_nps,
+            "delta": s.change.delta,
+            "z": s.change.z,
+            "significant": row.significant,
+        },
     })
 }
 

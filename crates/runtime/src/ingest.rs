@@ -139,7 +139,8 @@ impl IngestRole {
         };
         for (index, item) in items.into_iter().enumerate() {
             // A record written before bundles existed, or not by npsflow, stands for itself.
-            let received = Received::from_envelope(item).unwrap_or_else(|| Received::direct(message));
+            let received =
+                Received::from_envelope(item).unwrap_or_else(|| Received::direct(message));
             let position = bundle::position(message.offset(), index);
             self.decide_one(message.partition(), position, &received, now, out);
         }
@@ -337,10 +338,7 @@ mod tests {
     fn role() -> (IngestRole, TopicSettings) {
         let config = Config::load(None, Vec::<(String, String)>::new()).expect("defaults");
         let topics = config.settings.topics.clone();
-        (
-            IngestRole::new(&config, PARTITIONS, Metrics::new()),
-            topics,
-        )
+        (IngestRole::new(&config, PARTITIONS, Metrics::new()), topics)
     }
 
     fn message(
@@ -417,7 +415,10 @@ mod tests {
         assert_eq!(topics_of(&out), [topics.dead_letters.as_str(), by_id]);
         assert_eq!(
             out[1].partition,
-            Some(crate::bundle::partition_for_key(b"r1", PARTITIONS.responses_by_id)),
+            Some(crate::bundle::partition_for_key(
+                b"r1",
+                PARTITIONS.responses_by_id
+            )),
             "on the partition of the response id"
         );
         assert_eq!(
@@ -444,11 +445,14 @@ mod tests {
         );
         assert_eq!(
             decided[1].partition,
-            Some(crate::bundle::partition_for_key(b"c-r1", PARTITIONS.followup_events)),
+            Some(crate::bundle::partition_for_key(
+                b"c-r1",
+                PARTITIONS.followup_events
+            )),
             "the notice goes to the customer's partition"
         );
-        let items = crate::bundle::items(decided[1].payload.as_deref().expect("notice"))
-            .expect("a bundle");
+        let items =
+            crate::bundle::items(decided[1].payload.as_deref().expect("notice")).expect("a bundle");
         let (kind, json) = items[0].split_first().expect("an item");
         assert_eq!(*kind, b'n');
         let notice: npsflow_core::FollowupNotice = serde_json::from_slice(json).expect("json");
@@ -491,7 +495,11 @@ mod tests {
             .collect();
         let mut out = Vec::new();
         role.handle_messages(&inputs, NOW, &mut out);
-        assert!(out.len() <= PARTITIONS.responses_by_id as usize, "{}", out.len());
+        assert!(
+            out.len() <= PARTITIONS.responses_by_id as usize,
+            "{}",
+            out.len()
+        );
         let records: Vec<OwnedMessage> = out
             .iter()
             .enumerate()
@@ -519,7 +527,11 @@ mod tests {
             .filter(|d| d.segment == "all")
             .flat_map(|d| d.responses.iter().map(|r| r.0))
             .collect();
-        assert_eq!(positions.len(), 50, "every response has a position of its own");
+        assert_eq!(
+            positions.len(),
+            50,
+            "every response has a position of its own"
+        );
         for record in &records {
             let items = crate::bundle::items(record.payload().expect("payload")).expect("items");
             for index in 0..items.len() {

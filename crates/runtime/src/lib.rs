@@ -146,6 +146,7 @@ impl Process {
             let view = Arc::new(RwLock::new(view::AggregateView::new(
                 config.windows.clone(),
                 config.settings.windows.clock,
+                config.settings.analytics.min_responses,
             )));
             metrics.register_segments(view.clone());
             view

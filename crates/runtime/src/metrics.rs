@@ -591,15 +591,19 @@ impl Default for Metrics {
 const NPS: &str = "npsflow_segment_nps";
 const CI95: &str = "npsflow_segment_nps_ci95";
 const RESPONSES: &str = "npsflow_segment_responses";
+const ZSCORE: &str = "npsflow_segment_nps_change_zscore";
+const INVITATIONS: &str = "npsflow_segment_invitations";
+const RESPONSE_RATE: &str = "npsflow_segment_response_rate";
 
-/// Appends `npsflow_segment_nps`, `_ci95` and `_responses` for every owned segment and
-/// window at `wall`, written straight as text: computed at scrape time (so windows drain as
-/// the clock moves, and a segment with no responses has no NPS series), without building a
-/// gauge vector per scrape (with many segments that cost more memory than the windows).
+/// Appends the segment gauges (`npsflow_segment_nps`, `_ci95`, `_responses`,
+/// `_nps_change_zscore`, `_invitations`, `_response_rate`) for every owned segment and window
+/// at `wall`, written straight as text: computed at scrape time (so windows drain as the
+/// clock moves, and a segment with no responses has no NPS series), without building a gauge
+/// vector per scrape (with many segments that cost more memory than the windows).
 fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mut String) {
     use std::fmt::Write;
     let rows = view.rows(wall);
-    let families: [(&str, &str); 3] = [
+    let families: [(&str, &str); 6] = [
         (NPS, "NPS of a segment in a rolling window, -100..100."),
         (
             CI95,
@@ -608,6 +612,18 @@ fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mu
         (
             RESPONSES,
             "Responses of a segment in a rolling window, by category.",
+        ),
+        (
+            ZSCORE,
+            "Two-sample z of the window's NPS against the window just before it (same length); absent with fewer than analytics.min_responses responses on either side, or no spread.",
+        ),
+        (
+            INVITATIONS,
+            "Survey invitations sent in a segment's rolling window (survey.invitations).",
+        ),
+        (
+            RESPONSE_RATE,
+            "Responses per invitation sent in a segment's rolling window; absent with no invitations.",
         ),
     ];
     for (name, help) in families {
@@ -618,6 +634,13 @@ fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mu
             let value = match name {
                 NPS => summary.nps,
                 CI95 => summary.nps.and(summary.ci95),
+                ZSCORE => {
+                    let (now, before) = summary.change.responses;
+                    let enough = now.min(before) >= view.min_responses();
+                    summary.change.z.filter(|_| enough)
+                }
+                INVITATIONS => Some(summary.tally.invitations as f64),
+                RESPONSE_RATE => summary.tally.response_rate(),
                 _ => {
                     for category in Category::ALL {
                         let count = summary.tally.get(category) as f64;

@@ -19,8 +19,10 @@ pub struct Row {
     pub segment: String,
     /// Window name.
     pub window: String,
-    /// Counts, NPS, margin, band.
+    /// Counts, NPS, margin, band, the window before and the change from it.
     pub summary: WindowSummary,
+    /// Whether the change is more than noise (`analytics.min_responses` on both sides).
+    pub significant: bool,
 }
 
 /// The segments this process owns, by deltas-topic partition.
@@ -28,16 +30,19 @@ pub struct Row {
 pub struct AggregateView {
     windows: WindowSpecs,
     clock: ClockKind,
+    /// `analytics.min_responses`.
+    min_responses: u64,
     partitions: BTreeMap<i32, SegmentStore>,
     latest_event: Option<Timestamp>,
 }
 
 impl AggregateView {
-    /// An empty view.
-    pub fn new(windows: WindowSpecs, clock: ClockKind) -> AggregateView {
+    /// An empty view; a change is significant with `min_responses` on both sides.
+    pub fn new(windows: WindowSpecs, clock: ClockKind, min_responses: u64) -> AggregateView {
         AggregateView {
             windows,
             clock,
+            min_responses,
             partitions: BTreeMap::new(),
             latest_event: None,
         }
@@ -46,6 +51,11 @@ impl AggregateView {
     /// The windows.
     pub fn windows(&self) -> &WindowSpecs {
         &self.windows
+    }
+
+    /// `analytics.min_responses`: the responses each side of a change test needs.
+    pub fn min_responses(&self) -> u64 {
+        self.min_responses
     }
 
     /// "now" for queries: the wall clock, or the latest event time applied.
@@ -123,10 +133,12 @@ impl AggregateView {
             .iter()
             .enumerate()
             .filter_map(move |(index, window)| {
+                let summary = store.board().summary(segment, index, now)?;
                 Some(Row {
                     segment: segment.clone(),
                     window: window.name().to_owned(),
-                    summary: store.board().summary(segment, index, now)?,
+                    significant: summary.change.significant(self.min_responses),
+                    summary,
                 })
             })
     }
