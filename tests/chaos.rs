@@ -1101,27 +1101,26 @@ async fn a_process_frozen_past_its_session_timeout_is_fenced() {
     fleet.signal(0, "STOP");
     let frozen = Instant::now();
     println!("chaos: process {zombie} frozen");
-    // Traffic goes on; the other process takes every partition once the zombie's session
-    // has timed out, fences it, and works through everything sent (lag 0, which needs the
-    // zombie's partitions too).
-    let mut taken_over = false;
-    while !taken_over || frozen.elapsed() < Duration::from_millis(2 * SESSION_TIMEOUT_MS) {
-        if !sender.done(&data) {
-            sender.send_next(&s, &config, &data).await;
-            sender.pace().await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        taken_over = frozen.elapsed() > Duration::from_millis(SESSION_TIMEOUT_MS)
-            && total_lag(&s, &config) == Some(0);
+    // Traffic goes on for twice the session timeout; the other process takes every
+    // partition once the zombie's session has timed out, fences it, and works through
+    // everything sent (lag 0, which needs the zombie's partitions too).
+    while frozen.elapsed() < Duration::from_millis(2 * SESSION_TIMEOUT_MS)
+        && sender.send_next(&s, &config, &data).await
+    {
+        sender.pace().await;
+    }
+    while total_lag(&s, &config) != Some(0) {
         assert!(
             frozen.elapsed() < Duration::from_secs(180),
             "the other process did not take over the zombie's partitions"
         );
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     println!(
-        "chaos: process {zombie} resumed after {:?}; the other process had taken over everything",
-        frozen.elapsed()
+        "chaos: process {zombie} resumed after {:?}; the other process had taken over everything ({}/{} sent)",
+        frozen.elapsed(),
+        sender.sent,
+        data.messages.len()
     );
     fleet.signal(0, "CONT");
     // The zombie wakes up with whatever it was doing: the rest goes on meanwhile.
