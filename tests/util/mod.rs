@@ -520,7 +520,8 @@ pub fn run_names(run: &str) -> Vec<(&'static str, String)> {
     names
 }
 
-/// The followup role's topics and group, named for one test run (on a shared broker).
+/// The followup role's topics and group, and the invitation and view topics, named for one
+/// test run (on a shared broker).
 pub fn followup_names(run: &str) -> Vec<(&'static str, String)> {
     vec![
         (
@@ -538,6 +539,15 @@ pub fn followup_names(run: &str) -> Vec<(&'static str, String)> {
             format!("{run}.followup-state"),
         ),
         ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", format!("{run}-followup")),
+        ("NPSFLOW__TOPICS__INVITATIONS", format!("{run}.invitations")),
+        (
+            "NPSFLOW__TOPICS__SEGMENT_VIEW",
+            format!("{run}.segment-nps"),
+        ),
+        (
+            "NPSFLOW__TOPICS__ACCOUNT_VIEW",
+            format!("{run}.account-nps"),
+        ),
     ]
 }
 

@@ -2,25 +2,30 @@
 //! on its assigned partitions, in the shared [`AggregateView`] that `/metrics` and
 //! `/v1/segments` read. Per batch it applies what was not applied before and writes the
 //! snapshot of every segment the batch touched to the state topic (same partition number);
+//! It also publishes every summary it serves (each segment in each window, with its change
+//! and response rate) to the compacted view topic `npsflow.segment-nps`, keyed
+//! `<window>|<segment>`, from which every instance answers `/v1/segments`: after a batch,
+//! the segments it touched; and on a timer at every step of any window (windows drain as
+//! time passes, with no new response), whatever changed since it was last published.
 //! the engine stores the deltas' offsets only after those snapshots are delivered (with
 //! `processing.guarantee = exactly_once`, snapshots and offsets are one transaction per deltas
 //! partition, so a process that lost the partition cannot overwrite its new owner's
 //! snapshots). A newly assigned partition is restored from its state partition before any
 //! delta of it is applied.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
-use npsflow_core::{SegmentDelta, SegmentSnapshot, Timestamp};
+use npsflow_core::{SegmentDelta, SegmentSnapshot, Timestamp, WindowSummary};
 use rdkafka::Message;
 use tokio::sync::watch;
 
-use crate::config::{Config, TopicSettings};
+use crate::config::{ClockKind, Config, TopicSettings};
 use crate::engine::{Binding, Engine, RoleMachine, TopicPartition};
 use crate::kafka::Outgoing;
 use crate::metrics::{events, Metrics};
 use crate::state::{StateRead, StoredRecord};
-use crate::view::AggregateView;
+use crate::view::{AggregateView, Row};
 use crate::RuntimeError;
 
 /// The role's name in logs, metrics and health.
@@ -31,6 +36,11 @@ pub struct AggregateRole {
     view: Arc<RwLock<AggregateView>>,
     topics: TopicSettings,
     metrics: Metrics,
+    clock: ClockKind,
+    /// What was last published to the view topic, by key: only changes are published again.
+    published: HashMap<String, WindowSummary>,
+    /// When the next step of some window begins (wall clock): summaries change then.
+    next_step: Option<Timestamp>,
 }
 
 impl AggregateRole {
@@ -40,7 +50,43 @@ impl AggregateRole {
             view,
             topics: config.settings.topics.clone(),
             metrics,
+            clock: config.settings.windows.clock,
+            published: HashMap::new(),
+            next_step: None,
         }
+    }
+
+    /// Publishes the rows whose summary changed since last published to the view topic.
+    fn publish(&mut self, rows: Vec<Row>, wall: Timestamp, out: &mut Vec<Outgoing>) {
+        for row in rows {
+            let key = row.view_key();
+            if self.published.get(&key) == Some(&row.summary) {
+                continue;
+            }
+            let value = serde_json::to_vec(&row.to_json(wall)).unwrap_or_default();
+            out.push(Outgoing::new(
+                &self.topics.segment_view,
+                None,
+                Some(key.clone().into_bytes()),
+                Some(value),
+                None,
+            ));
+            self.published.insert(key, row.summary);
+        }
+    }
+
+    /// With the wall clock, the next instant some window moves a step after `wall`.
+    fn schedule(&mut self, wall: Timestamp) {
+        if self.clock != ClockKind::Wall {
+            return;
+        }
+        let view = self.view.read().unwrap_or_else(|e| e.into_inner());
+        self.next_step = view
+            .windows()
+            .windows()
+            .iter()
+            .map(|w| w.interval(wall).1)
+            .min();
     }
 
     /// How the role meets Kafka: its group reading the deltas topic.
@@ -106,18 +152,25 @@ impl RoleMachine for AggregateRole {
             .collect()
     }
 
-    fn handle_restored(&mut self, read: &StateRead, records: Vec<StoredRecord>, _now: Timestamp) {
+    fn handle_restored(&mut self, read: &StateRead, records: Vec<StoredRecord>, now: Timestamp) {
         let partition = read.partition();
         let snapshots = latest_snapshots(&self.topics.state, partition, &records, &self.metrics);
-        let mut view = self.view();
-        view.restore(partition, &snapshots);
-        events::SegmentsOwned {
-            count: view.segment_count(),
+        {
+            let mut view = self.view();
+            view.restore(partition, &snapshots);
+            events::SegmentsOwned {
+                count: view.segment_count(),
+            }
+            .emit(&self.metrics);
         }
-        .emit(&self.metrics);
+        // The restored segments are published at once (their summaries may have moved on
+        // since their last owner published them).
+        self.next_step = Some(now);
     }
 
     fn handle_revoked(&mut self, partitions: &[TopicPartition]) {
+        // Their new owner publishes them from now on; if they come back, publish afresh.
+        self.published.clear();
         let mut view = self.view();
         for (_, partition) in partitions {
             view.drop_partition(*partition);
@@ -131,12 +184,13 @@ impl RoleMachine for AggregateRole {
     fn handle_messages<M: Message>(
         &mut self,
         messages: &[M],
-        _now: Timestamp,
+        now: Timestamp,
         out: &mut Vec<Outgoing>,
     ) {
         let metrics = self.metrics.clone();
         let state_topic = self.topics.state.clone();
-        let mut view = self.view();
+        let view_lock = self.view.clone();
+        let mut view = view_lock.write().unwrap_or_else(|e| e.into_inner());
         let mut touched: BTreeSet<(i32, String)> = BTreeSet::new();
         for message in messages {
             match SegmentDelta::from_json(message.payload().unwrap_or_default()) {
@@ -166,17 +220,39 @@ impl RoleMachine for AggregateRole {
             count: view.segment_count(),
         }
         .emit(&metrics);
+        let mut rows = Vec::new();
         for (partition, segment) in touched {
             if let Some(snapshot) = view.snapshot(partition, &segment) {
                 out.push(Outgoing::new(
                     &state_topic,
                     Some(partition),
-                    Some(segment.into_bytes()),
+                    Some(segment.clone().into_bytes()),
                     Some(snapshot.to_json()),
                     None,
                 ));
             }
+            rows.extend(view.segment(&segment, now).unwrap_or_default());
         }
+        drop(view);
+        self.publish(rows, now, out);
+        if self.next_step.is_none() {
+            self.schedule(now);
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Timestamp> {
+        self.next_step
+    }
+
+    fn handle_timeout(&mut self, now: Timestamp, out: &mut Vec<Outgoing>) {
+        let rows = self
+            .view
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .rows(now);
+        self.publish(rows, now, out);
+        self.next_step = None;
+        self.schedule(now);
     }
 }
 
@@ -314,13 +390,34 @@ mod tests {
             }]
         );
         first.handle_restored(&reads[0], Vec::new(), NOW);
-        let mut snapshots = Vec::new();
-        first.handle_messages(&deltas, NOW, &mut snapshots);
+        let mut out = Vec::new();
+        first.handle_messages(&deltas, NOW, &mut out);
         // Each response counts in every segment it belongs to (here only `all`).
         assert_eq!(first.metrics.applied_responses(), 4);
-        assert!(snapshots
+        let (snapshots, published): (Vec<Outgoing>, Vec<Outgoing>) =
+            out.into_iter().partition(|r| r.topic == topics.state);
+        assert!(!snapshots.is_empty());
+        assert!(snapshots.iter().all(|r| r.partition == Some(0)));
+        // Every window's summary of the touched segment goes to the view topic, by key.
+        let view_keys = |records: &[Outgoing]| -> BTreeSet<String> {
+            assert!(records.iter().all(|r| r.topic == topics.segment_view));
+            records
+                .iter()
+                .map(|r| String::from_utf8(r.key.clone().expect("key")).expect("UTF-8"))
+                .collect()
+        };
+        let every_window: BTreeSet<String> = ["1h", "24h", "7d", "28d"]
             .iter()
-            .all(|r| r.topic == topics.state && r.partition == Some(0)));
+            .map(|w| format!("{w}|all"))
+            .collect();
+        assert_eq!(view_keys(&published), every_window);
+        for record in &published {
+            let row: serde_json::Value =
+                serde_json::from_slice(record.payload.as_deref().expect("payload")).expect("JSON");
+            assert_eq!(row["segment"], "all");
+            assert_eq!(row["responses"], 4);
+            assert_eq!(row["nps"], 25.0);
+        }
         let all = |view: &Arc<RwLock<AggregateView>>| {
             let rows = view
                 .read()
@@ -365,5 +462,14 @@ mod tests {
         );
         assert_eq!(second.metrics.applied_responses(), 0);
         assert_eq!(all(&restored_view), before);
+
+        // The new owner publishes what it restored at once, then only what changes.
+        assert_eq!(second.poll_timeout(), Some(NOW));
+        let mut republished = Vec::new();
+        second.handle_timeout(NOW, &mut republished);
+        assert_eq!(view_keys(&republished), every_window);
+        let mut unchanged = Vec::new();
+        second.handle_timeout(NOW, &mut unchanged);
+        assert!(unchanged.is_empty(), "nothing changed, nothing published");
     }
 }

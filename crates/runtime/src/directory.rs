@@ -1,9 +1,11 @@
-//! Every follow-up case, answerable from any instance: a reader of the whole compacted cases
-//! topic (like a Kafka Streams GlobalKTable), kept in memory and followed as it grows. The
-//! followup role owns and writes cases; the directory only reads what the owners wrote, so
-//! `GET /v1/cases` gives the same answer on every instance, at most a moment behind.
+//! Answers from any instance: a reader of a whole compacted topic (like a Kafka Streams
+//! GlobalKTable), kept in memory by key and followed as it grows. The roles own and write
+//! what they compute (cases, segment and account summaries); a [`Table`] only reads what the
+//! owners wrote, so an API backed by it gives the same answer on every instance, at most a
+//! moment behind. The case directory is a table of the cases topic; the segment and account
+//! views are tables of their view topics.
 //!
-//! Freshness: the directory says when it last had read every partition to its end
+//! Freshness: a table says when it last had read every partition to its end
 //! (`caught_up_at`), so an answer states how old it may be.
 
 use std::collections::BTreeMap;
@@ -17,43 +19,55 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::de::DeserializeOwned;
 
 use crate::config::KafkaSettings;
 use crate::kafka::client_config;
 use crate::metrics::{events, Metrics};
 
-/// The cases read so far and how fresh they are.
-#[derive(Debug, Default)]
-pub struct CaseDirectory {
-    cases: RwLock<BTreeMap<String, FollowupCase>>,
+/// The latest JSON value of every key of a compacted topic read so far (a tombstone removes
+/// its key), and how fresh it is.
+#[derive(Debug)]
+pub struct Table<V> {
+    rows: RwLock<BTreeMap<String, V>>,
     caught_up_at: RwLock<Option<Timestamp>>,
 }
 
-impl CaseDirectory {
-    /// A case by id.
-    pub fn case(&self, case_id: &str) -> Option<FollowupCase> {
-        self.read().get(case_id).cloned()
+impl<V> Default for Table<V> {
+    fn default() -> Self {
+        Table {
+            rows: RwLock::new(BTreeMap::new()),
+            caught_up_at: RwLock::new(None),
+        }
+    }
+}
+
+/// Every follow-up case by `case_id`, from the cases topic.
+pub type CaseDirectory = Table<FollowupCase>;
+
+impl<V: Clone> Table<V> {
+    /// The value of a key.
+    pub fn get(&self, key: &str) -> Option<V> {
+        self.read().get(key).cloned()
     }
 
-    /// The cases that pass `keep`, in `case_id` order, at most `limit`; and how many passed.
-    pub fn find(
-        &self,
-        mut keep: impl FnMut(&FollowupCase) -> bool,
-        limit: usize,
-    ) -> (Vec<FollowupCase>, usize) {
-        let cases = self.read();
+    /// The values that pass `keep`, in key order, at most `limit`; and how many passed.
+    pub fn find(&self, mut keep: impl FnMut(&V) -> bool, limit: usize) -> (Vec<V>, usize) {
+        let rows = self.read();
         let mut found = Vec::new();
         let mut count = 0;
-        for case in cases.values().filter(|c| keep(c)) {
+        for value in rows.values().filter(|v| keep(v)) {
             count += 1;
             if found.len() < limit {
-                found.push(case.clone());
+                found.push(value.clone());
             }
         }
         (found, count)
     }
+}
 
-    /// How many cases it holds.
+impl<V> Table<V> {
+    /// How many keys it holds.
     pub fn len(&self) -> usize {
         self.read().len()
     }
@@ -68,32 +82,43 @@ impl CaseDirectory {
         *self.caught_up_at.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, FollowupCase>> {
-        self.cases.read().unwrap_or_else(|e| e.into_inner())
+    /// Every row, under a read lock.
+    pub fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, V>> {
+        self.rows.read().unwrap_or_else(|e| e.into_inner())
     }
+}
 
+impl<V: DeserializeOwned> Table<V> {
     fn apply(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), serde_json::Error> {
         let key = String::from_utf8_lossy(key).into_owned();
-        let mut cases = self.cases.write().unwrap_or_else(|e| e.into_inner());
-        match value {
+        let parsed = value.map(serde_json::from_slice::<V>).transpose()?;
+        let mut rows = self.rows.write().unwrap_or_else(|e| e.into_inner());
+        match parsed {
             None => {
-                cases.remove(&key);
+                rows.remove(&key);
             }
             Some(value) => {
-                cases.insert(key, serde_json::from_slice(value)?);
+                rows.insert(key, value);
             }
         }
         Ok(())
     }
 }
 
-/// Reads `topic` into `directory` on a thread of its own until `stop` turns true: from the
+impl CaseDirectory {
+    /// A case by id.
+    pub fn case(&self, case_id: &str) -> Option<FollowupCase> {
+        self.get(case_id)
+    }
+}
+
+/// Reads `topic` into `table` on a thread of its own until `stop` turns true: from the
 /// beginning of every partition, then following new records. A topic that does not exist
 /// yet is looked for again every few seconds.
-pub fn follow(
+pub fn follow<V: DeserializeOwned + Send + Sync + 'static>(
     kafka: KafkaSettings,
     topic: String,
-    directory: Arc<CaseDirectory>,
+    directory: Arc<Table<V>>,
     metrics: Metrics,
     stop: Arc<AtomicBool>,
 ) -> std::thread::JoinHandle<()> {
@@ -102,7 +127,7 @@ pub fn follow(
             match read(&kafka, &topic, &directory, &metrics, &stop) {
                 Ok(()) => return,
                 Err(error) => {
-                    tracing::debug!(%error, topic, "case directory: retrying");
+                    tracing::debug!(%error, topic, "table reader: retrying");
                     let until = Instant::now() + Duration::from_secs(3);
                     while Instant::now() < until && !stop.load(Ordering::Relaxed) {
                         std::thread::sleep(Duration::from_millis(100));
@@ -127,17 +152,18 @@ impl ClientContext for Quiet {
 
 impl ConsumerContext for Quiet {}
 
-fn read(
+fn read<V: DeserializeOwned>(
     kafka: &KafkaSettings,
     topic: &str,
-    directory: &CaseDirectory,
+    directory: &Table<V>,
     metrics: &Metrics,
     stop: &AtomicBool,
 ) -> Result<(), KafkaError> {
-    let mut config = client_config(kafka, "npsflow-case-directory");
-    // Cases a committed transaction wrote, never an aborted one's (exactly once).
+    let mut config = client_config(kafka, "npsflow-table-reader");
+    // What a committed transaction wrote, never an aborted one's (exactly once). Partitions
+    // are assigned, not subscribed: the group id is never joined.
     config
-        .set("group.id", "npsflow-case-directory")
+        .set("group.id", "npsflow-table-reader")
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");

@@ -196,14 +196,14 @@ impl Engine {
             unsettled.clone(),
         )?;
         let mut committer = if transactional {
-            Committer::Transactional(Transactions::new(Fencing {
+            Committer::Transactional(Box::new(Transactions::new(Fencing {
                 config: producer_config,
                 prefix: transactional_prefix(&self.config, &binding.group),
                 role: name,
                 health: self.health.clone(),
                 metrics: self.metrics.clone(),
                 unsettled,
-            }))
+            })))
         } else {
             Committer::AtLeastOnce { in_flight: None }
         };
@@ -721,7 +721,7 @@ enum Committer {
     /// may be in flight while the next is received and decided.
     AtLeastOnce { in_flight: Option<InFlight> },
     /// Records and offsets in Kafka transactions, one per input partition and batch.
-    Transactional(Transactions),
+    Transactional(Box<Transactions>),
 }
 
 impl Committer {

@@ -3,7 +3,7 @@
 //! (`?owner=&state=&overdue=true&limit=`) and `/v1/cases/{case_id}`, answered from the case
 //! directory ([`crate::directory`]) on every instance.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
@@ -18,7 +18,7 @@ use serde_json::{json, Value};
 use crate::directory::CaseDirectory;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::view::{AggregateView, Row};
+use crate::view::AggregateView;
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -29,6 +29,10 @@ pub struct AppState {
     pub health: Arc<Health>,
     /// Segment windows, if the aggregate role runs here.
     pub view: Option<Arc<RwLock<AggregateView>>>,
+    /// Every segment summary from the view topic, by `<window>|<segment>`.
+    pub segment_view: Arc<crate::directory::Table<Value>>,
+    /// The configured windows' names, in order.
+    pub windows: Vec<String>,
     /// Every follow-up case, unless this process does not read them.
     pub cases: Option<Arc<CaseDirectory>>,
     /// The process's clock (overdue cases, window ends).
@@ -121,39 +125,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     (status, Json(json!({ "ready": ready, "roles": roles }))).into_response()
 }
 
-/// The JSON form of one segment in one window, with the half-open event-time interval
-/// `[from, to)` it counts (RFC 3339 UTC with milliseconds).
-pub fn row_json(row: &Row) -> Value {
-    let s = &row.summary;
-    json!({
-        "segment": row.segment,
-        "window": row.window,
-        "from": s.from.to_rfc3339(),
-        "to": s.to.to_rfc3339(),
-        "responses": s.tally.responses(),
-        "promoters": s.tally.promoters,
-        "passives": s.tally.passives,
-        "detractors": s.tally.detractors,
-        "nps": s.nps,
-        "ci95": s.ci95,
-        "band": s.band.map(|b| b.as_str()),
-        "invitations": s.tally.invitations,
-        "response_rate": s.tally.response_rate(),
-        "previous": {
-            "from": npsflow_core::Timestamp(2 * s.from.millis() - s.to.millis()).to_rfc3339(),
-            "to": s.from.to_rfc3339(),
-            "responses": s.previous.responses(),
-            "nps": s.change.previous_nps,
-        },
-        "change": {
-            "previous_nps": s.change.previous_nps,
-            "delta": s.change.delta,
-            "z": s.change.z,
-            "significant": row.significant,
-        },
-    })
-}
-
 fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
@@ -166,59 +137,91 @@ fn bad_path(rejection: PathRejection) -> Response {
 
 /// The `window` query parameter, if given and known; else the 400 message.
 fn check_window(
-    view: &AggregateView,
+    windows: &[String],
     query: &HashMap<String, String>,
 ) -> Result<Option<String>, String> {
     match query.get("window") {
         None => Ok(None),
-        Some(window) if view.windows().position(window).is_some() => Ok(Some(window.clone())),
-        Some(window) => {
-            let known: Vec<&str> = view.windows().windows().iter().map(|w| w.name()).collect();
-            Err(format!(
-                "unknown window {window:?}; windows are {}",
-                known.join(", ")
-            ))
+        Some(window) if windows.contains(window) => Ok(Some(window.clone())),
+        Some(window) => Err(format!(
+            "unknown window {window:?}; windows are {}",
+            windows.join(", ")
+        )),
+    }
+}
+
+/// The segment summaries (optionally one segment's, one window's), in segment then window
+/// order, each saying where it comes from and how fresh it is: a segment this process owns
+/// is computed now from its windows (`as_of.source` `owner`); any other comes from the view
+/// topic, as its owner last published it (`view`). So every instance answers for every
+/// segment, and the same once the owners' latest summaries are read.
+fn segment_rows(state: &AppState, segment: Option<&str>, window: Option<&str>) -> Vec<Value> {
+    let now = state.clock.now();
+    let order = |w: &str| state.windows.iter().position(|known| known == w);
+    let wanted =
+        |name: &str, w: &str| segment.is_none_or(|s| s == name) && window.is_none_or(|x| x == w);
+    let mut rows: BTreeMap<(String, usize), Value> = BTreeMap::new();
+    let caught_up_at = state.segment_view.caught_up_at();
+    for (key, row) in state.segment_view.read().iter() {
+        let Some((w, name)) = key.split_once('|') else {
+            continue;
+        };
+        let (Some(index), true) = (order(w), wanted(name, w)) else {
+            continue;
+        };
+        let computed_at = row["computed_at"]
+            .as_str()
+            .and_then(npsflow_core::Timestamp::parse_rfc3339);
+        let as_of = json!({
+            "source": "view",
+            "computed_at": computed_at.map(|t| t.to_rfc3339()),
+            "age_seconds": computed_at.map(|t| (now.millis() - t.millis()).max(0) as f64 / 1000.0),
+            "caught_up_at": caught_up_at.map(|t| t.to_rfc3339()),
+        });
+        rows.insert((name.to_owned(), index), with_as_of(row.clone(), as_of));
+    }
+    if let Some(view) = &state.view {
+        let view = view.read().unwrap_or_else(|e| e.into_inner());
+        let owned = match segment {
+            Some(name) => view.segment(name, now).unwrap_or_default(),
+            None => view.rows(now),
+        };
+        for row in owned.into_iter().filter(|r| wanted(&r.segment, &r.window)) {
+            let Some(index) = order(&row.window) else {
+                continue;
+            };
+            let as_of = json!({
+                "source": "owner",
+                "computed_at": now.to_rfc3339(),
+                "age_seconds": 0.0,
+                "caught_up_at": now.to_rfc3339(),
+            });
+            rows.insert(
+                (row.segment.clone(), index),
+                with_as_of(row.to_json(now), as_of),
+            );
         }
     }
+    rows.into_values().collect()
 }
 
-fn no_aggregate() -> Response {
-    error(
-        StatusCode::NOT_FOUND,
-        "the aggregate role does not run in this process".into(),
-    )
-}
-
-/// Runs `answer` on the segment view and the checked `window` parameter, or answers 404
-/// (no aggregate role here) or 400 (unknown window) itself.
-fn with_view(
-    state: &AppState,
-    query: &HashMap<String, String>,
-    answer: impl FnOnce(&AggregateView, Option<String>) -> Response,
-) -> Response {
-    let Some(view) = &state.view else {
-        return no_aggregate();
-    };
-    let view = view.read().unwrap_or_else(|e| e.into_inner());
-    match check_window(&view, query) {
-        Ok(window) => answer(&view, window),
-        Err(message) => error(StatusCode::BAD_REQUEST, message),
+fn with_as_of(mut row: Value, as_of: Value) -> Value {
+    if let Value::Object(fields) = &mut row {
+        fields.insert("as_of".into(), as_of);
     }
+    row
 }
 
 async fn segments(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    with_view(&state, &query, |view, window| {
-        let rows: Vec<Value> = view
-            .rows(state.clock.now())
-            .iter()
-            .filter(|row| window.as_ref().is_none_or(|w| &row.window == w))
-            .map(row_json)
-            .collect();
-        Json(Value::Array(rows)).into_response()
-    })
+    match check_window(&state.windows, &query) {
+        Ok(window) => {
+            Json(Value::Array(segment_rows(&state, None, window.as_deref()))).into_response()
+        }
+        Err(message) => error(StatusCode::BAD_REQUEST, message),
+    }
 }
 
 async fn segment(
@@ -230,22 +233,19 @@ async fn segment(
         Ok(name) => name,
         Err(rejection) => return bad_path(rejection),
     };
-    with_view(&state, &query, |view, window| {
-        let Some(rows) = view.segment(&name, state.clock.now()) else {
-            return error(
-                StatusCode::NOT_FOUND,
-                format!("segment {name:?} is not owned by this process or has no responses"),
-            );
-        };
-        match window {
-            Some(window) => rows
-                .iter()
-                .find(|row| row.window == window)
-                .map(|row| Json(row_json(row)).into_response())
-                .unwrap_or_else(|| error(StatusCode::NOT_FOUND, "no such window".into())),
-            None => Json(Value::Array(rows.iter().map(row_json).collect())).into_response(),
-        }
-    })
+    let window = match check_window(&state.windows, &query) {
+        Ok(window) => window,
+        Err(message) => return error(StatusCode::BAD_REQUEST, message),
+    };
+    let mut rows = segment_rows(&state, Some(&name), window.as_deref());
+    match (rows.len(), window) {
+        (0, _) => error(
+            StatusCode::NOT_FOUND,
+            format!("segment {name:?} is not owned here and no summary of it has been read from the view topic"),
+        ),
+        (_, Some(_)) => Json(rows.remove(0)).into_response(),
+        (_, None) => Json(Value::Array(rows)).into_response(),
+    }
 }
 
 /// Most cases one `/v1/cases` answer lists (`limit` may ask for fewer or up to this).
@@ -377,6 +377,8 @@ mod tests {
             metrics,
             health: Arc::new(Health::default()),
             view: None,
+            segment_view: Arc::default(),
+            windows: vec!["1h".into()],
             cases: None,
             clock: Arc::new(crate::engine::WallClock),
         };

@@ -873,6 +873,9 @@ pub fn is_retried_in_transaction(error: &KafkaError) -> bool {
     }
 }
 
+/// A partition and the offset committed on it (the next to read), `None` where none is.
+pub type CommittedOffset = ((String, i32), Option<i64>);
+
 /// The offsets `group` has committed on `partitions` (the next offset to read), `None` where
 /// it has none. Blocking.
 pub fn committed_offsets(
@@ -880,7 +883,7 @@ pub fn committed_offsets(
     group: &str,
     partitions: &[(String, i32)],
     limit: Duration,
-) -> Result<Vec<((String, i32), Option<i64>)>, KafkaError> {
+) -> Result<Vec<CommittedOffset>, KafkaError> {
     if partitions.is_empty() {
         return Ok(Vec::new());
     }

@@ -118,6 +118,11 @@ pub struct Process {
     /// Every case, read from the cases topic (any instance answers for all of them), unless
     /// `followup.case_directory` is false.
     pub directory: Option<Arc<directory::CaseDirectory>>,
+    /// Every segment summary, read from the segment view topic (any instance answers for
+    /// every segment), by `<window>|<segment>`.
+    pub segment_view: Arc<directory::Table<serde_json::Value>>,
+    /// The configured windows' names, in order.
+    pub windows: Vec<String>,
     /// The roles' clock: the wall clock, or a test's hand-moved one.
     pub clock: Arc<dyn engine::Clock>,
 }
@@ -163,6 +168,13 @@ impl Process {
             view,
             books,
             directory: config.settings.followup.case_directory.then(Arc::default),
+            segment_view: Arc::default(),
+            windows: config
+                .windows
+                .windows()
+                .iter()
+                .map(|w| w.name().to_owned())
+                .collect(),
             clock: Arc::new(engine::WallClock),
         }
     }
@@ -173,6 +185,8 @@ impl Process {
             metrics: self.metrics.clone(),
             health: self.health.clone(),
             view: self.view.clone(),
+            segment_view: self.segment_view.clone(),
+            windows: self.windows.clone(),
             cases: self.directory.clone(),
             clock: self.clock.clone(),
         }
@@ -215,15 +229,23 @@ pub async fn run(
         });
     }
     let directory_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let directory = process.directory.clone().map(|cases| {
+    let settings = &engine.config.settings;
+    let mut readers = vec![directory::follow(
+        settings.kafka.clone(),
+        settings.topics.segment_view.clone(),
+        process.segment_view.clone(),
+        process.metrics.clone(),
+        directory_stop.clone(),
+    )];
+    readers.extend(process.directory.clone().map(|cases| {
         directory::follow(
-            engine.config.settings.kafka.clone(),
-            engine.config.settings.topics.cases.clone(),
+            settings.kafka.clone(),
+            settings.topics.cases.clone(),
             cases,
             process.metrics.clone(),
             directory_stop.clone(),
         )
-    });
+    }));
     let http_stopping = stopping.clone();
     let http = tokio::spawn(http::serve(listener, process.app_state(), async move {
         let mut stopping = http_stopping;
@@ -267,8 +289,8 @@ pub async fn run(
     }
     http.abort();
     directory_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    if let Some(directory) = directory {
-        let _ = tokio::task::spawn_blocking(move || directory.join()).await;
+    for reader in readers {
+        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
     }
     result
 }

@@ -34,8 +34,8 @@ pub struct PlannedTopic {
 /// Every topic npsflow uses. The input, repartition, deltas and state topics get
 /// `topics.partitions` (they are what scales; state is co-partitioned with deltas), and so
 /// do the followup role's internal topic and the cases, escalations and follow-up state topics
-/// co-partitioned with it; the others get a third of that, at least one. Cases and
-/// follow-up state are compacted. The input accepts messages up to
+/// co-partitioned with it, and the invitations input; the others get a third of that, at
+/// least one. Cases, follow-up state and the segment and account views are compacted. The input accepts messages up to
 /// `topics.max_message_bytes`; the topics that carry whole input messages (repartition and
 /// dead letters) accept that plus room for npsflow's headers. State is compacted.
 pub fn planned(settings: &Settings) -> Vec<PlannedTopic> {
@@ -83,8 +83,15 @@ pub fn planned(settings: &Settings) -> Vec<PlannedTopic> {
             vec![("max.message.bytes", carried_limit)],
         ),
         topic(&t.cases, t.partitions, vec![compact.clone()]),
-        topic(&t.followup_state, t.partitions, vec![compact]),
+        topic(&t.followup_state, t.partitions, vec![compact.clone()]),
         topic(&t.escalations, t.partitions, vec![]),
+        topic(
+            &t.invitations,
+            t.partitions,
+            vec![("max.message.bytes", input_limit)],
+        ),
+        topic(&t.segment_view, small, vec![compact.clone()]),
+        topic(&t.account_view, small, vec![compact]),
     ]
 }
 

@@ -25,6 +25,49 @@ pub struct Row {
     pub significant: bool,
 }
 
+impl Row {
+    /// The JSON form of one segment in one window, as the API serves it and the view topic
+    /// carries it: the half-open event-time interval `[from, to)` it counts (RFC 3339 UTC
+    /// with milliseconds), the counts, NPS and margin, invitations and response rate, the
+    /// window just before and the change from it, and when it was computed.
+    pub fn to_json(&self, computed_at: Timestamp) -> serde_json::Value {
+        let s = &self.summary;
+        serde_json::json!({
+            "segment": self.segment,
+            "window": self.window,
+            "from": s.from.to_rfc3339(),
+            "to": s.to.to_rfc3339(),
+            "responses": s.tally.responses(),
+            "promoters": s.tally.promoters,
+            "passives": s.tally.passives,
+            "detractors": s.tally.detractors,
+            "nps": s.nps,
+            "ci95": s.ci95,
+            "band": s.band.map(|b| b.as_str()),
+            "invitations": s.tally.invitations,
+            "response_rate": s.tally.response_rate(),
+            "previous": {
+                "from": Timestamp(2 * s.from.millis() - s.to.millis()).to_rfc3339(),
+                "to": s.from.to_rfc3339(),
+                "responses": s.previous.responses(),
+                "nps": s.change.previous_nps,
+            },
+            "change": {
+                "previous_nps": s.change.previous_nps,
+                "delta": s.change.delta,
+                "z": s.change.z,
+                "significant": self.significant,
+            },
+            "computed_at": computed_at.to_rfc3339(),
+        })
+    }
+
+    /// Its key on the view topic: `<window>|<segment>` (window names hold no `|`).
+    pub fn view_key(&self) -> String {
+        format!("{}|{}", self.window, self.segment)
+    }
+}
+
 /// The segments this process owns, by deltas-topic partition.
 #[derive(Debug)]
 pub struct AggregateView {
