@@ -178,6 +178,7 @@ fn restore(c: &mut Criterion) {
             segment: segment.clone(),
             partition: (s % 6) as i32,
             responses,
+            invitations: Vec::new(),
         });
         snapshots.push(store.snapshot(&segment).expect("known").to_json());
     }

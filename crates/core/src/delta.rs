@@ -31,7 +31,15 @@ pub struct SegmentDelta {
     pub partition: i32,
     /// `[offset, event time in ms, score]` per response, in offset order.
     pub responses: Vec<DeltaResponse>,
+    /// `[offset, event time in ms]` per invitation sent (`survey.invitations`), in offset
+    /// order; absent when there are none. Offsets are positions on the same partition as the
+    /// responses', so the high-water mark covers both.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invitations: Vec<DeltaInvitation>,
 }
+
+/// One invitation in a delta: `(input offset, event time in ms)`.
+pub type DeltaInvitation = (i64, i64);
 
 /// Why a delta message was refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +73,9 @@ impl SegmentDelta {
         {
             return Err(BadDelta("score out of range".into()));
         }
-        if delta.responses.windows(2).any(|w| w[0].0 >= w[1].0) {
+        if delta.responses.windows(2).any(|w| w[0].0 >= w[1].0)
+            || delta.invitations.windows(2).any(|w| w[0].0 >= w[1].0)
+        {
             return Err(BadDelta("offsets not increasing".into()));
         }
         Ok(delta)
@@ -116,8 +126,10 @@ impl SegmentSnapshot {
 pub struct Applied {
     /// Responses counted.
     pub counted: u64,
-    /// Responses skipped because their offset was applied before.
+    /// Responses and invitations skipped because their offset was applied before.
     pub skipped: u64,
+    /// Invitations counted.
+    pub invited: u64,
 }
 
 /// The aggregator's state: segment windows plus, per segment and input partition, the
@@ -142,21 +154,31 @@ impl SegmentStore {
         let marks = self.high_water.entry(delta.segment.clone()).or_default();
         let mark = marks.entry(delta.partition).or_insert(i64::MIN);
         let mut applied = Applied::default();
-        for &(offset, at, score) in &delta.responses {
-            let Some(score) = Score::new(i64::from(score)) else {
-                continue;
-            };
+        // Responses and invitations in one offset order, each applied at most once.
+        let responses = delta.responses.iter().filter_map(|&(offset, at, score)| {
+            let score = Score::new(i64::from(score))?;
+            Some((offset, at, Tally::of(score.category(), 1)))
+        });
+        let invitations = delta
+            .invitations
+            .iter()
+            .map(|&(offset, at)| (offset, at, Tally::invited(1)));
+        let mut items: Vec<(i64, i64, Tally)> = responses.chain(invitations).collect();
+        if !delta.invitations.is_empty() {
+            items.sort_unstable_by_key(|item| item.0);
+        }
+        for (offset, at, tally) in items {
             if offset <= *mark {
                 applied.skipped += 1;
                 continue;
             }
             *mark = offset;
-            self.board.add(
-                &delta.segment,
-                Timestamp(at),
-                Tally::of(score.category(), 1),
-            );
-            applied.counted += 1;
+            self.board.add(&delta.segment, Timestamp(at), tally);
+            if tally.invitations > 0 {
+                applied.invited += 1;
+            } else {
+                applied.counted += 1;
+            }
         }
         applied
     }
@@ -215,7 +237,45 @@ mod tests {
             segment: "region=east".into(),
             partition,
             responses: responses.to_vec(),
+            invitations: Vec::new(),
         }
+    }
+
+    #[test]
+    fn invitations_share_the_offset_order_and_count_once() {
+        let windows = WindowSpecs::new(&["1h"], 60, Span(0)).expect("valid");
+        let mut store = SegmentStore::new(windows);
+        let t = 1_795_348_800_000;
+        let mut mixed = delta(0, &[(2, t, 9), (5, t, 3)]);
+        mixed.invitations = vec![(1, t), (3, t), (4, t)];
+        let json = mixed.to_json();
+        assert!(String::from_utf8_lossy(&json).contains("\"invitations\":[[1,"));
+        assert_eq!(SegmentDelta::from_json(&json), Ok(mixed.clone()));
+        // Without invitations the wire format is unchanged.
+        assert!(!String::from_utf8_lossy(&delta(0, &[(1, t, 9)]).to_json()).contains("invitations"));
+        let applied = store.apply(&mixed);
+        assert_eq!(
+            (applied.counted, applied.invited, applied.skipped),
+            (2, 3, 0)
+        );
+        // A replay, and a later delta overlapping it, count only what is new.
+        assert_eq!(store.apply(&mixed).skipped, 5);
+        let mut later = delta(0, &[(6, t, 10)]);
+        later.invitations = vec![(4, t), (7, t)];
+        let applied = store.apply(&later);
+        assert_eq!(
+            (applied.counted, applied.invited, applied.skipped),
+            (1, 1, 1)
+        );
+        let tally = store
+            .board()
+            .windows(&"region=east".to_owned())
+            .expect("known")
+            .tally(store.board().specs(), 0, Timestamp(t + 1));
+        assert_eq!((tally.responses(), tally.invitations), (3, 4));
+        let mut unordered = delta(0, &[]);
+        unordered.invitations = vec![(3, t), (3, t)];
+        assert!(SegmentDelta::from_json(&unordered.to_json()).is_err());
     }
 
     #[test]
@@ -229,7 +289,8 @@ mod tests {
             again,
             Applied {
                 counted: 1,
-                skipped: 2
+                skipped: 2,
+                invited: 0,
             }
         );
         // Another partition has its own offsets.
@@ -269,7 +330,8 @@ mod tests {
             restored.apply(&replay),
             Applied {
                 counted: 1,
-                skipped: 2
+                skipped: 2,
+                invited: 0,
             }
         );
         original.apply(&replay);

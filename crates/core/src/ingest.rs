@@ -16,8 +16,8 @@ use rustc_hash::FxHashMap;
 
 use crate::alert::{DetractorAlert, Routing};
 use crate::dedupe::DuplicateFilter;
-use crate::delta::{DeltaResponse, SegmentDelta};
-use crate::intake::{classify, source_tag, Clock, Outcome};
+use crate::delta::{DeltaInvitation, DeltaResponse, SegmentDelta};
+use crate::intake::{classify, classify_invitation, source_tag, Clock, Outcome};
 use crate::segment::{SegmentCatalog, SegmentId, SegmentSpec};
 use crate::time::{Span, Timestamp};
 use crate::window::WindowSpecs;
@@ -93,6 +93,8 @@ impl Decision {
 #[derive(Debug)]
 struct PartitionState {
     seen: DuplicateFilter,
+    /// Invitation ids, apart from response ids (the two may coincide).
+    invited: DuplicateFilter,
     latest: Option<Timestamp>,
 }
 
@@ -106,6 +108,7 @@ pub struct Ingest {
     resolution: i64,
     segments_scratch: Vec<SegmentId>,
     pending: BTreeMap<(SegmentId, i32), Vec<DeltaResponse>>,
+    pending_invitations: BTreeMap<(SegmentId, i32), Vec<DeltaInvitation>>,
 }
 
 impl Ingest {
@@ -118,6 +121,7 @@ impl Ingest {
             partitions: FxHashMap::default(),
             segments_scratch: Vec::new(),
             pending: BTreeMap::new(),
+            pending_invitations: BTreeMap::new(),
         }
     }
 
@@ -133,6 +137,7 @@ impl Ingest {
             .entry(partition)
             .or_insert_with(|| PartitionState {
                 seen: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
+                invited: DuplicateFilter::new(spec.dedupe_horizon, spec.dedupe_capacity),
                 latest: None,
             });
         let clock = match spec.clock {
@@ -170,7 +175,7 @@ impl Ingest {
             outcome: outcome.label(),
             dead_letter: outcome
                 .dead_letter_reason()
-                .map(|code| (code, dead_letter_detail(&outcome))),
+                .map(|code| (code, dead_letter_detail(&outcome, "responded_at"))),
             alert: None,
             event_time: None,
             overflowed_values: 0,
@@ -189,7 +194,9 @@ impl Ingest {
             score: response.score.value(),
             responded_at: t,
         });
-        let assignment = self.catalog.assign(&response, &mut self.segments_scratch);
+        let assignment = self
+            .catalog
+            .assign(&response.segments, &mut self.segments_scratch);
         decision.overflowed_values = assignment.overflowed_values;
         let rounded = t.millis() - t.millis().rem_euclid(self.resolution);
         for &segment in &self.segments_scratch {
@@ -200,6 +207,76 @@ impl Ingest {
             ));
         }
         decision
+    }
+
+    /// Decides one invitation at `offset` of `partition` of the repartitioned topic, first
+    /// read at `source` on the invitations topic, and adds an accepted one to the pending
+    /// deltas of every segment it carries. Invitations do not move the event-time clock.
+    pub fn process_invitation(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        source: Source,
+        bytes: &[u8],
+        wall: Timestamp,
+    ) -> Decision {
+        let (spec, state, clock) = self.partition(partition, wall);
+        let outcome = classify_invitation(
+            bytes,
+            source.tag(),
+            clock,
+            &spec.windows,
+            &mut state.invited,
+        );
+        let Outcome::Invited(invitation) = outcome else {
+            return Decision {
+                outcome: outcome.label(),
+                dead_letter: outcome
+                    .dead_letter_reason()
+                    .map(|code| (code, dead_letter_detail(&outcome, "sent_at"))),
+                alert: None,
+                event_time: None,
+                overflowed_values: 0,
+                responded: None,
+            };
+        };
+        let t = invitation.sent_at;
+        let assignment = self
+            .catalog
+            .assign(&invitation.segments, &mut self.segments_scratch);
+        let rounded = t.millis() - t.millis().rem_euclid(self.resolution);
+        for &segment in &self.segments_scratch {
+            self.pending_invitations
+                .entry((segment, partition))
+                .or_default()
+                .push((offset, rounded));
+        }
+        Decision {
+            outcome: "accepted",
+            dead_letter: None,
+            alert: None,
+            event_time: Some(t),
+            overflowed_values: assignment.overflowed_values,
+            responded: None,
+        }
+    }
+
+    /// Replays an already-processed invitation into its partition's duplicate memory only.
+    pub fn remember_invitation(
+        &mut self,
+        partition: i32,
+        source: Source,
+        bytes: &[u8],
+        wall: Timestamp,
+    ) {
+        let (spec, state, clock) = self.partition(partition, wall);
+        let _ = classify_invitation(
+            bytes,
+            source.tag(),
+            clock,
+            &spec.windows,
+            &mut state.invited,
+        );
     }
 
     /// Replays an already-processed message of `partition` (first read at `source`) into its
@@ -217,14 +294,30 @@ impl Ingest {
     /// The deltas of everything processed since the last call, one per segment and input
     /// partition, in a fixed order.
     pub fn take_deltas(&mut self) -> Vec<SegmentDelta> {
-        std::mem::take(&mut self.pending)
+        let mut invitations = std::mem::take(&mut self.pending_invitations);
+        let mut deltas: Vec<SegmentDelta> = std::mem::take(&mut self.pending)
             .into_iter()
-            .map(|((segment, partition), responses)| SegmentDelta {
-                segment: self.catalog.name(segment).to_owned(),
-                partition,
+            .map(|(key, responses)| SegmentDelta {
+                segment: self.catalog.name(key.0).to_owned(),
+                partition: key.1,
                 responses,
+                invitations: invitations.remove(&key).unwrap_or_default(),
             })
-            .collect()
+            .collect();
+        if !invitations.is_empty() {
+            deltas.extend(
+                invitations
+                    .into_iter()
+                    .map(|(key, invitations)| SegmentDelta {
+                        segment: self.catalog.name(key.0).to_owned(),
+                        partition: key.1,
+                        responses: Vec::new(),
+                        invitations,
+                    }),
+            );
+            deltas.sort_by(|a, b| (&a.segment, a.partition).cmp(&(&b.segment, b.partition)));
+        }
+        deltas
     }
 
     /// Forgets a partition's dedupe memory and clock (it moved to another process).
@@ -246,12 +339,17 @@ impl Ingest {
     }
 }
 
-fn dead_letter_detail(outcome: &Outcome<'_>) -> String {
+/// The dead letter's sentence for an outcome; `time_field` names the event time judged.
+fn dead_letter_detail(outcome: &Outcome<'_>, time_field: &str) -> String {
     match outcome {
         Outcome::Invalid(reason) => reason.to_string(),
-        Outcome::TooOld => "responded_at is before the start (from) of the longest window".into(),
-        Outcome::Future => "responded_at is further ahead of the clock than allowed".into(),
-        Outcome::Accepted(_) | Outcome::Duplicate | Outcome::Resent => String::new(),
+        Outcome::TooOld => {
+            format!("{time_field} is before the start (from) of the longest window")
+        }
+        Outcome::Future => format!("{time_field} is further ahead of the clock than allowed"),
+        Outcome::Accepted(_) | Outcome::Invited(_) | Outcome::Duplicate | Outcome::Resent => {
+            String::new()
+        }
     }
 }
 
@@ -378,6 +476,89 @@ mod tests {
                 .outcome,
             "accepted"
         );
+    }
+
+    fn invitation(id: &str, at: &str) -> Vec<u8> {
+        format!(
+            r#"{{"invitation_id":"{id}","customer_id":"c","sent_at":"{at}","segments":{{"region":"east"}}}}"#
+        )
+        .into_bytes()
+    }
+
+    #[test]
+    fn invitations_join_the_deltas_with_their_own_duplicate_memory() {
+        let mut ingest = ingest(ClockKind::Wall);
+        let source = |offset| Source {
+            partition: 7,
+            offset,
+        };
+        let sent = "2026-11-22T11:30:00Z";
+        let d = ingest.process_invitation(0, 1, source(1), &invitation("a", sent), now());
+        assert_eq!(
+            (d.outcome, d.alert.is_none(), d.responded.is_none()),
+            ("accepted", true, true)
+        );
+        // A response may have the same id as an invitation: both count.
+        assert_eq!(
+            ingest.process(0, 2, &message("a", 9, NOW), now()).outcome,
+            "accepted"
+        );
+        let again = ingest.process_invitation(0, 3, source(2), &invitation("a", sent), now());
+        assert_eq!((again.outcome, again.dead_letter), ("duplicate", None));
+        assert!(ingest
+            .process_invitation(0, 4, source(1), &invitation("a", sent), now())
+            .is_resent());
+        let old = ingest.process_invitation(
+            0,
+            5,
+            source(3),
+            &invitation("b", "2026-11-20T00:00:00Z"),
+            now(),
+        );
+        assert_eq!(old.dead_letter.as_ref().map(|d| d.0), Some("too_old"));
+        assert!(old
+            .dead_letter
+            .expect("dead letter")
+            .1
+            .starts_with("sent_at"));
+        let bad = ingest.process_invitation(0, 6, source(4), b"{}", now());
+        assert_eq!(bad.dead_letter.map(|d| d.0), Some("missing_field"));
+        let late = ingest.process_invitation(1, 1, source(5), &invitation("c", sent), now());
+        assert_eq!(late.outcome, "accepted");
+        let deltas = ingest.take_deltas();
+        let summary: Vec<(&str, i32, usize, Vec<i64>)> = deltas
+            .iter()
+            .map(|d| {
+                (
+                    d.segment.as_str(),
+                    d.partition,
+                    d.responses.len(),
+                    d.invitations.iter().map(|i| i.0).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            [
+                ("all", 0, 1, vec![1]),
+                ("all", 1, 0, vec![1]),
+                ("region=east", 0, 1, vec![1]),
+                ("region=east", 1, 0, vec![1]),
+            ]
+        );
+        // Remembered after a restart, a re-sent invitation is a duplicate.
+        let mut restarted = ingest_for_test();
+        restarted.remember_invitation(0, source(1), &invitation("a", sent), now());
+        assert_eq!(
+            restarted
+                .process_invitation(0, 9, source(9), &invitation("a", sent), now())
+                .outcome,
+            "duplicate"
+        );
+    }
+
+    fn ingest_for_test() -> Ingest {
+        ingest(ClockKind::Wall)
     }
 
     #[test]

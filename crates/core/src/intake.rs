@@ -16,7 +16,7 @@
 use std::borrow::Cow;
 
 use crate::dedupe::DuplicateFilter;
-use crate::response::{decode, InvalidReason, SurveyResponse};
+use crate::response::{decode, decode_invitation, InvalidReason, Invitation, SurveyResponse};
 use crate::time::Timestamp;
 use crate::window::{Admission, WindowSpecs};
 
@@ -25,6 +25,8 @@ use crate::window::{Admission, WindowSpecs};
 pub enum Outcome<'a> {
     /// A valid, new, timely response: it counts.
     Accepted(SurveyResponse<'a>),
+    /// A valid, new, timely invitation (from `survey.invitations`): it counts.
+    Invited(Invitation<'a>),
     /// Not a valid response; dead-lettered with the reason.
     Invalid(InvalidReason),
     /// A response with this id was accepted before; dropped.
@@ -42,7 +44,7 @@ impl Outcome<'_> {
     /// The `outcome` label of `npsflow_events_total`.
     pub fn label(&self) -> &'static str {
         match self {
-            Outcome::Accepted(_) => "accepted",
+            Outcome::Accepted(_) | Outcome::Invited(_) => "accepted",
             Outcome::Invalid(_) => "invalid",
             Outcome::Duplicate => "duplicate",
             Outcome::TooOld => "too_old",
@@ -58,7 +60,9 @@ impl Outcome<'_> {
     /// The machine-readable reason for the dead-letter topic, if this outcome goes there.
     pub fn dead_letter_reason(&self) -> Option<&'static str> {
         match self {
-            Outcome::Accepted(_) | Outcome::Duplicate | Outcome::Resent => None,
+            Outcome::Accepted(_) | Outcome::Invited(_) | Outcome::Duplicate | Outcome::Resent => {
+                None
+            }
             Outcome::Invalid(reason) => Some(reason.code()),
             Outcome::TooOld => Some("too_old"),
             Outcome::Future => Some("future"),
@@ -132,6 +136,47 @@ pub fn classify<'a>(
             Outcome::Accepted(response)
         }
     }
+}
+
+/// Decides the outcome of one message from `survey.invitations` by the same rules as a
+/// response's (its own duplicate memory, keyed by `invitation_id`; the clock judges
+/// `sent_at`); an accepted one is [`Outcome::Invited`].
+pub fn classify_invitation<'a>(
+    bytes: &'a [u8],
+    source: u64,
+    clock: Clock,
+    windows: &WindowSpecs,
+    seen: &mut DuplicateFilter,
+) -> Outcome<'a> {
+    let invitation = match decode_invitation(bytes) {
+        Ok(invitation) => invitation,
+        Err(reason) => return Outcome::Invalid(reason),
+    };
+    match seen.source_of(&invitation.invitation_id) {
+        Some(first) if first == source => return Outcome::Resent,
+        Some(_) => return Outcome::Duplicate,
+        None => {}
+    }
+    match windows.admit(invitation.sent_at, clock.now_for(invitation.sent_at)) {
+        Admission::TooOld => Outcome::TooOld,
+        Admission::Future => Outcome::Future,
+        Admission::Admitted => {
+            seen.remember(&invitation.invitation_id, invitation.sent_at, source);
+            Outcome::Invited(invitation)
+        }
+    }
+}
+
+/// The key a message from the invitations topic is repartitioned by: its `invitation_id`,
+/// or why it is invalid.
+pub fn invitation_key(bytes: &[u8], max_bytes: usize) -> Result<Cow<'_, str>, InvalidReason> {
+    if bytes.len() > max_bytes {
+        return Err(InvalidReason::TooLarge {
+            bytes: bytes.len(),
+            max_bytes,
+        });
+    }
+    decode_invitation(bytes).map(|invitation| invitation.invitation_id)
 }
 
 #[cfg(test)]

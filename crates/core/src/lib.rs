@@ -41,7 +41,7 @@ pub use delta::{Applied, SegmentDelta, SegmentSnapshot, SegmentStore};
 pub use ingest::{ClockKind, Decision, Ingest, IngestSpec, Source};
 pub use intake::{classify, repartition_key, source_tag, Clock, Outcome};
 pub use nps::{Band, Category, Change, Score, Tally};
-pub use response::{decode, InvalidReason, SurveyResponse};
+pub use response::{decode, decode_invitation, InvalidReason, Invitation, SurveyResponse};
 pub use scoreboard::{Scoreboard, WindowSummary};
 pub use segment::{SegmentCatalog, SegmentId, SegmentSpec};
 pub use time::{Span, Timestamp};

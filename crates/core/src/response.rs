@@ -1,5 +1,6 @@
-//! The survey-response message: decoding raw bytes from `survey.responses` into a typed
-//! [`SurveyResponse`], or into an [`InvalidReason`] that says exactly what is wrong.
+//! The input messages: decoding raw bytes from `survey.responses` into a typed
+//! [`SurveyResponse`], and from `survey.invitations` into an [`Invitation`], or into an
+//! [`InvalidReason`] that says exactly what is wrong (the same rules and reasons for both).
 //!
 //! Decoding borrows from the input where it can and never panics, whatever the bytes.
 //! Rules beyond the contract's table (all documented in the README):
@@ -114,8 +115,8 @@ pub enum InvalidReason {
     },
     /// `score` is an integer outside 0..=10.
     ScoreOutOfRange,
-    /// `responded_at` is not an RFC 3339 timestamp.
-    BadTimestamp,
+    /// A timestamp field (`responded_at`, `sent_at`) is not an RFC 3339 timestamp.
+    BadTimestamp(&'static str),
     /// A string field is longer than allowed.
     FieldTooLong {
         /// The field.
@@ -149,7 +150,7 @@ impl InvalidReason {
             InvalidReason::MissingField(_) => "missing_field",
             InvalidReason::WrongType { .. } => "wrong_type",
             InvalidReason::ScoreOutOfRange => "score_out_of_range",
-            InvalidReason::BadTimestamp => "bad_timestamp",
+            InvalidReason::BadTimestamp(_) => "bad_timestamp",
             InvalidReason::FieldTooLong { .. } => "field_too_long",
             InvalidReason::EmptyField(_) => "empty_field",
             InvalidReason::DuplicateField(_) => "duplicate_field",
@@ -193,8 +194,8 @@ impl fmt::Display for InvalidReason {
                 write!(f, "field `{field}` must be {expected}")
             }
             InvalidReason::ScoreOutOfRange => f.write_str("field `score` must be 0..=10"),
-            InvalidReason::BadTimestamp => {
-                f.write_str("field `responded_at` must be an RFC 3339 timestamp")
+            InvalidReason::BadTimestamp(field) => {
+                write!(f, "field `{field}` must be an RFC 3339 timestamp")
             }
             InvalidReason::FieldTooLong { field, max_chars } => {
                 write!(f, "field `{field}` is longer than {max_chars} characters")
@@ -223,6 +224,32 @@ impl std::error::Error for InvalidReason {}
 
 /// Decodes one message from `survey.responses`.
 pub fn decode(bytes: &[u8]) -> Result<SurveyResponse<'_>, InvalidReason> {
+    fields(bytes)?.validate()
+}
+
+/// A valid survey invitation from `survey.invitations`: the denominator of the response rate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invitation<'a> {
+    /// Unique per invitation; a repeat is a duplicate.
+    pub invitation_id: Cow<'a, str>,
+    /// Who was invited. Personal data: never logged.
+    pub customer_id: Cow<'a, str>,
+    /// Event time: when the invitation was sent.
+    pub sent_at: Timestamp,
+    /// Which survey, if given.
+    pub survey_id: Option<Cow<'a, str>>,
+    /// Segment dimensions the invitation carries, sorted by key.
+    pub segments: Vec<SegmentEntry<'a>>,
+}
+
+/// Decodes one message from `survey.invitations`: `invitation_id`, `customer_id` and
+/// `sent_at` required; `survey_id` and `segments` optional; the same rules as responses.
+pub fn decode_invitation(bytes: &[u8]) -> Result<Invitation<'_>, InvalidReason> {
+    fields(bytes)?.validate_invitation()
+}
+
+/// The known fields of a JSON object message, or why it is not one.
+fn fields(bytes: &[u8]) -> Result<RawFields<'_>, InvalidReason> {
     let text = std::str::from_utf8(bytes).map_err(|e| InvalidReason::NotUtf8 {
         at_byte: e.valid_up_to(),
     })?;
@@ -231,7 +258,7 @@ pub fn decode(bytes: &[u8]) -> Result<SurveyResponse<'_>, InvalidReason> {
             line: e.line(),
             column: e.column(),
         })?;
-    document.fields?.validate()
+    document.fields
 }
 
 /// A top-level JSON value: an object's known fields, or why it cannot be a response.
@@ -251,6 +278,8 @@ struct RawFields<'a> {
     survey_id: Option<Json<'a>>,
     comment: Option<Json<'a>>,
     segments: Option<RawSegments<'a>>,
+    invitation_id: Option<Json<'a>>,
+    sent_at: Option<Json<'a>>,
 }
 
 impl<'a> RawFields<'a> {
@@ -271,8 +300,8 @@ impl<'a> RawFields<'a> {
             None => return Err(InvalidReason::MissingField("responded_at")),
             Some(value) => string("responded_at", value)?,
         };
-        let responded_at =
-            Timestamp::parse_rfc3339(&responded_at_text).ok_or(InvalidReason::BadTimestamp)?;
+        let responded_at = Timestamp::parse_rfc3339(&responded_at_text)
+            .ok_or(InvalidReason::BadTimestamp("responded_at"))?;
         let customer_id = required_id("customer_id", self.customer_id)?;
         let account_id = optional_text("account_id", self.account_id, MAX_ID_CHARS)?;
         let account_manager = optional_text("account_manager", self.account_manager, MAX_ID_CHARS)?;
@@ -293,6 +322,31 @@ impl<'a> RawFields<'a> {
             survey_id,
             segments,
             comment,
+        })
+    }
+}
+
+impl<'a> RawFields<'a> {
+    fn validate_invitation(self) -> Result<Invitation<'a>, InvalidReason> {
+        let invitation_id = required_id("invitation_id", self.invitation_id)?;
+        let customer_id = required_id("customer_id", self.customer_id)?;
+        let sent_at = match present(self.sent_at) {
+            None => return Err(InvalidReason::MissingField("sent_at")),
+            Some(value) => string("sent_at", value)?,
+        };
+        let sent_at =
+            Timestamp::parse_rfc3339(&sent_at).ok_or(InvalidReason::BadTimestamp("sent_at"))?;
+        let survey_id = optional_text("survey_id", self.survey_id, MAX_ID_CHARS)?;
+        let segments = match self.segments {
+            None => Vec::new(),
+            Some(raw) => raw.validate()?,
+        };
+        Ok(Invitation {
+            invitation_id,
+            customer_id,
+            sent_at,
+            survey_id,
+            segments,
         })
     }
 }
@@ -583,6 +637,13 @@ impl<'de> Visitor<'de> for DocumentVisitor {
                 "survey_id" => put(&mut fields.survey_id, map.next_value()?, "survey_id", d),
                 "comment" => put(&mut fields.comment, map.next_value()?, "comment", d),
                 "segments" => put(&mut fields.segments, map.next_value()?, "segments", d),
+                "invitation_id" => put(
+                    &mut fields.invitation_id,
+                    map.next_value()?,
+                    "invitation_id",
+                    d,
+                ),
+                "sent_at" => put(&mut fields.sent_at, map.next_value()?, "sent_at", d),
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
@@ -755,7 +816,7 @@ mod tests {
         );
         assert_eq!(
             reason(&with("responded_at", "\"2026-11-22 noon\"")),
-            InvalidReason::BadTimestamp
+            InvalidReason::BadTimestamp("responded_at")
         );
         assert_eq!(
             reason(&with("segments", "[\"east\"]")),
@@ -824,5 +885,57 @@ mod tests {
             let message = reason(&text).to_string();
             assert!(!message.contains(secret), "{message}");
         }
+    }
+
+    #[test]
+    fn invitations_decode_with_the_same_rules_and_reasons() {
+        let valid =
+            br#"{"invitation_id":"i-1","customer_id":"c-9","sent_at":"2026-11-22T11:00:00Z",
+            "survey_id":"q4","segments":{"region":"east"},"score":"ignored"}"#;
+        let invitation = decode_invitation(valid).expect("valid");
+        assert_eq!(invitation.invitation_id, "i-1");
+        assert_eq!(invitation.customer_id, "c-9");
+        assert_eq!(
+            invitation.sent_at,
+            Timestamp::parse_rfc3339("2026-11-22T11:00:00Z").expect("ts")
+        );
+        assert_eq!(invitation.survey_id.as_deref(), Some("q4"));
+        assert_eq!(invitation.segments.len(), 1);
+        let code = |json: &str| decode_invitation(json.as_bytes()).expect_err("invalid");
+        assert_eq!(
+            code(r#"{"customer_id":"c","sent_at":"2026-11-22T11:00:00Z"}"#),
+            InvalidReason::MissingField("invitation_id")
+        );
+        assert_eq!(
+            code(r#"{"invitation_id":"i","customer_id":"c"}"#),
+            InvalidReason::MissingField("sent_at")
+        );
+        let bad_time = code(r#"{"invitation_id":"i","customer_id":"c","sent_at":"noon"}"#);
+        assert_eq!(bad_time, InvalidReason::BadTimestamp("sent_at"));
+        assert_eq!(
+            bad_time.to_string(),
+            "field `sent_at` must be an RFC 3339 timestamp"
+        );
+        assert_eq!(
+            code(r#"{"invitation_id":"","customer_id":"c","sent_at":"2026-11-22T11:00:00Z"}"#),
+            InvalidReason::EmptyField("invitation_id")
+        );
+        assert_eq!(
+            code(r#"{"invitation_id":"i","customer_id":"c","sent_at":"2026-11-22T11:00:00Z","segments":[1]}"#)
+                .code(),
+            "wrong_type"
+        );
+        assert_eq!(code("{").code(), "not_json");
+        // A response is not an invitation, and an invitation not a response.
+        assert_eq!(
+            code(
+                r#"{"response_id":"r","score":3,"responded_at":"2026-11-22T11:00:00Z","customer_id":"c"}"#
+            ),
+            InvalidReason::MissingField("invitation_id")
+        );
+        assert_eq!(
+            decode(valid).expect_err("no response"),
+            InvalidReason::MissingField("response_id")
+        );
     }
 }

@@ -16,7 +16,7 @@ use rustc_hash::FxHashMap;
 use std::fmt;
 use std::fmt::Write as _;
 
-use crate::response::SurveyResponse;
+use crate::response::SegmentEntry;
 
 /// The segment every response counts in.
 pub const ALL: &str = "all";
@@ -204,20 +204,22 @@ impl SegmentCatalog {
         &self.spec
     }
 
-    /// Replaces `out` with the segments `response` counts in: `all` first, then single
-    /// dimensions in name order, then combinations in configured order.
+    /// Replaces `out` with the segments a message carrying `segments` (a response's or an
+    /// invitation's, sorted by key) counts in: `all` first, then single dimensions in name
+    /// order, then combinations in configured order.
     pub fn assign(
         &mut self,
-        response: &SurveyResponse<'_>,
+        segments: &[SegmentEntry<'_>],
         out: &mut Vec<SegmentId>,
     ) -> Assignment {
         out.clear();
         out.push(SegmentId(0));
         let mut assignment = Assignment::default();
         for dimension in 0..self.spec.dimensions.len() {
-            let value = response
-                .segment(&self.spec.dimensions[dimension])
-                .map(|value| self.value(dimension, value, &mut assignment));
+            let value = segments
+                .binary_search_by(|(key, _)| key.as_ref().cmp(&self.spec.dimensions[dimension]))
+                .ok()
+                .map(|i| self.value(dimension, &segments[i].1, &mut assignment));
             self.scratch_values[dimension] = value.map(|v| v.index);
             out.extend(value.map(|v| v.segment));
         }
@@ -357,7 +359,7 @@ mod tests {
         let text = response_with(segments);
         let response = decode(text.as_bytes()).expect("valid");
         let mut ids = Vec::new();
-        catalog.assign(&response, &mut ids);
+        catalog.assign(&response.segments, &mut ids);
         ids.iter().map(|id| catalog.name(*id).to_owned()).collect()
     }
 
@@ -414,7 +416,7 @@ mod tests {
         let text = response_with(r#"{"region":"north","product":"van"}"#);
         let response = decode(text.as_bytes()).expect("valid");
         let mut ids = Vec::new();
-        let assignment = catalog.assign(&response, &mut ids);
+        let assignment = catalog.assign(&response.segments, &mut ids);
         assert_eq!(assignment.overflowed_values, 1);
         let got: Vec<&str> = ids.iter().map(|id| catalog.name(*id)).collect();
         assert_eq!(

@@ -1,22 +1,25 @@
 //! The ingest role, in two steps on one consumer group:
 //!
-//! 1. Repartition: messages from `survey.responses` are validated; invalid ones go to the
-//!    dead-letter topic byte-for-byte, valid ones are forwarded in an envelope
-//!    ([`crate::envelope`]) to the internal topic `npsflow.responses-by-id`, on the partition
-//!    of their `response_id` (bundled: one record per partition and batch, see
-//!    [`crate::bundle`]). So every copy of a response, whatever key or partition it was sent
-//!    with, lands on one partition of that topic.
+//! 1. Repartition: messages from `survey.responses` (and the optional `survey.invitations`)
+//!    are validated; invalid ones go to the dead-letter topic byte-for-byte, valid ones are
+//!    forwarded in an envelope ([`crate::envelope`]) to the internal topic
+//!    `npsflow.responses-by-id`, on the partition of their `response_id` (`invitation_id`)
+//!    (bundled: one record per partition and batch, see [`crate::bundle`]). So every copy of
+//!    a response, whatever key or partition it was sent with, lands on one partition of that
+//!    topic.
 //! 2. Decide: responses from the repartition topic get their outcome from the core
 //!    (duplicate, too old, future, accepted), detractors get an alert, and accepted responses
 //!    become segment deltas (each response named by its position in the repartition
-//!    partition) and a `responded` notice for the followup role (bundled too). Dead letters
-//!    are rebuilt exactly as the message was received.
+//!    partition) and a `responded` notice for the followup role (bundled too). Invitations
+//!    are decided the same way (their own duplicate memory) and join the deltas of the
+//!    segments they carry. Dead letters are rebuilt exactly as the message was received.
 //!
 //! [`IngestRole`] is the state machine (the core's `Ingest` and the records each message
 //! causes); the engine ([`crate::engine`]) delivers them and commits. A repartition-topic
 //! partition's duplicate memory is read back from the messages just before the group's
 //! committed offset when it is assigned.
 
+use npsflow_core::intake::invitation_key;
 use npsflow_core::{repartition_key, ClockKind, Ingest, IngestSpec, Route, Source, Timestamp};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::Message;
@@ -100,7 +103,11 @@ impl IngestRole {
         Binding {
             role: ROLE,
             group: config.settings.kafka.ingest_group.clone(),
-            topics: vec![topics.responses.clone(), topics.responses_by_id.clone()],
+            topics: vec![
+                topics.responses.clone(),
+                topics.invitations.clone(),
+                topics.responses_by_id.clone(),
+            ],
             transactional: true,
         }
     }
@@ -111,14 +118,24 @@ impl IngestRole {
         let topics = &self.topics;
         let received = Received::direct(message);
         let payload = message.payload().unwrap_or_default();
-        match repartition_key(payload, topics.max_message_bytes as usize) {
-            Ok(response_id) => {
+        let invitation = message.topic() == topics.invitations;
+        let key = if invitation {
+            invitation_key(payload, topics.max_message_bytes as usize)
+        } else {
+            repartition_key(payload, topics.max_message_bytes as usize)
+        };
+        match key {
+            Ok(id) => {
                 self.forwarded
-                    .push_keyed(response_id.as_bytes(), out, |w| received.write_envelope(w));
+                    .push_keyed(id.as_bytes(), out, |w| received.write_envelope(w));
             }
             Err(reason) => {
                 let code = reason.code();
-                events::ResponseDecided { outcome: "invalid" }.emit(&self.metrics);
+                if invitation {
+                    events::InvitationDecided { outcome: "invalid" }.emit(&self.metrics);
+                } else {
+                    events::ResponseDecided { outcome: "invalid" }.emit(&self.metrics);
+                }
                 events::DeadLettered { reason: code }.emit(&self.metrics);
                 out.push(received.dead_letter(&topics.dead_letters, code, &reason.to_string()));
             }
@@ -158,17 +175,29 @@ impl IngestRole {
         let metrics = &self.metrics;
         let topics = &self.topics;
         let payload = received.payload.unwrap_or_default();
-        let decision =
+        let invitation = received.topic == topics.invitations;
+        let decision = if invitation {
             self.ingest
-                .process_forwarded(partition, position, received.source(), payload, now);
+                .process_invitation(partition, position, received.source(), payload, now)
+        } else {
+            self.ingest
+                .process_forwarded(partition, position, received.source(), payload, now)
+        };
         if decision.is_resent() {
             events::ResentRecognised.emit(metrics);
             return;
         }
-        events::ResponseDecided {
-            outcome: decision.outcome,
+        if invitation {
+            events::InvitationDecided {
+                outcome: decision.outcome,
+            }
+            .emit(metrics);
+        } else {
+            events::ResponseDecided {
+                outcome: decision.outcome,
+            }
+            .emit(metrics);
         }
-        .emit(metrics);
         if let Some((code, detail)) = &decision.dead_letter {
             events::DeadLettered { reason: code }.emit(metrics);
             out.push(received.dead_letter(&topics.dead_letters, code, detail));
@@ -176,7 +205,7 @@ impl IngestRole {
         if let Some(notice) = &decision.responded {
             crate::followup::push_notice(&mut self.notices, notice, out);
         }
-        if let Some(t) = decision.event_time {
+        if let (Some(t), false) = (decision.event_time, invitation) {
             events::EventTimeLag {
                 seconds: (now.millis() - t.millis()) as f64 / 1000.0,
             }
@@ -237,6 +266,12 @@ impl RoleMachine for IngestRole {
             let payload = record.payload.as_deref().unwrap_or_default();
             for item in bundle::items(payload).unwrap_or_default() {
                 let (source, bytes) = match Received::from_envelope(item) {
+                    Some(original) if original.topic == self.topics.invitations => {
+                        let bytes = original.payload.unwrap_or_default();
+                        self.ingest
+                            .remember_invitation(partition, original.source(), bytes, now);
+                        continue;
+                    }
                     Some(original) => (original.source(), original.payload.unwrap_or_default()),
                     None => (
                         Source {
@@ -578,5 +613,114 @@ mod tests {
         assert!(decided.is_empty(), "{:?}", topics_of(&decided));
         assert_eq!(second.metrics.outcome_count("duplicate"), 1);
         assert_eq!(second.metrics.outcome_count("accepted"), 0);
+    }
+
+    /// Invitations take the responses' path: an invalid one is dead-lettered byte for byte
+    /// and counted as an invitation; a valid one is forwarded by its id, decided (no alert,
+    /// no notice) and joins its segments' deltas; its re-send from elsewhere is a duplicate,
+    /// remembered across a restore.
+    #[test]
+    fn invitations_are_forwarded_decided_and_counted_in_the_deltas() {
+        let (mut first_owner, topics) = role();
+        let invitation = format!(
+            r#"{{"invitation_id":"i1","customer_id":"c1","sent_at":"{}","segments":{{"region":"east"}}}}"#,
+            Timestamp(NOW.millis() - 120_000).to_rfc3339()
+        );
+        let bad = br#"{"invitation_id":"i2","customer_id":"c2"}"#;
+        let mut out = Vec::new();
+        first_owner.handle_messages(
+            &[
+                message(&topics.invitations, 0, 1, "c1", invitation.as_bytes()),
+                message(&topics.invitations, 0, 2, "c2", bad),
+            ],
+            NOW,
+            &mut out,
+        );
+        assert_eq!(
+            topics_of(&out),
+            [
+                topics.dead_letters.as_str(),
+                topics.responses_by_id.as_str()
+            ]
+        );
+        assert_eq!(out[0].payload.as_deref(), Some(&bad[..]));
+        let headers = out[0].headers.as_ref().expect("headers");
+        let header = |name: &str| {
+            headers
+                .iter()
+                .find(|h| h.key == name)
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+        };
+        assert_eq!(header("npsflow-error").as_deref(), Some("missing_field"));
+        assert_eq!(
+            header("npsflow-source-topic"),
+            Some(topics.invitations.clone())
+        );
+        assert_eq!(
+            out[1].partition,
+            Some(crate::bundle::partition_for_key(
+                b"i1",
+                PARTITIONS.responses_by_id
+            ))
+        );
+        let first = forwarded(&out, &topics, 0);
+        let mut decided = Vec::new();
+        first_owner.handle_messages(std::slice::from_ref(&first), NOW, &mut decided);
+        assert!(
+            decided.iter().all(|r| r.topic == topics.segment_deltas),
+            "{:?}",
+            topics_of(&decided)
+        );
+        let deltas: Vec<npsflow_core::SegmentDelta> = decided
+            .iter()
+            .map(|r| npsflow_core::SegmentDelta::from_json(r.payload.as_deref().expect("delta")))
+            .collect::<Result<_, _>>()
+            .expect("deltas");
+        let segments: Vec<(&str, usize, usize)> = deltas
+            .iter()
+            .map(|d| (d.segment.as_str(), d.responses.len(), d.invitations.len()))
+            .collect();
+        assert_eq!(segments, [("all", 0, 1), ("region=east", 0, 1)]);
+        let rendered = first_owner.metrics.render();
+        assert!(
+            rendered.contains("npsflow_invitations_total{outcome=\"accepted\"} 1"),
+            "{rendered}"
+        );
+        assert!(rendered.contains("npsflow_invitations_total{outcome=\"invalid\"} 1"));
+        assert_eq!(
+            first_owner.metrics.outcome_count("accepted"),
+            0,
+            "not a response"
+        );
+
+        // A new owner restored from the partition: the same invitation sent again is a duplicate.
+        let (mut second, _) = role();
+        let reads = second.handle_assigned(&[(topics.responses_by_id.clone(), first.partition())]);
+        let stored = StoredRecord {
+            offset: 0,
+            key: None,
+            payload: first.payload().map(<[u8]>::to_vec),
+        };
+        second.handle_restored(&reads[0], vec![stored], NOW);
+        let mut resend = Vec::new();
+        second.handle_messages(
+            &[message(
+                &topics.invitations,
+                1,
+                7,
+                "x",
+                invitation.as_bytes(),
+            )],
+            NOW,
+            &mut resend,
+        );
+        let mut again = Vec::new();
+        second.handle_messages(&[forwarded(&resend, &topics, 1)], NOW, &mut again);
+        assert!(again.is_empty(), "{:?}", topics_of(&again));
+        assert!(second
+            .metrics
+            .render()
+            .contains("npsflow_invitations_total{outcome=\"duplicate\"} 1"));
     }
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     registry: Registry,
     /// `npsflow_events_total{outcome}`, one counter per [`Outcome::LABELS`] entry.
     outcomes: Arc<[IntCounter; Outcome::LABELS.len()]>,
+    /// `npsflow_invitations_total{outcome}`, one counter per [`Outcome::LABELS`] entry.
+    invitations: Arc<[IntCounter; Outcome::LABELS.len()]>,
     /// `npsflow_dead_letters_total{reason}`.
     dead_letters: IntCounterVec,
     /// `npsflow_alerts_total{kind,severity}`, one counter per severity.
@@ -153,6 +155,14 @@ impl Metrics {
             &["outcome"],
         );
         let outcomes = Arc::new(Outcome::LABELS.map(|o| events.with_label_values(&[o])));
+        let invitation_events = counter_vec(
+            &registry,
+            "npsflow_invitations_total",
+            "Survey-invitation messages (survey.invitations) by outcome.",
+            &["outcome"],
+        );
+        let invitations =
+            Arc::new(Outcome::LABELS.map(|o| invitation_events.with_label_values(&[o])));
         let dead_letters = counter_vec(
             &registry,
             "npsflow_dead_letters_total",
@@ -301,6 +311,7 @@ impl Metrics {
             books: Arc::default(),
             registry,
             outcomes,
+            invitations,
             dead_letters,
             alerts,
             alerts_by_owner,

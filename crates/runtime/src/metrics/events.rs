@@ -43,6 +43,21 @@ impl ResponseDecided {
     }
 }
 
+/// An invitation message got its one outcome.
+pub struct InvitationDecided {
+    /// The outcome's label.
+    pub outcome: &'static str,
+}
+
+impl InvitationDecided {
+    /// Counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        if let Some(i) = Outcome::LABELS.iter().position(|o| *o == self.outcome) {
+            metrics.invitations[i].inc();
+        }
+    }
+}
+
 /// A message went to the dead-letter topic.
 pub struct DeadLettered {
     /// The reason code.
