@@ -205,8 +205,10 @@ fn segment_rows(state: &AppState, segment: Option<&str>, window: Option<&str>) -
     rows.into_values().collect()
 }
 
+/// A summary as the API serves it: the view record's `computed_at` moves into `as_of`.
 fn with_as_of(mut row: Value, as_of: Value) -> Value {
     if let Value::Object(fields) = &mut row {
+        fields.remove("computed_at");
         fields.insert("as_of".into(), as_of);
     }
     row
