@@ -6,15 +6,20 @@
 //! - `npsflow topics create`: creates the topics.
 //! - `npsflow config check`: prints the effective configuration, secrets redacted.
 //! - `npsflow validate FILE.jsonl`: decides each line as the pipeline decodes a message.
+//!
+//! Exit codes (sysexits): 0 success, 1 a failure at run time (Kafka, I/O, a role that
+//! stopped), 64 (`EX_USAGE`) a usage error (clap's included), 78 (`EX_CONFIG`) an invalid
+//! configuration. Errors print as one line of readable causes, each cause once.
 
 mod demo;
+mod errors;
 mod loadgen;
 mod validate;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 use npsflow_runtime::{Config, Process, Role};
 use tokio::sync::watch;
@@ -116,7 +121,12 @@ fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
         match Role::parse(name) {
             Some(role) if !roles.contains(&role) => roles.push(role),
             Some(_) => {}
-            None => bail!("unknown role {name:?}; roles are ingest, aggregate, followup"),
+            None => {
+                return Err(errors::UsageError(format!(
+                    "unknown role \"{name}\"; roles are ingest, aggregate, followup"
+                ))
+                .into())
+            }
         }
     }
     Ok(roles)
@@ -127,13 +137,8 @@ fn main() -> std::process::ExitCode {
         Ok(cli) => cli,
         Err(error) => {
             let _ = error.print();
-            // `validate` follows sysexits: a usage error is 64, not clap's 2.
-            let code = match error.exit_code() {
-                0 => 0,
-                _ if validate::invoked(std::env::args_os()) => validate::EXIT_USAGE,
-                code => u8::try_from(code).unwrap_or(2),
-            };
-            return std::process::ExitCode::from(code);
+            // sysexits: a usage error is 64, not clap's 2.
+            return std::process::ExitCode::from(errors::clap_exit_code(error.kind()));
         }
     };
     if let Command::Validate(args) = &cli.command {
@@ -155,8 +160,8 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
-            std::process::ExitCode::FAILURE
+            eprintln!("error: {}", errors::render(&error));
+            std::process::ExitCode::from(errors::exit_code(&error))
         }
     }
 }
@@ -212,10 +217,93 @@ async fn execute(cli: Cli) -> anyhow::Result<()> {
         } => {
             let config = load_config(cli.config.as_deref())?;
             npsflow_runtime::init_logging(&config.settings.log);
-            for result in npsflow_runtime::topics::create(&config.settings).await? {
-                println!("{result:?}");
-            }
+            let plan = npsflow_runtime::topics::planned(&config.settings);
+            let results = npsflow_runtime::topics::create(&config.settings).await?;
+            print!("{}", topics_report(&plan, &results));
         }
     }
     Ok(())
+}
+
+/// What `topics create` did, a line per topic: created (with its partitions) or already
+/// there (left as it is).
+fn topics_report(
+    plan: &[npsflow_runtime::topics::PlannedTopic],
+    results: &[npsflow_runtime::topics::TopicResult],
+) -> String {
+    use npsflow_runtime::topics::TopicResult;
+    let width = results
+        .iter()
+        .map(|r| match r {
+            TopicResult::Created(name) | TopicResult::Existed(name) => name.len(),
+        })
+        .max()
+        .unwrap_or(0);
+    let mut text = String::new();
+    for result in results {
+        let line = match result {
+            TopicResult::Created(name) => {
+                let partitions = plan
+                    .iter()
+                    .find(|p| &p.name == name)
+                    .map_or(String::new(), |p| {
+                        format!(
+                            ", {} partition{}",
+                            p.partitions,
+                            if p.partitions == 1 { "" } else { "s" }
+                        )
+                    });
+                format!("{name:<width$}  created{partitions}")
+            }
+            TopicResult::Existed(name) => {
+                format!("{name:<width$}  already exists, left as it is")
+            }
+        };
+        text.push_str(&line);
+        text.push('\n');
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use npsflow_runtime::topics::{PlannedTopic, TopicResult};
+
+    #[test]
+    fn topics_create_prints_a_line_per_topic() {
+        let plan = vec![
+            PlannedTopic {
+                name: "survey.responses".into(),
+                partitions: 6,
+                config: vec![],
+            },
+            PlannedTopic {
+                name: "npsflow.dlq".into(),
+                partitions: 1,
+                config: vec![],
+            },
+        ];
+        let results = vec![
+            TopicResult::Created("survey.responses".into()),
+            TopicResult::Created("npsflow.dlq".into()),
+            TopicResult::Existed("npsflow.state".into()),
+        ];
+        assert_eq!(
+            topics_report(&plan, &results),
+            "survey.responses  created, 6 partitions\n\
+             npsflow.dlq       created, 1 partition\n\
+             npsflow.state     already exists, left as it is\n"
+        );
+    }
+
+    #[test]
+    fn an_unknown_role_is_a_usage_error() {
+        let error = parse_roles(&["ingest".into(), "aggregator".into()]).expect_err("unknown");
+        assert_eq!(errors::exit_code(&error), 64);
+        assert_eq!(
+            parse_roles(&["ingest".into(), "ingest".into()]).expect("known"),
+            vec![Role::Ingest]
+        );
+    }
 }

@@ -20,8 +20,6 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 
-/// Exit code for a usage error (sysexits' EX_USAGE).
-pub const EXIT_USAGE: u8 = 64;
 /// Exit code for input that cannot be read (sysexits' EX_NOINPUT).
 pub const EXIT_NO_INPUT: u8 = 66;
 
@@ -156,20 +154,6 @@ pub fn run(args: &ValidateArgs) -> ExitCode {
     }
 }
 
-/// True if the command line asks for `validate`, so that its usage errors exit with 64.
-pub fn invoked(args: impl IntoIterator<Item = std::ffi::OsString>) -> bool {
-    // The first argument that is not an option (nor the value of --config) is the command.
-    let mut args = args.into_iter().skip(1);
-    while let Some(arg) = args.next() {
-        if arg == "--config" {
-            args.next();
-        } else if !arg.to_string_lossy().starts_with('-') {
-            return arg == "validate";
-        }
-    }
-    false
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,21 +224,5 @@ mod tests {
             decide(Format::Response, b""),
             (String::new(), Counts::default())
         );
-    }
-
-    #[test]
-    fn the_command_is_found_past_global_options() {
-        let args = |list: &[&str]| {
-            list.iter()
-                .map(std::ffi::OsString::from)
-                .collect::<Vec<_>>()
-        };
-        assert!(invoked(args(&["npsflow", "validate", "x.jsonl"])));
-        assert!(invoked(args(&[
-            "npsflow", "--config", "c.toml", "validate"
-        ])));
-        assert!(!invoked(args(&["npsflow", "run"])));
-        assert!(!invoked(args(&["npsflow", "--config", "validate", "run"])));
-        assert!(!invoked(args(&["npsflow"])));
     }
 }

@@ -422,11 +422,57 @@ pub struct CaseAlert {
     pub responded_at: Timestamp,
 }
 
-/// Decodes the fields a case needs from a detractor alert.
+/// Decodes the fields a case needs from a detractor alert. Like the other decoders it says
+/// why an alert is unusable by the contract's reasons (`not_json`, `not_an_object`,
+/// `duplicate_field`, `missing_field`, `wrong_type`, `unknown_value`, `bad_timestamp`), never
+/// quoting the message. Unknown fields are ignored; `null` counts as absent.
 pub fn decode_alert(bytes: &[u8]) -> Result<CaseAlert, InvalidOutcome> {
-    object_fields(bytes)?;
+    let fields = Fields(object_fields(bytes)?);
+    for name in ["alert_id", "response_id", "customer_id", "owner"] {
+        match fields.0.get(name) {
+            None | Some(Value::Null) => return Err(InvalidOutcome::MissingField(name)),
+            Some(Value::String(_)) => {}
+            Some(_) => return Err(InvalidOutcome::WrongType(name, "a string")),
+        }
+    }
+    for name in ["account_id", "survey_id"] {
+        if !matches!(
+            fields.0.get(name),
+            None | Some(Value::Null | Value::String(_))
+        ) {
+            return Err(InvalidOutcome::WrongType(name, "a string"));
+        }
+    }
+    match fields.0.get("score") {
+        None | Some(Value::Null) => return Err(InvalidOutcome::MissingField("score")),
+        Some(Value::Number(n)) if n.as_u64().is_some_and(|score| score <= 10) => {}
+        Some(_) => {
+            return Err(InvalidOutcome::WrongType(
+                "score",
+                "a whole number from 0 to 10",
+            ))
+        }
+    }
+    fields
+        .named("severity", |text| {
+            ["low", "medium", "high"].contains(&text).then_some(())
+        })?
+        .ok_or(InvalidOutcome::MissingField("severity"))?;
+    match fields.0.get("segments") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(map)) if map.values().all(Value::is_string) => {}
+        Some(_) => {
+            return Err(InvalidOutcome::WrongType(
+                "segments",
+                "an object of strings",
+            ))
+        }
+    }
+    fields.timestamp("responded_at")?;
+    // Every field serde reads was checked above, so this only fails on a case the checks
+    // missed; that is still a wrong type, not a syntax error.
     serde_json::from_slice(bytes)
-        .map_err(|e| InvalidOutcome::NotJson(format!("not a detractor alert ({:?})", e.classify())))
+        .map_err(|_| InvalidOutcome::WrongType("alert", "a detractor alert"))
 }
 
 /// One escalation of a case.

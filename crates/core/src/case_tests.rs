@@ -110,6 +110,66 @@ fn alerts_decode_from_the_followups_json() {
 }
 
 #[test]
+fn unusable_alerts_get_the_reason_that_fits_not_always_not_json() {
+    let valid: serde_json::Value = serde_json::from_str(
+        r#"{"alert_id":"det-1","response_id":"r","customer_id":"c","owner":"ann","score":3,"severity":"high","segments":{"region":"east"},"responded_at":"2026-11-22T12:00:00Z"}"#,
+    )
+    .expect("json");
+    let with = |field: &str, value: serde_json::Value| {
+        let mut alert = valid.clone();
+        match value {
+            serde_json::Value::Null => alert.as_object_mut().expect("object").remove(field),
+            value => alert
+                .as_object_mut()
+                .expect("object")
+                .insert(field.to_owned(), value),
+        };
+        serde_json::to_vec(&alert).expect("bytes")
+    };
+    let code = |bytes: &[u8]| decode_alert(bytes).expect_err("unusable").code();
+    assert!(decode_alert(&serde_json::to_vec(&valid).expect("bytes")).is_ok());
+    assert_eq!(code(b"{\"alert_id\":"), "not_json");
+    assert_eq!(code(b"\xff\xfe"), "not_json");
+    assert_eq!(code(b"[1,2]"), "not_an_object");
+    assert_eq!(code(br#"{"owner":"a","owner":"b"}"#), "duplicate_field");
+    for field in [
+        "alert_id",
+        "response_id",
+        "customer_id",
+        "owner",
+        "score",
+        "severity",
+    ] {
+        assert_eq!(
+            code(&with(field, serde_json::Value::Null)),
+            "missing_field",
+            "{field}"
+        );
+    }
+    assert_eq!(
+        code(&with("responded_at", serde_json::Value::Null)),
+        "missing_field"
+    );
+    assert_eq!(code(&with("alert_id", 7.into())), "wrong_type");
+    assert_eq!(code(&with("score", "3".into())), "wrong_type");
+    assert_eq!(code(&with("score", 300.into())), "wrong_type");
+    assert_eq!(code(&with("account_id", 1.into())), "wrong_type");
+    assert_eq!(
+        code(&with("segments", serde_json::json!({"region": 1}))),
+        "wrong_type"
+    );
+    assert_eq!(code(&with("severity", "urgent".into())), "unknown_value");
+    assert_eq!(
+        code(&with("responded_at", "yesterday".into())),
+        "bad_timestamp"
+    );
+    let detail = decode_alert(&with("customer_id", 12345.into()))
+        .expect_err("unusable")
+        .to_string();
+    assert!(!detail.contains("12345"), "{detail}");
+}
+
+#[test]
 fn late_events_are_applied_in_time_order_and_reopen_goes_back_to_contacted() {
     let policy = policy();
     let mut book = CaseBook::new();

@@ -118,6 +118,30 @@ pub struct KafkaSettings {
     pub aggregate_group: String,
     /// Consumer group of the followup role.
     pub followup_group: String,
+    /// Where a consumer group with no committed offset starts reading the external inputs
+    /// ([`TopicSettings::external_inputs`]); internal topics always start at the earliest.
+    pub start_position: StartPosition,
+}
+
+/// Where a new consumer group (no committed offset) starts on an external input topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StartPosition {
+    /// Everything still on the topic: each old message gets its outcome (responses older
+    /// than the longest window are dead-lettered as `too_old`, detractors of the window get
+    /// alerts).
+    Earliest,
+    /// Only what arrives after the group's partitions are first assigned.
+    Latest,
+}
+
+impl StartPosition {
+    /// Whether a partition of `topic` with no committed offset starts at its end: only for
+    /// `latest`, and only on an external input topic, never on npsflow's internal topics
+    /// (deltas, follow-up events, state), which must be read from their start.
+    pub fn starts_at_end(self, topics: &TopicSettings, topic: &str) -> bool {
+        self == StartPosition::Latest && topics.external_inputs().contains(&topic)
+    }
 }
 
 impl fmt::Debug for KafkaSettings {
@@ -128,6 +152,7 @@ impl fmt::Debug for KafkaSettings {
             .field("ingest_group", &self.ingest_group)
             .field("aggregate_group", &self.aggregate_group)
             .field("followup_group", &self.followup_group)
+            .field("start_position", &self.start_position)
             .finish()
     }
 }
@@ -173,6 +198,14 @@ pub struct TopicSettings {
     /// repartition) this plus room for npsflow's headers; producers get a matching
     /// `message.max.bytes`.
     pub max_message_bytes: u64,
+}
+
+impl TopicSettings {
+    /// The topics other systems write and npsflow's roles consume: the survey responses,
+    /// the outcome events and the invitations. `kafka.start_position` applies to these only.
+    pub fn external_inputs(&self) -> [&str; 3] {
+        [&self.responses, &self.followup_outcomes, &self.invitations]
+    }
 }
 
 /// The clock that defines "now" for windows.
@@ -1322,6 +1355,14 @@ impl Reader {
             ingest_group: self.string(&mut s, "ingest_group"),
             aggregate_group: self.string(&mut s, "aggregate_group"),
             followup_group: self.string(&mut s, "followup_group"),
+            start_position: self.choice(
+                &mut s,
+                "start_position",
+                &[
+                    ("earliest", StartPosition::Earliest),
+                    ("latest", StartPosition::Latest),
+                ],
+            ),
         };
         self.finish(s);
 
@@ -2481,6 +2522,47 @@ format = "S3cr3tMarker"
             "read_uncommitted",
         )];
         assert!(load(None, &env).is_ok());
+    }
+
+    #[test]
+    fn start_position_is_earliest_by_default_and_applies_to_external_inputs_only() {
+        let config = load(None, &[]).expect("defaults");
+        let kafka = &config.settings.kafka;
+        let topics = &config.settings.topics;
+        assert_eq!(kafka.start_position, StartPosition::Earliest);
+        assert!(!kafka
+            .start_position
+            .starts_at_end(topics, &topics.responses));
+
+        let config = load(None, &[("NPSFLOW__KAFKA__START_POSITION", "latest")]).expect("latest");
+        let topics = &config.settings.topics;
+        let latest = config.settings.kafka.start_position;
+        assert_eq!(latest, StartPosition::Latest);
+        for external in [
+            &topics.responses,
+            &topics.followup_outcomes,
+            &topics.invitations,
+        ] {
+            assert!(latest.starts_at_end(topics, external), "{external}");
+        }
+        for internal in [
+            &topics.responses_by_id,
+            &topics.segment_deltas,
+            &topics.state,
+            &topics.followup_events,
+            &topics.followup_state,
+            &topics.cases,
+            &topics.escalations,
+            &topics.followups,
+            &topics.dead_letters,
+            &topics.segment_view,
+            &topics.account_view,
+        ] {
+            assert!(!latest.starts_at_end(topics, internal), "{internal}");
+        }
+
+        let file = "[kafka]\nstart_position = \"newest\"\n";
+        the_problem(&problems(Some(file), &[]), "`kafka.start_position`");
     }
 
     #[test]

@@ -170,6 +170,19 @@ impl Engine {
             self.metrics.clone(),
             self.health.clone(),
             unsettled.clone(),
+        )
+        .with_start_at_end(
+            binding
+                .topics
+                .iter()
+                .filter(|topic| {
+                    settings
+                        .kafka
+                        .start_position
+                        .starts_at_end(&settings.topics, topic)
+                })
+                .cloned()
+                .collect(),
         );
         let mut consumer_config =
             kafka::consumer_config(&settings.kafka, &binding.group, &format!("npsflow-{name}"));

@@ -395,6 +395,7 @@ pub struct RoleContext {
     health: Arc<Health>,
     changes: Mutex<Vec<AssignmentChange>>,
     unsettled: Arc<Unsettled>,
+    start_at_end: Vec<String>,
 }
 
 impl RoleContext {
@@ -413,7 +414,15 @@ impl RoleContext {
             health,
             changes: Mutex::new(Vec::new()),
             unsettled,
+            start_at_end: Vec::new(),
         }
+    }
+
+    /// Partitions of these topics that the group has no committed offset for start at their
+    /// end, not at the earliest (`kafka.start_position = "latest"` on external inputs).
+    pub fn with_start_at_end(mut self, topics: Vec<String>) -> Self {
+        self.start_at_end = topics;
+        self
     }
 
     /// Assignment changes since the last call, oldest first.
@@ -506,7 +515,129 @@ impl ClientContext for RoleContext {
     }
 }
 
+/// How long an assignment waits for the group's committed offsets of partitions that may
+/// start at their end; on a timeout they start as configured for the consumer (earliest).
+const COMMITTED_LOOKUP: Duration = Duration::from_secs(10);
+
+/// Which newly assigned partitions start at their end: those of a `start_at_end` topic for
+/// which the group has no committed offset (`committed` gives each partition's committed
+/// offset, `None` when there is none).
+pub fn partitions_starting_at_end(
+    committed: &[((String, i32), Option<i64>)],
+    start_at_end: &[String],
+) -> Vec<(String, i32)> {
+    committed
+        .iter()
+        .filter(|((topic, _), offset)| offset.is_none() && start_at_end.contains(topic))
+        .map(|(partition, _)| partition.clone())
+        .collect()
+}
+
+impl RoleContext {
+    /// Sets the start of newly assigned partitions that have no committed offset to their
+    /// end, for the `start_at_end` topics. Leaves the list alone if the lookup fails.
+    fn start_new_partitions_at_end(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        assigned: &mut rdkafka::TopicPartitionList,
+    ) {
+        let mut candidates = rdkafka::TopicPartitionList::new();
+        for element in assigned.elements() {
+            if self.start_at_end.iter().any(|t| t == element.topic()) {
+                candidates.add_partition(element.topic(), element.partition());
+            }
+        }
+        if candidates.count() == 0 {
+            return;
+        }
+        let committed = match consumer.committed_offsets(candidates, COMMITTED_LOOKUP) {
+            Ok(committed) => committed,
+            Err(error) => {
+                events::KafkaClientFailed {
+                    client: self.role,
+                    error: &error,
+                    reason: "could not read committed offsets to apply kafka.start_position; starting at the earliest",
+                }
+                .emit(&self.metrics);
+                return;
+            }
+        };
+        let found: Vec<((String, i32), Option<i64>)> = committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let offset = match e.offset() {
+                    rdkafka::Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                };
+                ((e.topic().to_owned(), e.partition()), offset)
+            })
+            .collect();
+        for (topic, partition) in partitions_starting_at_end(&found, &self.start_at_end) {
+            let _ = assigned.set_partition_offset(&topic, partition, rdkafka::Offset::End);
+        }
+    }
+}
+
 impl ConsumerContext for RoleContext {
+    /// The default rebalance (rdkafka's), except that on an assignment the partitions of
+    /// `start_at_end` topics without a committed offset are set to start at their end.
+    fn rebalance(
+        &self,
+        base_consumer: &BaseConsumer<Self>,
+        err: rdkafka::types::RDKafkaRespErr,
+        tpl: &mut rdkafka::TopicPartitionList,
+    ) {
+        use rdkafka::consumer::RebalanceProtocol;
+        use rdkafka::types::RDKafkaRespErr;
+        let cooperative = matches!(
+            base_consumer.rebalance_protocol(),
+            RebalanceProtocol::Cooperative
+        );
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                if !self.start_at_end.is_empty() {
+                    self.start_new_partitions_at_end(base_consumer, tpl);
+                }
+                self.pre_rebalance(base_consumer, &Rebalance::Assign(tpl));
+                let result = if cooperative {
+                    base_consumer.incremental_assign(tpl)
+                } else {
+                    base_consumer.assign(tpl)
+                };
+                if let Err(error) = result {
+                    events::RebalanceFailed {
+                        role: self.role,
+                        error: &error,
+                    }
+                    .emit(&self.metrics);
+                }
+                self.post_rebalance(base_consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+                let result = if cooperative {
+                    base_consumer.incremental_unassign(tpl)
+                } else {
+                    base_consumer.unassign()
+                };
+                if let Err(error) = result {
+                    events::RebalanceFailed {
+                        role: self.role,
+                        error: &error,
+                    }
+                    .emit(&self.metrics);
+                }
+                self.post_rebalance(base_consumer, &Rebalance::Revoke(tpl));
+            }
+            other => {
+                let error = KafkaError::Rebalance(other.into());
+                self.pre_rebalance(base_consumer, &Rebalance::Error(error.clone()));
+                self.post_rebalance(base_consumer, &Rebalance::Error(error));
+            }
+        }
+    }
+
     /// Before partitions go, what this process wrote for them must be on the broker: their
     /// next owner starts by reading it back. (The records of a batch are handed to the
     /// producer before the consumer is polled again, so all of them are counted here.)
@@ -1002,6 +1133,21 @@ pub fn record_progress(consumer: &StreamConsumer<RoleContext>, offsets: &[(Strin
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_uncommitted_partitions_of_start_at_end_topics_start_at_their_end() {
+        let external = vec!["survey.responses".to_owned()];
+        let committed = vec![
+            (("survey.responses".to_owned(), 0), None),
+            (("survey.responses".to_owned(), 1), Some(42)),
+            (("npsflow.responses-by-id".to_owned(), 0), None),
+        ];
+        assert_eq!(
+            partitions_starting_at_end(&committed, &external),
+            vec![("survey.responses".to_owned(), 0)]
+        );
+        assert!(partitions_starting_at_end(&committed, &[]).is_empty());
+    }
 
     /// A revoke's wait ends when the last record in flight settles, and not before; with
     /// records that never settle it gives up at its limit.
