@@ -133,6 +133,7 @@ fn parse_roles(names: &[String]) -> anyhow::Result<Vec<Role>> {
 }
 
 fn main() -> std::process::ExitCode {
+    npsflow_runtime::metrics::set_build_revision(env!("NPSFLOW_GIT_REVISION"));
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(error) => {

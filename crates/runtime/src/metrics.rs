@@ -24,6 +24,19 @@ use prometheus::{
 use crate::health::Health;
 use crate::view::AggregateView;
 
+static BUILD_REVISION: std::sync::OnceLock<&'static str> = std::sync::OnceLock::new();
+
+/// Sets the git revision `npsflow_build_info` reports (the binary captures it at build time;
+/// set once, before the first [`Metrics::new`]). Without it the label is `unknown`.
+pub fn set_build_revision(revision: &'static str) {
+    let _ = BUILD_REVISION.set(revision);
+}
+
+/// The git revision `npsflow_build_info` reports.
+pub fn build_revision() -> &'static str {
+    BUILD_REVISION.get().copied().unwrap_or("unknown")
+}
+
 /// The follow-up cases a process owns, by partition of the followup role's internal topic:
 /// written by the role, summarised into the case gauges at every scrape.
 pub type CaseBooks = Arc<RwLock<std::collections::BTreeMap<i32, npsflow_core::CaseBook>>>;
@@ -139,14 +152,25 @@ impl Metrics {
     pub fn new() -> Metrics {
         let registry = Registry::new();
         let build = GaugeVec::new(
-            Opts::new("npsflow_build_info", "Build information; always 1."),
-            &["version"],
+            Opts::new(
+                "npsflow_build_info",
+                "Build information (version, git revision, librdkafka version); always 1.",
+            ),
+            &["version", "revision", "librdkafka"],
         )
         .expect("valid metric");
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
         build
-            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .with_label_values(&[env!("CARGO_PKG_VERSION"), build_revision(), &librdkafka])
             .set(1.0);
         register(&registry, build);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, ...
+        // (Linux only; elsewhere the collector reports nothing).
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("the process collector is registered once");
 
         let events = counter_vec(
             &registry,
@@ -704,6 +728,24 @@ fn sample(value: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn build_info_names_the_revision_and_librdkafka_and_process_metrics_are_served() {
+        let text = Metrics::new().render();
+        let (_, librdkafka) = rdkafka::util::get_rdkafka_version();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("npsflow_build_info{"))
+            .expect("build info");
+        assert!(line.contains(&format!("librdkafka=\"{librdkafka}\"")), "{line}");
+        assert!(line.contains(&format!("revision=\"{}\"", build_revision())), "{line}");
+        assert!(line.contains("version=\""), "{line}");
+        if cfg!(target_os = "linux") {
+            for name in ["process_cpu_seconds_total", "process_resident_memory_bytes"] {
+                assert!(text.contains(&format!("\n{name} ")), "{name}");
+            }
+        }
+    }
 
     #[test]
     fn label_values_and_samples_are_written_as_the_text_format_wants() {
