@@ -16,7 +16,7 @@ use npsflow_runtime::traffic::Traffic;
 use npsflow_runtime::view::Row;
 use npsflow_runtime::{wall_now, Config, Process, Role};
 use rdkafka::mocking::MockCluster;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tokio::sync::watch;
 
@@ -108,11 +108,11 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
     ));
     let team = tokio::spawn(follow_up(config.clone(), args.seed, stopped.clone()));
     let table = tokio::spawn(print_table(process.clone(), stopped.clone()));
+    // The last table stays on screen; the summary below goes after it.
     npsflow_runtime::run(config, &roles, process.clone(), listener, stopped).await?;
     let sent = generator.await.unwrap_or(0);
     team.abort();
-    table.abort();
-    print!("{}", render(&process, wall_now()));
+    let _ = table.await;
     println!("demo finished: {sent} messages generated");
     drop(cluster);
     Ok(())
@@ -126,26 +126,42 @@ async fn generate(
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
     let mut traffic = Traffic::new(seed);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let per_tick = (rate / 10).max(1);
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let started = std::time::Instant::now();
     let mut sent = 0;
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = tick.tick() => {},
         }
-        for _ in 0..per_tick {
+        // Paced by the clock, not by ticks: whatever is due by now, so N/s for T s sends
+        // about N*T however late a tick fires. Records are queued without waiting for each
+        // delivery (the producer retries; the demo does not stop for one record).
+        let due = messages_due(rate, started.elapsed());
+        while sent < due {
             let message = traffic.next_message(wall_now());
             let mut record = FutureRecord::to(&topic).payload(&message.payload);
             if let Some(key) = &message.key {
                 record = record.key(key);
             }
-            if producer.send(record, Timeout::Never).await.is_ok() {
-                sent += 1;
+            match producer.send_result(record) {
+                Ok(_delivery) => sent += 1,
+                Err(_) => {
+                    // The queue is full: try the rest at the next tick.
+                    break;
+                }
             }
         }
     }
+    let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
     sent
+}
+
+/// How many messages `rate` per second calls for after `elapsed`: rate × elapsed, rounded
+/// down.
+pub fn messages_due(rate: u32, elapsed: Duration) -> u64 {
+    (u128::from(rate) * elapsed.as_millis() / 1000) as u64
 }
 
 /// The simulated follow-up team: reads the detractor alerts and sends what the team (and, now
@@ -240,26 +256,53 @@ async fn follow_up(config: Arc<Config>, seed: u64, mut stop: watch::Receiver<boo
     }
 }
 
+/// Prints the table every second, and once more when the demo stops. On a terminal each
+/// table replaces the one before in place (the lines above it, the URLs, stay); elsewhere
+/// tables follow each other.
 async fn print_table(process: Process, mut stop: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let terminal = std::io::stdout().is_terminal();
+    let colour = use_colour(terminal, std::env::var_os("NO_COLOR"));
+    let mut previous_lines = 0;
     loop {
-        tokio::select! {
-            _ = stop.wait_for(|s| *s) => break,
-            _ = tick.tick() => {},
-        }
-        let text = render(&process, wall_now());
+        let stopping = tokio::select! {
+            _ = stop.wait_for(|s| *s) => true,
+            _ = tick.tick() => false,
+        };
+        let text = render_table(&process, wall_now(), colour);
         let mut out = std::io::stdout().lock();
         if terminal {
-            let _ = write!(out, "\x1b[2J\x1b[H");
+            let _ = write!(out, "{}", redraw_prefix(previous_lines));
         }
         let _ = write!(out, "{text}");
         let _ = out.flush();
+        previous_lines = text.lines().count();
+        if stopping {
+            break;
+        }
     }
 }
 
-/// The live table: NPS ± margin (responses) per segment and window, then the counters.
-pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
+/// Whether to colour the NPS bands: only on a terminal, and not when `NO_COLOR` is set to
+/// anything but the empty string (no-color.org).
+pub fn use_colour(terminal: bool, no_color: Option<std::ffi::OsString>) -> bool {
+    terminal && no_color.is_none_or(|value| value.is_empty())
+}
+
+/// What goes before a table on a terminal: up over the `previous_lines` of the last table
+/// and clear from there down, so the table replaces it and the lines above it stay.
+pub fn redraw_prefix(previous_lines: usize) -> String {
+    if previous_lines == 0 {
+        String::new()
+    } else {
+        format!("\x1b[{previous_lines}F\x1b[J")
+    }
+}
+
+/// The live table: NPS ± margin (responses) per segment and window, worst first (by the
+/// first window's NPS; `all` on top), combined segments included, then the closed loop and
+/// the counters. With `colour`, each NPS is coloured by its band.
+fn render_table(process: &Process, now: npsflow_core::Timestamp, colour: bool) -> String {
     let mut text = String::new();
     let rows: Vec<Row> = process
         .view
@@ -277,26 +320,43 @@ pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
         text.push_str(&format!("{:>26}", format!("{window}: NPS ±95% (n)")));
     }
     text.push('\n');
-    let mut segments: Vec<&str> = rows
-        .iter()
-        .map(|r| r.segment.as_str())
-        .filter(|s| !s.contains(','))
-        .collect();
-    segments.dedup();
+    let mut segments: Vec<&str> = Vec::new();
+    for row in &rows {
+        if !segments.contains(&row.segment.as_str()) {
+            segments.push(&row.segment);
+        }
+    }
+    let first_nps = |segment: &str| {
+        rows.iter()
+            .find(|r| r.segment == segment && windows.first() == Some(&r.window))
+            .and_then(|r| r.summary.nps)
+    };
+    let keyed: Vec<(&str, Option<f64>)> = segments.iter().map(|s| (*s, first_nps(s))).collect();
+    let segments = worst_first(keyed);
+    if segments.is_empty() {
+        text.push_str("waiting for data: no response counted yet\n");
+    }
+    let width = segments.iter().map(|s| s.len()).max().unwrap_or(0).max(24);
     for segment in segments {
-        text.push_str(&format!("{segment:<24}"));
+        text.push_str(&format!("{segment:<width$}"));
         for window in &windows {
             let cell = rows
                 .iter()
                 .find(|r| r.segment == segment && &r.window == window)
                 .map(|r| match (r.summary.nps, r.summary.ci95) {
-                    (Some(nps), Some(ci)) => {
-                        format!("{nps:>6.1} ±{ci:>5.1} ({})", r.summary.tally.responses())
-                    }
-                    _ => "-".to_owned(),
+                    (Some(nps), Some(ci)) => (
+                        format!("{nps:>6.1} ±{ci:>5.1} ({})", r.summary.tally.responses()),
+                        Some(npsflow_core::Band::of(nps)),
+                    ),
+                    _ => ("-".to_owned(), None),
                 })
-                .unwrap_or_else(|| "-".to_owned());
-            text.push_str(&format!("{cell:>26}"));
+                .unwrap_or_else(|| ("-".to_owned(), None));
+            let (cell, band) = cell;
+            let padded = format!("{cell:>26}");
+            match band.filter(|_| colour) {
+                Some(band) => text.push_str(&format!("{}{padded}\x1b[0m", band_colour(band))),
+                None => text.push_str(&padded),
+            }
         }
         text.push('\n');
     }
@@ -316,6 +376,32 @@ pub fn render(process: &Process, now: npsflow_core::Timestamp) -> String {
     text
 }
 
+/// The ANSI colour of an NPS band: red below 30, yellow to 50, green from 50.
+fn band_colour(band: npsflow_core::Band) -> &'static str {
+    match band {
+        npsflow_core::Band::Low => "\x1b[31m",
+        npsflow_core::Band::Medium => "\x1b[33m",
+        npsflow_core::Band::High => "\x1b[32m",
+    }
+}
+
+/// Segments in table order: `all` first, then the lowest NPS first; segments without an
+/// NPS yet last, each group in name order.
+pub fn worst_first(mut segments: Vec<(&str, Option<f64>)>) -> Vec<&str> {
+    segments.sort_by(|(a, x), (b, y)| {
+        let rank = |name: &str, nps: &Option<f64>| match (name, nps) {
+            ("all", _) => 0,
+            (_, Some(_)) => 1,
+            (_, None) => 2,
+        };
+        rank(a, x)
+            .cmp(&rank(b, y))
+            .then(x.unwrap_or(0.0).total_cmp(&y.unwrap_or(0.0)))
+            .then(a.cmp(b))
+    });
+    segments.into_iter().map(|(name, _)| name).collect()
+}
+
 /// The closed loop: cases by state and escalation level, SLA compliance, recovery.
 fn render_cases(process: &Process, now: npsflow_core::Timestamp) -> String {
     use npsflow_core::CaseState;
@@ -326,7 +412,20 @@ fn render_cases(process: &Process, now: npsflow_core::Timestamp) -> String {
     if cases.is_empty() {
         return String::new();
     }
-    let mut text = String::from("\nclosed loop (cases by state, escalation level 0/1/2):\n");
+    let open = cases
+        .iter()
+        .filter(|c| c.state != CaseState::Closed)
+        .count();
+    let overdue = cases.iter().filter(|c| c.overdue(now)).count();
+    let escalations: usize = cases
+        .iter()
+        .map(|c| usize::from(c.escalation_level.min(2)))
+        .sum();
+    let recovered = cases.iter().filter(|c| c.recovered == Some(true)).count();
+    let mut text = format!(
+        "\nclosed loop: {open} open, {overdue} overdue, {escalations} escalations, {recovered} recovered\n"
+    );
+    text.push_str("cases by state (escalation level 0/1/2):\n");
     for state in CaseState::ALL {
         let mut levels = [0usize; 3];
         for case in cases.iter().filter(|c| c.state == *state) {
@@ -377,4 +476,54 @@ fn render_cases(process: &Process, now: npsflow_core::Timestamp) -> String {
         closed.len(),
     ));
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pace_is_rate_times_elapsed() {
+        assert_eq!(messages_due(1000, Duration::from_secs(10)), 10_000);
+        assert_eq!(messages_due(5, Duration::from_secs(5)), 25);
+        assert_eq!(messages_due(5, Duration::from_millis(199)), 0);
+        assert_eq!(messages_due(5, Duration::from_millis(200)), 1);
+        assert_eq!(messages_due(200, Duration::from_millis(1_234)), 246);
+        assert_eq!(messages_due(0, Duration::from_secs(60)), 0);
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_without_no_color() {
+        assert!(use_colour(true, None));
+        assert!(use_colour(true, Some("".into())));
+        assert!(!use_colour(true, Some("1".into())));
+        assert!(!use_colour(false, None));
+    }
+
+    #[test]
+    fn a_redraw_moves_up_over_the_last_table_only() {
+        assert_eq!(redraw_prefix(0), "");
+        assert_eq!(redraw_prefix(12), "\x1b[12F\x1b[J");
+    }
+
+    #[test]
+    fn segments_are_listed_worst_first_with_all_on_top() {
+        let segments = vec![
+            ("region=east", Some(40.0)),
+            ("all", Some(20.0)),
+            ("product=app", None),
+            ("region=east,product=app", Some(-10.0)),
+            ("region=west", Some(5.0)),
+        ];
+        assert_eq!(
+            worst_first(segments),
+            vec![
+                "all",
+                "region=east,product=app",
+                "region=west",
+                "region=east",
+                "product=app"
+            ]
+        );
+    }
 }
