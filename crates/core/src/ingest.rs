@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use rustc_hash::FxHashMap;
 
+use crate::account::AccountDelta;
 use crate::alert::{DetractorAlert, Routing};
 use crate::dedupe::DuplicateFilter;
 use crate::delta::{DeltaInvitation, DeltaResponse, SegmentDelta};
@@ -109,6 +110,7 @@ pub struct Ingest {
     segments_scratch: Vec<SegmentId>,
     pending: BTreeMap<(SegmentId, i32), Vec<DeltaResponse>>,
     pending_invitations: BTreeMap<(SegmentId, i32), Vec<DeltaInvitation>>,
+    pending_accounts: BTreeMap<(String, i32), Vec<DeltaResponse>>,
 }
 
 impl Ingest {
@@ -122,6 +124,7 @@ impl Ingest {
             segments_scratch: Vec::new(),
             pending: BTreeMap::new(),
             pending_invitations: BTreeMap::new(),
+            pending_accounts: BTreeMap::new(),
         }
     }
 
@@ -205,6 +208,12 @@ impl Ingest {
                 rounded,
                 response.score.value(),
             ));
+        }
+        if let Some(account) = &response.account_id {
+            self.pending_accounts
+                .entry((account.to_string(), partition))
+                .or_default()
+                .push((offset, rounded, response.score.value()));
         }
         decision
     }
@@ -320,6 +329,19 @@ impl Ingest {
         deltas
     }
 
+    /// The account deltas of everything processed since the last call, one per account and
+    /// input partition, in a fixed order.
+    pub fn take_account_deltas(&mut self) -> Vec<AccountDelta> {
+        std::mem::take(&mut self.pending_accounts)
+            .into_iter()
+            .map(|((account, partition), responses)| AccountDelta {
+                account,
+                partition,
+                responses,
+            })
+            .collect()
+    }
+
     /// Forgets a partition's dedupe memory and clock (it moved to another process).
     pub fn forget_partition(&mut self, partition: i32) {
         self.partitions.remove(&partition);
@@ -413,6 +435,39 @@ mod tests {
         // Event times are rounded down to the windows' resolution (1 minute here).
         assert_eq!(deltas[0].responses[0].1, now().millis() - 60_000);
         assert!(ingest.take_deltas().is_empty());
+    }
+
+    #[test]
+    fn responses_with_an_account_make_account_deltas() {
+        let mut ingest = ingest(ClockKind::Wall);
+        let with_account = |id: &str, account: &str, score: u8| {
+            format!(
+                r#"{{"response_id":"{id}","score":{score},"responded_at":"{NOW}","customer_id":"c","account_id":"{account}"}}"#
+            )
+            .into_bytes()
+        };
+        ingest.process(0, 1, &with_account("a", "acme", 9), now());
+        ingest.process(0, 2, &with_account("b", "acme", 3), now());
+        ingest.process(0, 3, &with_account("a", "acme", 3), now()); // duplicate
+        ingest.process(1, 1, &with_account("c", "beta", 7), now());
+        ingest.process(1, 2, &message("d", 7, NOW), now()); // no account
+        type Summary = (String, i32, Vec<(i64, u8)>);
+        let deltas: Vec<Summary> = ingest
+            .take_account_deltas()
+            .into_iter()
+            .map(|d| {
+                let responses = d.responses.iter().map(|r| (r.0, r.2)).collect();
+                (d.account, d.partition, responses)
+            })
+            .collect();
+        assert_eq!(
+            deltas,
+            [
+                ("acme".to_owned(), 0, vec![(1, 9), (2, 3)]),
+                ("beta".to_owned(), 1, vec![(1, 7)]),
+            ]
+        );
+        assert!(ingest.take_account_deltas().is_empty());
     }
 
     #[test]

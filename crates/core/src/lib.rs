@@ -15,8 +15,10 @@
 //! - [`ingest`]: the ingest stage: decisions and per-batch segment deltas.
 //! - [`delta`]: segment deltas and the aggregator's exactly-once apply.
 //! - [`scoreboard`]: windows for many segments, and their summaries.
+//! - [`account`]: per-account NPS over one window, sparse; deltas and snapshots.
 //! - [`case`]: closed-loop follow-up cases: outcome events, SLAs, escalations, recovery.
 
+pub mod account;
 pub mod alert;
 pub mod case;
 pub mod dedupe;
@@ -30,6 +32,7 @@ pub mod segment;
 pub mod time;
 pub mod window;
 
+pub use account::{AccountBook, AccountDelta, AccountSnapshot, AccountSummary};
 pub use alert::{alert_id, DetractorAlert, Route, Routing, SegmentRoute, Severity};
 pub use case::{
     decode_alert, decode_outcome, CaseAlert, CaseBook, CaseState, Effect, EscalationNotice,

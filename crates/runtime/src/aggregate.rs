@@ -7,7 +7,10 @@
 //! `<window>|<segment>`, from which every instance answers `/v1/segments`: after a batch,
 //! the segments it touched; and on a timer at every step of any window (windows drain as
 //! time passes, with no new response), whatever changed since it was last published.
-//! the engine stores the deltas' offsets only after those snapshots are delivered (with
+//! Records keyed `account/<account_id>` on the deltas and state topics are accounts'
+//! ([`crate::accounts`]): applied, snapshotted and published the same way, to their own view
+//! topic `npsflow.account-nps`.
+//! The engine stores the deltas' offsets only after those snapshots are delivered (with
 //! `processing.guarantee = exactly_once`, snapshots and offsets are one transaction per deltas
 //! partition, so a process that lost the partition cannot overwrite its new owner's
 //! snapshots). A newly assigned partition is restored from its state partition before any
@@ -16,10 +19,11 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
-use npsflow_core::{SegmentDelta, SegmentSnapshot, Timestamp, WindowSummary};
+use npsflow_core::{AccountDelta, SegmentDelta, SegmentSnapshot, Timestamp, WindowSummary};
 use rdkafka::Message;
 use tokio::sync::watch;
 
+use crate::accounts::{is_account_key, OwnedAccounts};
 use crate::config::{ClockKind, Config, TopicSettings};
 use crate::engine::{Binding, Engine, RoleMachine, TopicPartition};
 use crate::kafka::Outgoing;
@@ -41,6 +45,8 @@ pub struct AggregateRole {
     published: HashMap<String, WindowSummary>,
     /// When the next step of some window begins (wall clock): summaries change then.
     next_step: Option<Timestamp>,
+    /// The accounts of the owned partitions.
+    accounts: OwnedAccounts,
 }
 
 impl AggregateRole {
@@ -53,6 +59,7 @@ impl AggregateRole {
             clock: config.settings.windows.clock,
             published: HashMap::new(),
             next_step: None,
+            accounts: OwnedAccounts::new(config),
         }
     }
 
@@ -86,6 +93,7 @@ impl AggregateRole {
             .windows()
             .iter()
             .map(|w| w.interval(wall).1)
+            .chain([self.accounts.next_step(wall)])
             .min();
     }
 
@@ -114,8 +122,8 @@ fn latest_snapshots(
 ) -> Vec<SegmentSnapshot> {
     let mut latest: BTreeMap<&[u8], SegmentSnapshot> = BTreeMap::new();
     for record in records {
-        let Some(key) = record.key.as_deref() else {
-            continue;
+        let Some(key) = record.key.as_deref().filter(|k| !is_account_key(k)) else {
+            continue; // an account's: see OwnedAccounts::restore
         };
         match record.payload.as_deref().map(SegmentSnapshot::from_json) {
             None => {
@@ -155,6 +163,8 @@ impl RoleMachine for AggregateRole {
     fn handle_restored(&mut self, read: &StateRead, records: Vec<StoredRecord>, now: Timestamp) {
         let partition = read.partition();
         let snapshots = latest_snapshots(&self.topics.state, partition, &records, &self.metrics);
+        self.accounts
+            .restore(partition, &records, &self.metrics, now);
         {
             let mut view = self.view();
             view.restore(partition, &snapshots);
@@ -171,6 +181,9 @@ impl RoleMachine for AggregateRole {
     fn handle_revoked(&mut self, partitions: &[TopicPartition]) {
         // Their new owner publishes them from now on; if they come back, publish afresh.
         self.published.clear();
+        for (_, partition) in partitions {
+            self.accounts.drop_partition(*partition);
+        }
         let mut view = self.view();
         for (_, partition) in partitions {
             view.drop_partition(*partition);
@@ -192,7 +205,28 @@ impl RoleMachine for AggregateRole {
         let view_lock = self.view.clone();
         let mut view = view_lock.write().unwrap_or_else(|e| e.into_inner());
         let mut touched: BTreeSet<(i32, String)> = BTreeSet::new();
+        let mut touched_accounts: BTreeSet<(i32, String)> = BTreeSet::new();
         for message in messages {
+            if message.key().is_some_and(is_account_key) {
+                match AccountDelta::from_json(message.payload().unwrap_or_default()) {
+                    Ok(delta) => {
+                        let Some(applied) = self.accounts.apply(message.partition(), &delta) else {
+                            continue;
+                        };
+                        if applied.counted > 0 {
+                            touched_accounts.insert((message.partition(), delta.account));
+                        }
+                    }
+                    Err(error) => events::UnreadableRecord {
+                        topic: message.topic(),
+                        partition: message.partition(),
+                        offset: message.offset(),
+                        error: &error,
+                    }
+                    .emit(&metrics),
+                }
+                continue;
+            }
             match SegmentDelta::from_json(message.payload().unwrap_or_default()) {
                 Ok(delta) => {
                     let Some(applied) = view.apply(message.partition(), &delta) else {
@@ -235,6 +269,7 @@ impl RoleMachine for AggregateRole {
         }
         drop(view);
         self.publish(rows, now, out);
+        self.accounts.flush(touched_accounts, now, out);
         if self.next_step.is_none() {
             self.schedule(now);
         }
@@ -251,6 +286,7 @@ impl RoleMachine for AggregateRole {
             .unwrap_or_else(|e| e.into_inner())
             .rows(now);
         self.publish(rows, now, out);
+        self.accounts.tick(now, out);
         self.next_step = None;
         self.schedule(now);
     }

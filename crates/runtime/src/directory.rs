@@ -89,7 +89,7 @@ impl<V> Table<V> {
 }
 
 impl<V: DeserializeOwned> Table<V> {
-    fn apply(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), serde_json::Error> {
+    pub(crate) fn apply(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), serde_json::Error> {
         let key = String::from_utf8_lossy(key).into_owned();
         let parsed = value.map(serde_json::from_slice::<V>).transpose()?;
         let mut rows = self.rows.write().unwrap_or_else(|e| e.into_inner());

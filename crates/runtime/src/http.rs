@@ -1,7 +1,9 @@
 //! The HTTP server: `/metrics` (Prometheus text), `/healthz`, `/readyz`, the segment API
 //! `/v1/segments` and `/v1/segments/{segment}?window=7d`, and the case API `/v1/cases`
 //! (`?owner=&state=&overdue=true&limit=`) and `/v1/cases/{case_id}`, answered from the case
-//! directory ([`crate::directory`]) on every instance.
+//! directory ([`crate::directory`]) on every instance, and the account API
+//! `/v1/accounts/{account_id}` and `/v1/accounts?at_risk=true&limit=`, from the account view
+//! topic joined with the cases.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -33,6 +35,12 @@ pub struct AppState {
     pub segment_view: Arc<crate::directory::Table<Value>>,
     /// The configured windows' names, in order.
     pub windows: Vec<String>,
+    /// Every account summary from the account view topic, by `account_id`.
+    pub account_view: Arc<crate::directory::Table<crate::accounts::AccountRow>>,
+    /// The account window (`analytics.account_window`).
+    pub account_window: npsflow_core::WindowSpec,
+    /// `analytics.at_risk_below`: an account whose NPS is below it is at risk.
+    pub at_risk_below: f64,
     /// Every follow-up case, unless this process does not read them.
     pub cases: Option<Arc<CaseDirectory>>,
     /// The process's clock (overdue cases, window ends).
@@ -49,6 +57,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/segments/{segment}", get(segment))
         .route("/v1/cases", get(cases))
         .route("/v1/cases/{case_id}", get(case))
+        .route("/v1/accounts", get(accounts))
+        .route("/v1/accounts/{account_id}", get(account))
         .with_state(state)
 }
 
@@ -358,6 +368,171 @@ async fn case(
     }
 }
 
+/// The most accounts `/v1/accounts` lists at once.
+const MAX_ACCOUNTS: usize = 10_000;
+
+/// Open and escalated (open, escalation level above 0) cases per account, from the case
+/// directory; `None` if this process does not read the cases topic.
+fn cases_by_account(state: &AppState, only: Option<&str>) -> Option<HashMap<String, (u64, u64)>> {
+    let directory = state.cases.as_ref()?;
+    let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
+    for case in directory.read().values() {
+        let Some(account) = case.alert.account_id.as_deref() else {
+            continue;
+        };
+        if only.is_some_and(|o| o != account) || case.state == npsflow_core::CaseState::Closed {
+            continue;
+        }
+        let entry = counts.entry(account.to_owned()).or_default();
+        entry.0 += 1;
+        if case.escalation_level > 0 {
+            entry.1 += 1;
+        }
+    }
+    Some(counts)
+}
+
+/// One account as the API serves it: its summary over the account window (from the view
+/// topic; zero responses if it has none in the window), its open and escalated cases, and
+/// whether it is at risk and why.
+fn account_json(
+    state: &AppState,
+    account_id: &str,
+    row: Option<&crate::accounts::AccountRow>,
+    cases: Option<(u64, u64)>,
+    with_cases: bool,
+) -> Value {
+    let now = state.clock.now();
+    let mut value = match row {
+        Some(row) => serde_json::to_value(row).unwrap_or(Value::Null),
+        None => {
+            let (from, to) = state.account_window.interval(now);
+            json!({
+                "account_id": account_id, "window": state.account_window.name(),
+                "from": from.to_rfc3339(), "to": to.to_rfc3339(), "responses": 0,
+                "promoters": 0, "passives": 0, "detractors": 0, "nps": null, "ci95": null,
+                "band": null,
+            })
+        }
+    };
+    let (open, escalated) = cases.unwrap_or_default();
+    let mut reasons = Vec::new();
+    if row
+        .and_then(|r| r.nps)
+        .is_some_and(|nps| nps < state.at_risk_below)
+    {
+        reasons.push("nps_below");
+    }
+    if escalated > 0 {
+        reasons.push("escalated_case");
+    }
+    let computed_at = row.map(|r| r.computed_at);
+    let caught_up_at = state.account_view.caught_up_at();
+    if let Value::Object(fields) = &mut value {
+        fields.remove("computed_at");
+        fields.insert("open_cases".into(), json!(with_cases.then_some(open)));
+        fields.insert(
+            "escalated_cases".into(),
+            json!(with_cases.then_some(escalated)),
+        );
+        fields.insert("at_risk".into(), json!(!reasons.is_empty()));
+        fields.insert("at_risk_reasons".into(), json!(reasons));
+        fields.insert(
+            "as_of".into(),
+            json!({
+                "source": "view",
+                "computed_at": computed_at.map(|t| t.to_rfc3339()),
+                "age_seconds": computed_at.map(|t| (now.millis() - t.millis()).max(0) as f64 / 1000.0),
+                "caught_up_at": caught_up_at.map(|t| t.to_rfc3339()),
+            }),
+        );
+    }
+    value
+}
+
+async fn account(
+    State(state): State<AppState>,
+    account_id: Result<Path<String>, PathRejection>,
+) -> Response {
+    let Path(account_id) = match account_id {
+        Ok(account_id) => account_id,
+        Err(rejection) => return bad_path(rejection),
+    };
+    let row = state.account_view.get(&account_id);
+    let cases = cases_by_account(&state, Some(&account_id));
+    let with_cases = cases.is_some();
+    let counts = cases.and_then(|mut c| c.remove(&account_id));
+    if row.is_none() && counts.is_none() {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no responses from this account in the last {} and no open case (or not read yet: see as_of on /v1/accounts)",
+                state.account_window.name()
+            ),
+        );
+    }
+    Json(account_json(
+        &state,
+        &account_id,
+        row.as_ref(),
+        counts,
+        with_cases,
+    ))
+    .into_response()
+}
+
+async fn accounts(
+    State(state): State<AppState>,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    let at_risk = match query.get("at_risk").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return error(StatusCode::BAD_REQUEST, "at_risk is true or false".into()),
+    };
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => 100,
+        Some(Ok(n)) if (1..=MAX_ACCOUNTS).contains(&n) => n,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("limit is a whole number from 1 to {MAX_ACCOUNTS}"),
+            )
+        }
+    };
+    let cases = cases_by_account(&state, None);
+    let with_cases = cases.is_some();
+    let cases = cases.unwrap_or_default();
+    let mut listed: Vec<Value> = Vec::new();
+    {
+        let rows = state.account_view.read();
+        let ids: std::collections::BTreeSet<&String> = rows.keys().chain(cases.keys()).collect();
+        for id in ids {
+            let value = account_json(&state, id, rows.get(id), cases.get(id).copied(), with_cases);
+            if !at_risk || value["at_risk"] == json!(true) {
+                listed.push(value);
+            }
+        }
+    }
+    // Lowest NPS first (accounts with none last), then by id.
+    listed.sort_by(|a, b| {
+        let nps = |v: &Value| v["nps"].as_f64().unwrap_or(f64::INFINITY);
+        nps(a).total_cmp(&nps(b))
+    });
+    let count = listed.len();
+    listed.truncate(limit);
+    Json(json!({
+        "accounts": listed,
+        "count": count,
+        "truncated": count > limit,
+        "as_of": {
+            "source": "view",
+            "caught_up_at": state.account_view.caught_up_at().map(|t| t.to_rfc3339()),
+        },
+    }))
+    .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -381,6 +556,12 @@ mod tests {
             view: None,
             segment_view: Arc::default(),
             windows: vec!["1h".into()],
+            account_view: Arc::default(),
+            account_window: crate::accounts::account_window(
+                &crate::config::Config::load(None, Vec::<(String, String)>::new())
+                    .expect("defaults"),
+            ),
+            at_risk_below: 0.0,
             cases: None,
             clock: Arc::new(crate::engine::WallClock),
         };
@@ -413,5 +594,133 @@ mod tests {
         assert!(scrape(&state)
             .await
             .contains("npsflow_role_ready{role=\"ingest\"} 0"));
+    }
+
+    /// Calls the account handlers as the router would for `uri`.
+    async fn get_json(state: &AppState, uri: &str) -> (StatusCode, Value) {
+        let response = match uri.strip_prefix("/v1/accounts/") {
+            Some(id) => account(State(state.clone()), Ok(Path(id.to_owned()))).await,
+            None => {
+                let query = uri
+                    .split_once('?')
+                    .map(|(_, q)| q)
+                    .unwrap_or_default()
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                accounts(State(state.clone()), Query(query)).await
+            }
+        };
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&body).expect("JSON"))
+    }
+
+    /// Accounts from the view topic joined with the case directory: at risk by NPS or by an
+    /// escalated open case (also for an account with no responses in the window), lowest NPS
+    /// first; closed cases do not count; unknown accounts are a 404.
+    #[tokio::test]
+    async fn accounts_join_the_view_with_open_cases() {
+        let config =
+            crate::config::Config::load(None, Vec::<(String, String)>::new()).expect("defaults");
+        let now = npsflow_core::Timestamp::parse_rfc3339("2026-11-22T12:00:00Z").expect("ts");
+        let window = crate::accounts::account_window(&config);
+        let views: Arc<crate::directory::Table<crate::accounts::AccountRow>> = Arc::default();
+        let row = |id: &str, promoters: u64, detractors: u64| {
+            let tally = npsflow_core::Tally {
+                promoters,
+                passives: 0,
+                detractors,
+                invitations: 0,
+            };
+            let (from, to) = window.interval(now);
+            let summary = npsflow_core::AccountSummary {
+                from,
+                to,
+                tally,
+                nps: tally.nps(),
+                ci95: tally.ci95(),
+                band: tally.band(),
+            };
+            crate::accounts::AccountRow::new(id, window.name(), &summary, now)
+        };
+        for (id, p, d) in [("acme", 2, 3), ("beta", 3, 1)] {
+            let bytes = serde_json::to_vec(&row(id, p, d)).expect("JSON");
+            views.apply(id.as_bytes(), Some(&bytes)).expect("row");
+        }
+        let directory: Arc<CaseDirectory> = Arc::default();
+        let sample = include_str!("../../../deploy/schemas/samples/case.jsonl")
+            .lines()
+            .next()
+            .expect("a sample");
+        let sample: Value = serde_json::from_str(sample).expect("JSON");
+        for (case_id, account, state, level) in [
+            ("c1", "gamma", "open", 1),
+            ("c2", "beta", "closed", 2),
+            ("c3", "acme", "contacted", 0),
+        ] {
+            let mut case = sample["message"].clone();
+            case["case_id"] = json!(case_id);
+            case["state"] = json!(state);
+            case["escalation_level"] = json!(level);
+            case["alert"]["account_id"] = json!(account);
+            let bytes = serde_json::to_vec(&case).expect("JSON");
+            directory
+                .apply(case_id.as_bytes(), Some(&bytes))
+                .expect("case");
+        }
+        let state = AppState {
+            metrics: Metrics::new(),
+            health: Arc::new(Health::default()),
+            view: None,
+            segment_view: Arc::default(),
+            windows: vec!["28d".into()],
+            account_view: views,
+            account_window: window,
+            at_risk_below: 0.0,
+            cases: Some(directory),
+            clock: Arc::new(crate::engine::ManualClock::new(now)),
+        };
+        let (status, acme) = get_json(&state, "/v1/accounts/acme").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(acme["nps"], json!(-20.0));
+        assert_eq!(
+            (acme["open_cases"].clone(), acme["escalated_cases"].clone()),
+            (json!(1), json!(0))
+        );
+        assert_eq!(acme["at_risk_reasons"], json!(["nps_below"]));
+        assert_eq!(acme["as_of"]["source"], "view");
+        assert!(acme.get("computed_at").is_none());
+        let (_, beta) = get_json(&state, "/v1/accounts/beta").await;
+        assert_eq!(
+            (beta["at_risk"].clone(), beta["open_cases"].clone()),
+            (json!(false), json!(0))
+        );
+        let (_, gamma) = get_json(&state, "/v1/accounts/gamma").await;
+        assert_eq!(
+            (gamma["responses"].clone(), gamma["nps"].clone()),
+            (json!(0), Value::Null)
+        );
+        assert_eq!(gamma["at_risk_reasons"], json!(["escalated_case"]));
+        let (status, _) = get_json(&state, "/v1/accounts/nobody").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        let (_, risky) = get_json(&state, "/v1/accounts?at_risk=true").await;
+        let ids: Vec<&str> = risky["accounts"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|a| a["account_id"].as_str().expect("id"))
+            .collect();
+        assert_eq!(ids, ["acme", "gamma"]);
+        let (_, all) = get_json(&state, "/v1/accounts?limit=2").await;
+        assert_eq!(
+            (all["count"].clone(), all["truncated"].clone()),
+            (json!(3), json!(true))
+        );
+        let (status, _) = get_json(&state, "/v1/accounts?at_risk=maybe").await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
     }
 }

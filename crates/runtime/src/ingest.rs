@@ -12,7 +12,8 @@
 //!    become segment deltas (each response named by its position in the repartition
 //!    partition) and a `responded` notice for the followup role (bundled too). Invitations
 //!    are decided the same way (their own duplicate memory) and join the deltas of the
-//!    segments they carry. Dead letters are rebuilt exactly as the message was received.
+//!    segments they carry. A response with an `account_id` also goes into its account's
+//!    delta (keyed `account/<account_id>` on the deltas topic). Dead letters are rebuilt exactly as the message was received.
 //!
 //! [`IngestRole`] is the state machine (the core's `Ingest` and the records each message
 //! causes); the engine ([`crate::engine`]) delivers them and commits. A repartition-topic
@@ -314,6 +315,15 @@ impl RoleMachine for IngestRole {
                 &self.topics.segment_deltas,
                 None,
                 Some(delta.segment.clone().into_bytes()),
+                Some(delta.to_json()),
+                None,
+            ));
+        }
+        for delta in self.ingest.take_account_deltas() {
+            out.push(Outgoing::new(
+                &self.topics.segment_deltas,
+                None,
+                Some(npsflow_core::account::account_key(&delta.account).into_bytes()),
                 Some(delta.to_json()),
                 None,
             ));

@@ -13,6 +13,7 @@
 //! - [`traffic`]: realistic survey traffic (demo and load generator).
 //! - [`topics`]: topic creation.
 
+pub mod accounts;
 pub mod aggregate;
 pub mod bundle;
 pub mod config;
@@ -121,8 +122,14 @@ pub struct Process {
     /// Every segment summary, read from the segment view topic (any instance answers for
     /// every segment), by `<window>|<segment>`.
     pub segment_view: Arc<directory::Table<serde_json::Value>>,
+    /// Every account summary, read from the account view topic, by `account_id`.
+    pub account_view: Arc<directory::Table<accounts::AccountRow>>,
     /// The configured windows' names, in order.
     pub windows: Vec<String>,
+    /// `analytics.at_risk_below`.
+    pub at_risk_below: f64,
+    /// The account window (`analytics.account_window`).
+    pub account_window: npsflow_core::WindowSpec,
     /// The roles' clock: the wall clock, or a test's hand-moved one.
     pub clock: Arc<dyn engine::Clock>,
 }
@@ -145,6 +152,8 @@ impl Process {
                 &topics.cases,
                 &topics.escalations,
                 &topics.followup_state,
+                &topics.segment_view,
+                &topics.account_view,
             ],
         );
         let view = roles.contains(&Role::Aggregate).then(|| {
@@ -169,6 +178,9 @@ impl Process {
             books,
             directory: config.settings.followup.case_directory.then(Arc::default),
             segment_view: Arc::default(),
+            account_view: Arc::default(),
+            at_risk_below: config.settings.analytics.at_risk_below as f64,
+            account_window: accounts::account_window(config),
             windows: config
                 .windows
                 .windows()
@@ -186,6 +198,9 @@ impl Process {
             health: self.health.clone(),
             view: self.view.clone(),
             segment_view: self.segment_view.clone(),
+            account_view: self.account_view.clone(),
+            account_window: self.account_window.clone(),
+            at_risk_below: self.at_risk_below,
             windows: self.windows.clone(),
             cases: self.directory.clone(),
             clock: self.clock.clone(),
@@ -230,13 +245,22 @@ pub async fn run(
     }
     let directory_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let settings = &engine.config.settings;
-    let mut readers = vec![directory::follow(
-        settings.kafka.clone(),
-        settings.topics.segment_view.clone(),
-        process.segment_view.clone(),
-        process.metrics.clone(),
-        directory_stop.clone(),
-    )];
+    let mut readers = vec![
+        directory::follow(
+            settings.kafka.clone(),
+            settings.topics.segment_view.clone(),
+            process.segment_view.clone(),
+            process.metrics.clone(),
+            directory_stop.clone(),
+        ),
+        directory::follow(
+            settings.kafka.clone(),
+            settings.topics.account_view.clone(),
+            process.account_view.clone(),
+            process.metrics.clone(),
+            directory_stop.clone(),
+        ),
+    ];
     readers.extend(process.directory.clone().map(|cases| {
         directory::follow(
             settings.kafka.clone(),

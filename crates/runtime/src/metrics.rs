@@ -737,8 +737,14 @@ mod tests {
             .lines()
             .find(|l| l.starts_with("npsflow_build_info{"))
             .expect("build info");
-        assert!(line.contains(&format!("librdkafka=\"{librdkafka}\"")), "{line}");
-        assert!(line.contains(&format!("revision=\"{}\"", build_revision())), "{line}");
+        assert!(
+            line.contains(&format!("librdkafka=\"{librdkafka}\"")),
+            "{line}"
+        );
+        assert!(
+            line.contains(&format!("revision=\"{}\"", build_revision())),
+            "{line}"
+        );
         assert!(line.contains("version=\""), "{line}");
         if cfg!(target_os = "linux") {
             for name in ["process_cpu_seconds_total", "process_resident_memory_bytes"] {
