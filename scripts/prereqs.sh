@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # Installs the system packages the build and the test tiers need, when missing:
-# a C toolchain (build-essential: cc, make and perl, which librdkafka's and the vendored
-# OpenSSL's builds use; OpenSSL and zlib are built from source by cargo, so no pkg-config or
-# -dev packages), curl for the HTTP checks, and Prometheus (for promtool and the
-# real-Prometheus tier). Tansu is installed on demand by scripts/tansu.sh.
+# a C toolchain (build-essential: cc, make and perl, which librdkafka's build uses; zlib is
+# built from source by cargo), pkg-config and libssl-dev for CI's check of the `tls` feature
+# (the default build needs neither), curl for the HTTP checks, and Prometheus (for promtool
+# and the real-Prometheus tier). Tansu is installed on demand by scripts/tansu.sh.
 set -euo pipefail
 missing=()
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 command -v make >/dev/null 2>&1 || missing+=(make)
 command -v perl >/dev/null 2>&1 || missing+=(perl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v pkg-config >/dev/null 2>&1 || missing+=(pkg-config)
+[ -e /usr/include/openssl/ssl.h ] || missing+=(libssl-dev)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
