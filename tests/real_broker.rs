@@ -15,7 +15,7 @@
 
 mod util;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -511,4 +511,506 @@ async fn followup_cases_give_exactly_the_known_answer() {
     invalid.sort();
     assert_eq!(got, invalid);
     pipeline.stop().await;
+}
+
+/// `npsflow run` on this broker: the binary named by `NPSFLOW_E2E_BIN` (scripts/e2e.sh builds
+/// it), else the workspace's debug binary, built here first so it is never stale.
+fn npsflow_binary() -> std::path::PathBuf {
+    if let Ok(path) = std::env::var("NPSFLOW_E2E_BIN") {
+        return path.into();
+    }
+    let workspace = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace");
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "-j2", "-p", "npsflow"])
+        .current_dir(workspace)
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build -p npsflow");
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| workspace.join("target"));
+    target.join("debug").join("npsflow")
+}
+
+/// A free loopback port (the kernel's choice, released for the process to bind).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("address")
+        .port()
+}
+
+/// An `npsflow run` process with every role, on its own HTTP port; SIGKILLed when dropped.
+struct RunProcess {
+    port: u16,
+    child: std::process::Child,
+    log: std::path::PathBuf,
+}
+
+impl RunProcess {
+    fn start(
+        binary: &std::path::Path,
+        brokers: &str,
+        env: &[(&str, String)],
+        log: std::path::PathBuf,
+    ) -> RunProcess {
+        let port = free_port();
+        let child = std::process::Command::new(binary)
+            .arg("run")
+            .env("NPSFLOW__KAFKA__BROKERS", brokers)
+            .env("NPSFLOW__HTTP__LISTEN", format!("127.0.0.1:{port}"))
+            .env("NPSFLOW__LOG__FORMAT", "json")
+            .env("NPSFLOW__TOPICS__PARTITIONS", "3")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("npsflow starts");
+        RunProcess { port, child, log }
+    }
+
+    /// `GET path` as JSON, `None` unless it answers 200.
+    async fn get(&self, path: &str) -> Option<serde_json::Value> {
+        http_json(self.port, path).await
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for RunProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// GET a JSON body from a process on loopback; `None` unless it answers 200 in time.
+async fn http_json(port: u16, path: &str) -> Option<serde_json::Value> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8(response).ok()?;
+        let (head, body) = text.split_once("\r\n\r\n")?;
+        head.starts_with("HTTP/1.1 200").then_some(())?;
+        serde_json::from_str(body).ok()
+    };
+    tokio::time::timeout(Duration::from_secs(10), exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// One raw response of the two-process test: id, score, event time (ms), region, product.
+struct Raw {
+    score: u64,
+    at: i64,
+    region: &'static str,
+    product: &'static str,
+}
+
+/// The segments a raw response counts in, by the contract's rules (configured dimensions
+/// region and product, their combination, and `all`).
+fn raw_segments(r: &Raw) -> [String; 4] {
+    [
+        "all".to_owned(),
+        format!("region={}", r.region),
+        format!("product={}", r.product),
+        format!("product={},region={}", r.product, r.region),
+    ]
+}
+
+/// (responses, promoters, passives, detractors) of `segment` in `[from, to)`, recomputed
+/// from the raw responses.
+fn raw_counts(raw: &[Raw], segment: &str, from: i64, to: i64) -> (u64, u64, u64, u64) {
+    let mut counts = (0, 0, 0, 0);
+    for r in raw
+        .iter()
+        .filter(|r| from <= r.at && r.at < to && raw_segments(r).iter().any(|s| s == segment))
+    {
+        counts.0 += 1;
+        match r.score {
+            9..=10 => counts.1 += 1,
+            7..=8 => counts.2 += 1,
+            _ => counts.3 += 1,
+        }
+    }
+    counts
+}
+
+/// Checks a served row against the raw responses at the row's own `[from, to)` and the
+/// window before it: counts, NPS and the previous window's responses and NPS.
+fn check_row_against_raw(raw: &[Raw], row: &serde_json::Value, who: &str) {
+    let ts = |v: &serde_json::Value| {
+        npsflow_core::Timestamp::parse_rfc3339(v.as_str().expect("a timestamp"))
+            .expect("rfc3339")
+            .millis()
+    };
+    let segment = row["segment"].as_str().expect("segment");
+    let (from, to) = (ts(&row["from"]), ts(&row["to"]));
+    let (n, p, m, d) = raw_counts(raw, segment, from, to);
+    let label = format!("{who}: {segment} {}", row["window"]);
+    assert_eq!(
+        (
+            row["responses"].as_u64(),
+            row["promoters"].as_u64(),
+            row["passives"].as_u64(),
+            row["detractors"].as_u64()
+        ),
+        (Some(n), Some(p), Some(m), Some(d)),
+        "{label}: counts in [from, to) from the raw responses"
+    );
+    let nps = |p: u64, d: u64, n: u64| 100.0 * (p as f64 - d as f64) / n as f64;
+    match row["nps"].as_f64() {
+        Some(got) => assert!(n > 0 && (got - nps(p, d, n)).abs() < 1e-9, "{label}: nps"),
+        None => assert_eq!(n, 0, "{label}: nps null only with no responses"),
+    }
+    let previous = &row["previous"];
+    assert_eq!(ts(&previous["to"]), from, "{label}: previous ends at from");
+    assert_eq!(
+        ts(&previous["from"]),
+        2 * from - to,
+        "{label}: previous length"
+    );
+    let (pn, pp, _, pd) = raw_counts(raw, segment, 2 * from - to, from);
+    assert_eq!(
+        previous["responses"].as_u64(),
+        Some(pn),
+        "{label}: previous responses"
+    );
+    match previous["nps"].as_f64() {
+        Some(got) => assert!(
+            pn > 0 && (got - nps(pp, pd, pn)).abs() < 1e-9,
+            "{label}: previous nps"
+        ),
+        None => assert_eq!(pn, 0, "{label}: previous nps null only with none"),
+    }
+}
+
+/// A row as compared between processes: everything but where it came from and when it was
+/// computed (`as_of`, `computed_at`: the owner computes at the moment of the request, the
+/// view holds what the owner last published).
+fn comparable(row: &serde_json::Value) -> serde_json::Value {
+    let mut row = row.clone();
+    if let serde_json::Value::Object(fields) = &mut row {
+        fields.remove("as_of");
+        fields.remove("computed_at");
+    }
+    row
+}
+
+/// `/v1/segments` by (segment, window), each row's `as_of.source` checked.
+fn by_key(rows: &serde_json::Value, who: &str) -> BTreeMap<(String, String), serde_json::Value> {
+    rows.as_array()
+        .unwrap_or_else(|| panic!("{who}: /v1/segments is an array"))
+        .iter()
+        .map(|row| {
+            let source = row["as_of"]["source"].as_str();
+            assert!(
+                matches!(source, Some("owner" | "view")),
+                "{who}: as_of.source is owner or view: {row}"
+            );
+            (
+                (
+                    row["segment"].as_str().expect("segment").to_owned(),
+                    row["window"].as_str().expect("window").to_owned(),
+                ),
+                row.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Any instance answers for every segment, with the same numbers: two `npsflow run` processes
+/// in one group split the segments between them, yet `/v1/segments` on each lists every
+/// segment in every window, its own (as owner) and the other's (from the view topic), and the
+/// two answers agree row for row (all but `as_of` and `computed_at`), each row matching the
+/// raw responses at its own `[from, to)`. Then one process is SIGKILLed: once the survivor
+/// owns every segment (restored from the state topic), it answers for every segment with the
+/// same numbers. Without the view topic read, a process would list only its own segments;
+/// without the restore, the survivor's numbers would differ.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs a real broker: run through scripts/e2e.sh"]
+async fn two_processes_answer_identically_for_every_segment() {
+    use std::collections::BTreeMap as Map;
+
+    fail_fast();
+    let brokers = std::env::var("NPSFLOW_E2E_BROKERS").expect("NPSFLOW_E2E_BROKERS is set");
+    let run = format!(
+        "twins-{}-{}",
+        std::process::id(),
+        npsflow_runtime::wall_now().millis()
+    );
+    let mut env = run_names(&run);
+    env.extend(broker_env());
+    env.extend([
+        ("NPSFLOW__SEGMENTS__DIMENSIONS", "region,product".to_owned()),
+        (
+            "NPSFLOW__SEGMENTS__COMBINATIONS",
+            "region+product".to_owned(),
+        ),
+        ("NPSFLOW__FOLLOWUP__CASE_DIRECTORY", "false".to_owned()),
+    ]);
+    let extra: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let config = config(&brokers, &extra);
+    env.push(("NPSFLOW__INGEST__BATCH_MAX_WAIT", "20ms".to_owned()));
+    npsflow_runtime::topics::create(&config.settings)
+        .await
+        .expect("topics created on the real broker");
+
+    // A seeded data set over the last two hours: the 1h window and the hour before it both
+    // hold responses (the older hour less happy), so every field of the change has data.
+    const RESPONSES: usize = 1_200;
+    const REGIONS: [&str; 3] = ["east", "west", "north"];
+    const PRODUCTS: [&str; 3] = ["sedan", "suv", "van"];
+    let now = npsflow_runtime::wall_now().millis();
+    let mut seed: u64 = 0x5eed_2026;
+    let mut next = |bound: u64| {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (seed >> 33) % bound
+    };
+    let mut raw = Vec::new();
+    let mut messages = Vec::new();
+    for i in 0..RESPONSES {
+        let age = next(115 * 60_000) as i64 + 1_000;
+        let older = age > 3_600_000;
+        let score = if older { next(9) } else { next(11) }.min(10);
+        let r = Raw {
+            score,
+            at: now - age,
+            region: REGIONS[next(3) as usize],
+            product: PRODUCTS[next(3) as usize],
+        };
+        let body = serde_json::json!({
+            "response_id": format!("{run}-{i}"),
+            "score": r.score,
+            "responded_at": npsflow_core::Timestamp(r.at).to_rfc3339(),
+            "customer_id": format!("cust-{}", next(500)),
+            "segments": {"region": r.region, "product": r.product},
+        });
+        messages.push((
+            Some(format!("cust-{i}")),
+            serde_json::to_vec(&body).expect("json"),
+        ));
+        raw.push(r);
+    }
+    let segments: BTreeSet<String> = raw.iter().flat_map(raw_segments).collect();
+    let windows: Vec<String> = config
+        .settings
+        .windows
+        .lengths
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+
+    let binary = npsflow_binary();
+    let logs = std::env::temp_dir().join(format!("npsflow-twins-{}", std::process::id()));
+    std::fs::create_dir_all(&logs).expect("log dir");
+    println!("twins: logs in {}", logs.display());
+    // The first process leads every group; the second joins it, and both are in the groups
+    // before any data, so each owns some of the segments. (The one killed below is the second:
+    // Tansu 0.6 never expires a dead group *leader*, so with the leader killed the group stays
+    // "rebalancing" for good and nobody takes its partitions; a Kafka broker would.)
+    let mut processes = vec![RunProcess::start(
+        &binary,
+        &brokers,
+        &env,
+        logs.join("npsflow-1.log"),
+    )];
+    let first = &processes[0];
+    wait_until_async("the first process ready", move || async move {
+        first.get("/readyz").await.is_some()
+    })
+    .await;
+    processes.push(RunProcess::start(
+        &binary,
+        &brokers,
+        &env,
+        logs.join("npsflow-2.log"),
+    ));
+    let running = &processes;
+    wait_until_async("both processes ready", move || async move {
+        let mut ready = true;
+        for p in running {
+            ready &= p.get("/readyz").await.is_some();
+        }
+        ready
+    })
+    .await;
+
+    let records: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = messages
+        .iter()
+        .map(|(k, p)| (k.as_deref(), p.clone(), OwnedHeaders::new()))
+        .collect();
+    produce(&brokers, &config.settings.topics.responses, &records).await;
+
+    // Processed: segment `all` counts every response in the 28d window, on both.
+    let total = RESPONSES as u64;
+    wait_until_async(
+        "every response counted in segment all on both",
+        move || async move {
+            let mut done = true;
+            for p in running {
+                done &= p
+                    .get("/v1/segments/all?window=28d")
+                    .await
+                    .is_some_and(|row| row["responses"].as_u64() == Some(total));
+            }
+            done
+        },
+    )
+    .await;
+
+    // Both answer for every segment in every window, with the same rows. The view is a moment
+    // behind its owner (and an owner republishes a window when it steps), so the two answers
+    // are compared until they agree; they must, within the patience.
+    let want_keys: BTreeSet<(String, String)> = segments
+        .iter()
+        .flat_map(|s| windows.iter().map(move |w| (s.clone(), w.clone())))
+        .collect();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (a, b, agreed) = loop {
+        let (a, b) = (
+            processes[0].get("/v1/segments").await,
+            processes[1].get("/v1/segments").await,
+        );
+        if let (Some(a), Some(b)) = (a, b) {
+            let (a, b) = (by_key(&a, "process 1"), by_key(&b, "process 2"));
+            let same = a.keys().cloned().collect::<BTreeSet<_>>() == want_keys
+                && b.keys().cloned().collect::<BTreeSet<_>>() == want_keys
+                && a.iter()
+                    .all(|(k, row)| comparable(row) == comparable(&b[k]));
+            if same || tokio::time::Instant::now() >= deadline {
+                break (a, b, same);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for /v1/segments on both"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    if !agreed {
+        let missing = |m: &Map<(String, String), serde_json::Value>| {
+            want_keys
+                .iter()
+                .filter(|k| !m.contains_key(*k))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let differing: Vec<_> = a
+            .iter()
+            .filter(|(k, row)| b.get(*k).is_some_and(|o| comparable(row) != comparable(o)))
+            .map(|(k, row)| format!("{k:?}:\n  1: {row}\n  2: {}", b[k]))
+            .take(5)
+            .collect();
+        panic!(
+            "the two processes never answered alike: missing on 1: {:?}, missing on 2: {:?}, differing: {}",
+            missing(&a),
+            missing(&b),
+            differing.join("\n")
+        );
+    }
+    // Each owns some segments and reads the others from the view.
+    for (who, rows) in [("process 1", &a), ("process 2", &b)] {
+        let sources: BTreeSet<&str> = rows
+            .values()
+            .map(|r| r["as_of"]["source"].as_str().expect("source"))
+            .collect();
+        assert_eq!(
+            sources,
+            BTreeSet::from(["owner", "view"]),
+            "{who} owns some segments and reads the rest from the view"
+        );
+    }
+    for row in a.values() {
+        check_row_against_raw(&raw, row, "both");
+    }
+    let significant = a
+        .values()
+        .filter(|r| r["change"]["significant"] == serde_json::Value::Bool(true))
+        .count();
+    println!(
+        "twins: {} rows alike on both processes ({} segments), {significant} with a significant change",
+        a.len(),
+        segments.len()
+    );
+
+    // SIGKILL one; the survivor takes every partition, restores, and answers as owner. The
+    // rebalance waits for the dead member's session to time out, then up to the rebalance
+    // timeout (max.poll.interval.ms, 60 s) for it to rejoin: more patience here.
+    processes[1].kill();
+    let survivor = &processes[0];
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    let mut seen = Map::new();
+    let after =
+        loop {
+            if let Some(rows) = survivor.get("/v1/segments").await {
+                let rows = by_key(&rows, "survivor");
+                if rows.keys().cloned().collect::<BTreeSet<_>>() == want_keys
+                    && rows.values().all(|r| r["as_of"]["source"] == "owner")
+                {
+                    break rows;
+                }
+                seen = rows;
+            }
+            assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for the survivor to own every segment: missing {:?}, not owned {:?}",
+            want_keys.iter().filter(|k| !seen.contains_key(*k)).collect::<Vec<_>>(),
+            seen.iter()
+                .filter(|(_, r)| r["as_of"]["source"] != "owner")
+                .map(|(k, _)| k)
+                .collect::<Vec<_>>()
+        );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+    let mut unmoved = 0;
+    for (key, row) in &after {
+        check_row_against_raw(&raw, row, "survivor");
+        // Where the window has not stepped since, the row is the same as before the kill.
+        if row["to"] == a[key]["to"] {
+            unmoved += 1;
+            assert_eq!(
+                comparable(row),
+                comparable(&a[key]),
+                "survivor: {key:?} as before the kill"
+            );
+        }
+    }
+    println!(
+        "twins: the survivor owns all {} rows, each matching the raw responses ({unmoved} in unmoved windows identical to before)",
+        after.len()
+    );
+    let log = std::fs::read_to_string(&survivor.log).unwrap_or_default();
+    assert!(!log.contains("cust-"), "a customer id reached the logs");
+}
+
+/// Waits until the async `done` holds; fails after the patience.
+async fn wait_until_async<F, Fut>(what: &str, mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !done().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
