@@ -758,3 +758,163 @@ fn worked_example_through_the_pipeline() {
     assert_eq!(summary.to, Timestamp(START + 60_000));
     assert_eq!(summary.from, Timestamp(START + 60_000 - 3_600_000));
 }
+
+/// The change against the window before, recomputed naively from the raw responses: for the
+/// window's interval `[from, to)` at `now` and the one before it, `[from - length, from)`,
+/// the counts, both NPS, `delta`, the contract's two-sample z (`delta / sqrt(var1/n1 +
+/// var2/n2)`, `var = p + d - (p - d)^2` per response, on the -1..1 scale like nps.rs: delta in
+/// NPS points / 100) and `significant` (|z| > 1.96 with `min_responses` on both sides). Two
+/// unanimous windows have no spread: z is 0 if they agree and absent if they do not, and
+/// their difference is then significant (as `Change` documents).
+struct NaiveChange {
+    current: (u64, u64, u64),
+    previous: (u64, u64, u64),
+    previous_nps: Option<f64>,
+    delta: Option<f64>,
+    z: Option<f64>,
+    significant: bool,
+}
+
+fn naive_change(
+    responses: &[(i64, u8)],
+    from: i64,
+    to: i64,
+    length: i64,
+    min_responses: u64,
+) -> NaiveChange {
+    let count = |a: i64, b: i64| {
+        let mut c = (0u64, 0u64, 0u64);
+        for &(t, score) in responses.iter().filter(|(t, _)| a <= *t && *t < b) {
+            match score {
+                9..=10 => c.0 += 1,
+                7..=8 => c.1 += 1,
+                _ => c.2 += 1,
+            }
+        }
+        c
+    };
+    let (current, previous) = (count(from, to), count(from - length, from));
+    let n = |c: (u64, u64, u64)| c.0 + c.1 + c.2;
+    let nps =
+        |c: (u64, u64, u64)| (n(c) > 0).then(|| 100.0 * (c.0 as f64 - c.2 as f64) / n(c) as f64);
+    let var = |c: (u64, u64, u64)| {
+        let (p, d) = (c.0 as f64 / n(c) as f64, c.2 as f64 / n(c) as f64);
+        p + d - (p - d) * (p - d)
+    };
+    let delta = nps(current).zip(nps(previous)).map(|(a, b)| a - b);
+    let z = delta.and_then(|delta| {
+        let se = (var(current) / n(current) as f64 + var(previous) / n(previous) as f64).sqrt();
+        if se > 0.0 {
+            Some(delta / 100.0 / se)
+        } else {
+            (delta == 0.0).then_some(0.0)
+        }
+    });
+    let enough = n(current) >= min_responses && n(previous) >= min_responses;
+    let beyond = match z {
+        Some(z) => z.abs() > 1.96,
+        None => delta.is_some_and(|d| d != 0.0),
+    };
+    NaiveChange {
+        current,
+        previous,
+        previous_nps: nps(previous),
+        delta,
+        z,
+        significant: delta.is_some() && enough && beyond,
+    }
+}
+
+fn close(a: Option<f64>, b: Option<f64>) -> bool {
+    match (a, b) {
+        (None, None) => true,
+        (Some(a), Some(b)) => (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs())),
+        _ => false,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    /// Every window's change, as the aggregator reports it (deltas through their JSON into
+    /// `SegmentStore::apply`, then `Scoreboard::summary`, as the aggregate role does), equals
+    /// the naive recomputation at random instants, for responses spread over a few window
+    /// lengths (both windows of a comparison often have data, sometimes a unanimous one).
+    #[test]
+    fn change_against_the_window_before_matches_a_naive_recomputation(
+        config in 0..CONFIGS.len(),
+        responses in proptest::collection::vec((0u16..=1000, 0u8..=10, 0u8..4), 0..300),
+        unanimous in proptest::option::of(0u8..=10),
+        nows in proptest::collection::vec(0u16..=1000, 1..6),
+        min_responses in 0u64..12,
+        chunk in 1usize..50,
+        focus in 0usize..4,
+    ) {
+        let windows = window_specs(&CONFIGS[config]);
+        let longest = longest(&windows).length().millis();
+        // One window in focus: most responses fall in its last two lengths (its interval and
+        // the one before), some over three longest windows, some up to the skew ahead.
+        let focused = windows.windows()[focus % windows.windows().len()].length().millis();
+        let span = 3 * longest;
+        let end = START + span;
+        let raw: Vec<(i64, u8)> = responses
+            .iter()
+            .map(|&(at, score, shape)| {
+                let t = match shape {
+                    0 => START + fraction(span, at),
+                    1 => end - fraction(2 * focused, at),
+                    2 => end - focused + fraction(focused / 30, at),
+                    _ => end + fraction(windows.max_future_skew().millis(), at) - 1,
+                };
+                (t, unanimous.unwrap_or(score))
+            })
+            .collect();
+        let mut store = SegmentStore::new(windows.clone());
+        for (index, part) in raw.chunks(chunk).enumerate() {
+            let items: Vec<String> = part
+                .iter()
+                .enumerate()
+                .map(|(i, (t, score))| format!("[{},{t},{score}]", (index * chunk + i) as i64))
+                .collect();
+            let json = format!(
+                r#"{{"segment":"all","partition":0,"responses":[{}]}}"#,
+                items.join(",")
+            );
+            let delta = SegmentDelta::from_json(json.as_bytes()).expect("a delta parses");
+            store.apply(&delta);
+        }
+        let all = "all".to_owned();
+        for &at in &nows {
+            // From the end (no response further ahead than the skew, as ingest admits them)
+            // to two focused windows past it.
+            let now = end + fraction(2 * focused, at);
+            for (index, window) in windows.windows().iter().enumerate() {
+                let (from, to) = window.interval(Timestamp(now));
+                let length = window.length().millis();
+                let naive = naive_change(&raw, from.millis(), to.millis(), length, min_responses);
+                let Some(summary) = store.board().summary(&all, index, Timestamp(now)) else {
+                    prop_assert!(raw.is_empty(), "no summary of a segment with responses");
+                    continue;
+                };
+                let label = format!("{} at {now}: [{}, {})", window.name(), from.millis(), to.millis());
+                prop_assert_eq!((summary.from, summary.to), (from, to), "{}", label);
+                let t = |c: &Tally| (c.promoters, c.passives, c.detractors);
+                prop_assert_eq!(t(&summary.tally), naive.current, "{}: counts", label);
+                prop_assert_eq!(t(&summary.previous), naive.previous, "{}: previous counts", label);
+                let change = summary.change;
+                prop_assert!(close(change.previous_nps, naive.previous_nps), "{}: previous_nps {:?} vs {:?}", label, change.previous_nps, naive.previous_nps);
+                prop_assert!(close(change.delta, naive.delta), "{}: delta {:?} vs {:?}", label, change.delta, naive.delta);
+                prop_assert!(close(change.z, naive.z), "{}: z {:?} vs {:?}", label, change.z, naive.z);
+                prop_assert_eq!(
+                    change.responses,
+                    (naive.current.0 + naive.current.1 + naive.current.2, naive.previous.0 + naive.previous.1 + naive.previous.2),
+                    "{}: responses", label
+                );
+                // Away from the threshold's rounding edge, significance must agree exactly.
+                if naive.z.is_none_or(|z| (z.abs() - 1.96).abs() > 1e-9) {
+                    prop_assert_eq!(change.significant(min_responses), naive.significant, "{}: significant (z {:?})", label, naive.z);
+                }
+            }
+        }
+    }
+}
