@@ -784,7 +784,7 @@ fn naive_change(
 ) -> NaiveChange {
     let count = |a: i64, b: i64| {
         let mut c = (0u64, 0u64, 0u64);
-        for &(t, score) in responses.iter().filter(|(t, _)| a <= *t && *t < b) {
+        for &(_, score) in responses.iter().filter(|(t, _)| a <= *t && *t < b) {
             match score {
                 9..=10 => c.0 += 1,
                 7..=8 => c.1 += 1,
