@@ -143,6 +143,14 @@ pub struct Binding {
 /// restarted). The consumer stays in its group meanwhile.
 pub const RESTORE_LIMIT: Duration = Duration::from_secs(180);
 
+/// How long a stopping role may take to deliver its batch in flight, commit and leave its
+/// group while the broker is reachable.
+pub const SHUTDOWN_LIMIT: Duration = Duration::from_secs(15);
+
+/// The same while the role's consumer or producer cannot reach a broker: nothing can be
+/// delivered or committed then, so the process does not wait for it.
+pub const SHUTDOWN_LIMIT_UNREACHABLE: Duration = Duration::from_secs(2);
+
 /// How long the driver waits for a first message before it attends to timers, rebalances and
 /// shutdown anyway.
 const IDLE: Duration = Duration::from_millis(500);
@@ -342,15 +350,37 @@ impl Engine {
                 .await?;
         }
         events::RoleStopping { role: name }.emit(&self.metrics);
-        let drained = committer.drain(&consumer, name, &self.metrics).await;
-        kafka::close_consumer(
-            consumer,
-            name,
-            &self.metrics,
-            !transactional,
-            Duration::from_secs(15),
+        // With the broker reachable the batch in flight is delivered and the offsets are
+        // committed in moments; without it, deliveries retry forever and a commit waits for
+        // its timeout, so the process gives up soon: the next owner replays from the last
+        // commit and makes the same decisions.
+        let reachable = self
+            .health
+            .snapshot()
+            .get(name)
+            .is_some_and(|h| h.connected && h.producing);
+        let limit = if reachable {
+            SHUTDOWN_LIMIT
+        } else {
+            SHUTDOWN_LIMIT_UNREACHABLE
+        };
+        let deadline = tokio::time::Instant::now() + limit;
+        let drained = match tokio::time::timeout_at(
+            deadline,
+            committer.drain(&consumer, name, &self.metrics),
         )
-        .await;
+        .await
+        {
+            Ok(drained) => drained,
+            Err(_) => {
+                events::ShutdownUndelivered { role: name }.emit(&self.metrics);
+                Ok(())
+            }
+        };
+        let left = deadline
+            .saturating_duration_since(tokio::time::Instant::now())
+            .max(Duration::from_secs(1));
+        kafka::close_consumer(consumer, name, &self.metrics, !transactional, left).await;
         drained
     }
 
@@ -1363,6 +1393,67 @@ mod tests {
             transactional_id(&prefix, "npsflow.segment-deltas", 4),
             "prod-eu-npsflow.segment-deltas-4"
         );
+    }
+
+    /// A role told to stop while its batch in flight cannot be delivered (the broker is
+    /// down: deliveries retry forever) finishes within seconds, without storing that batch's
+    /// offsets; before, it waited for the delivery for as long as the outage lasted.
+    #[tokio::test]
+    async fn a_role_stops_soon_while_the_broker_is_down() {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let brokers = cluster.bootstrap_servers();
+        for topic in ["input", "ticks"] {
+            cluster.create_topic(topic, 1, 1).expect("topic");
+        }
+        let env = [("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
+        let config = Arc::new(Config::load(None, env).expect("config"));
+        let start = Timestamp(1_700_000_000_000);
+        let clock = Arc::new(ManualClock::new(start));
+        let health = Arc::new(Health::default());
+        let engine = Engine {
+            config,
+            metrics: Metrics::new(),
+            health: health.clone(),
+            clock: clock.clone(),
+        };
+        let fired = Arc::new(Mutex::new(Vec::new()));
+        let (told, mut firings) = tokio::sync::mpsc::unbounded_channel();
+        let ticker = Ticker {
+            next: Timestamp(start.millis() + HOUR),
+            left: 1,
+            fired: fired.clone(),
+            told,
+        };
+        let binding = Binding {
+            role: "ticker",
+            group: "ticker".into(),
+            topics: vec!["input".into()],
+            transactional: false,
+        };
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(async move { engine.drive(ticker, binding, stopping).await });
+        // Joined, then the broker goes away and a timer sends a record that cannot arrive.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !health.ready() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert!(health.ready(), "the role joined");
+        cluster.broker_down(1).expect("broker down");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        clock.set(Timestamp(start.millis() + HOUR));
+        tokio::time::timeout(Duration::from_secs(60), firings.recv())
+            .await
+            .expect("the timer fires")
+            .expect("ticker alive");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let stopped = Instant::now();
+        stop.send(true).expect("driver listening");
+        tokio::time::timeout(Duration::from_secs(30), task)
+            .await
+            .expect("the role stops within 30 s with the broker down")
+            .expect("joined")
+            .expect("driver finished cleanly");
+        eprintln!("stopped in {:?} with the broker down", stopped.elapsed());
     }
 
     fn read_all(brokers: &str, topic: &str, count: usize) -> Vec<String> {

@@ -313,11 +313,23 @@ pub async fn run(
     }
     http.abort();
     directory_stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for reader in readers {
-        let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+    // A reader sees the stop within a poll (200 ms), unless it waits for an unreachable
+    // broker (a metadata request, a client closing): it is then left behind, as the process
+    // is about to exit and the reader has nothing to save.
+    let deadline = tokio::time::Instant::now() + READERS_STOP;
+    while readers.iter().any(|reader| !reader.is_finished())
+        && tokio::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for reader in readers.into_iter().filter(|reader| reader.is_finished()) {
+        let _ = reader.join();
     }
     result
 }
+
+/// How long a stopping process waits for its table readers.
+const READERS_STOP: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sets up logging from the configuration (pretty or JSON lines on stderr).
 pub fn init_logging(settings: &config::LogSettings) {

@@ -238,7 +238,8 @@ fn read_ranges(
 /// [`check_copartitioned`] for every state topic of a role, patiently: a broker that cannot
 /// be reached (or answers too slowly) is asked again every few seconds, as an outage pauses
 /// the rest of the pipeline, instead of failing the role; missing or mismatched topics fail at
-/// once. Returns false if `stop` turned true first. Blocking.
+/// once. Returns false if `stop` turned true first (at once, even while a question is still
+/// waiting for the broker). Blocking.
 pub fn wait_for_copartitioned(
     kafka: &KafkaSettings,
     role: &'static str,
@@ -247,10 +248,13 @@ pub fn wait_for_copartitioned(
     metrics: &crate::metrics::Metrics,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<bool, RuntimeError> {
-    patiently(role, metrics, stop, || {
+    let kafka = kafka.clone();
+    let input = input.to_owned();
+    let states: Vec<String> = states.iter().map(|s| (*s).to_owned()).collect();
+    patiently(role, metrics, stop, move || {
         states
             .iter()
-            .try_for_each(|state| check_copartitioned(kafka, input, state))
+            .try_for_each(|state| check_copartitioned(&kafka, &input, state))
     })
     .map(|done| done.is_some())
 }
@@ -265,8 +269,10 @@ pub fn wait_for_partition_counts(
     metrics: &crate::metrics::Metrics,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Option<Vec<i32>>, RuntimeError> {
-    patiently(role, metrics, stop, || {
-        let consumer: BaseConsumer = client_config(kafka, "npsflow-metadata").create()?;
+    let kafka = kafka.clone();
+    let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    patiently(role, metrics, stop, move || {
+        let consumer: BaseConsumer = client_config(&kafka, "npsflow-metadata").create()?;
         topics
             .iter()
             .map(|topic| partition_count(&consumer, topic).map(|n| n as i32))
@@ -274,34 +280,61 @@ pub fn wait_for_partition_counts(
     })
 }
 
+/// How often a caller waiting for the broker looks at its stop signal.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
 /// Runs `ask` until it answers, again every few seconds while the broker cannot be reached
 /// (as an outage pauses the rest of the pipeline); other errors fail at once. `None` if
-/// `stop` turned true first.
-fn patiently<T>(
+/// `stop` turned true first. The questions run on a thread of their own, so a stop is seen
+/// within [`STOP_CHECK`] even while one waits for an unreachable broker (a metadata request
+/// waits up to 30 s): that thread is left to finish on its own, and ends the process with it.
+fn patiently<T: Send + 'static>(
     role: &'static str,
     metrics: &crate::metrics::Metrics,
     stop: &tokio::sync::watch::Receiver<bool>,
-    mut ask: impl FnMut() -> Result<T, RuntimeError>,
+    mut ask: impl FnMut() -> Result<T, RuntimeError> + Send + 'static,
 ) -> Result<Option<T>, RuntimeError> {
-    loop {
-        match ask() {
-            Ok(answer) => return Ok(Some(answer)),
-            Err(RuntimeError::Kafka(error)) => {
-                crate::metrics::events::KafkaClientFailed {
-                    client: role,
-                    error: &error,
-                    reason: "checking the role's topics; asking again",
+    let (answer, answered) = std::sync::mpsc::channel();
+    let (metrics, worker_stop) = (metrics.clone(), stop.clone());
+    let spawned = std::thread::Builder::new()
+        .name(format!("{role}-topics"))
+        .spawn(move || {
+            let outcome = loop {
+                match ask() {
+                    Ok(found) => break Ok(Some(found)),
+                    Err(RuntimeError::Kafka(error)) => {
+                        crate::metrics::events::KafkaClientFailed {
+                            client: role,
+                            error: &error,
+                            reason: "checking the role's topics; asking again",
+                        }
+                        .emit(&metrics);
+                    }
+                    Err(other) => break Err(other),
                 }
-                .emit(metrics);
-            }
-            Err(other) => return Err(other),
+                let until = Instant::now() + Duration::from_secs(3);
+                while Instant::now() < until && !*worker_stop.borrow() {
+                    std::thread::sleep(STOP_CHECK);
+                }
+                if *worker_stop.borrow() {
+                    break Ok(None);
+                }
+            };
+            let _ = answer.send(outcome);
+        });
+    if let Err(error) = spawned {
+        return Err(RuntimeError::Io(error));
+    }
+    loop {
+        if *stop.borrow() {
+            return Ok(None);
         }
-        let until = Instant::now() + Duration::from_secs(3);
-        while Instant::now() < until {
-            if *stop.borrow() {
-                return Ok(None);
+        match answered.recv_timeout(STOP_CHECK) {
+            Ok(outcome) => return outcome,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(RuntimeError::StoppedOnItsOwn(role))
             }
-            std::thread::sleep(Duration::from_millis(100));
         }
     }
 }
@@ -343,4 +376,43 @@ pub fn check_copartitioned(
         .into());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With the broker unreachable a metadata request waits 30 s; a stop must not wait for
+    /// it (the process would hang on SIGTERM until then).
+    #[test]
+    fn waiting_for_topics_ends_soon_after_a_stop_with_the_broker_unreachable() {
+        let env = [(
+            "NPSFLOW__KAFKA__BROKERS".to_owned(),
+            "127.0.0.1:1".to_owned(),
+        )];
+        let config = crate::Config::load(None, env).expect("config");
+        let metrics = crate::metrics::Metrics::new();
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let stopper = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(500));
+            stop.send(true).expect("listening");
+            stop
+        });
+        let started = Instant::now();
+        let counts = wait_for_partition_counts(
+            &config.settings.kafka,
+            "ingest",
+            &["survey.responses"],
+            &metrics,
+            &stopping,
+        )
+        .expect("no error but the broker's");
+        let waited = started.elapsed();
+        assert_eq!(counts, None, "stopped before any answer");
+        assert!(
+            waited < Duration::from_secs(10),
+            "took {waited:?} to see the stop"
+        );
+        drop(stopper.join());
+    }
 }

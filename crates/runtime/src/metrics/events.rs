@@ -539,6 +539,27 @@ impl ClosedWithoutCommit {
     }
 }
 
+/// A stopping role gave up waiting for the delivery of its batch in flight (the broker was
+/// unreachable or too slow); its offsets are not stored, so the next owner replays it.
+pub struct ShutdownUndelivered {
+    /// The role.
+    pub role: &'static str,
+}
+
+impl ShutdownUndelivered {
+    /// Its name in `npsflow_warnings_total`.
+    pub const NAME: &'static str = "shutdown_undelivered";
+
+    /// Logs and counts it.
+    pub fn emit(&self, metrics: &Metrics) {
+        warn!(
+            role = self.role,
+            "stopping without the batch in flight delivered; it will be processed again"
+        );
+        warned(metrics, Self::NAME);
+    }
+}
+
 /// A role's consumer was closed after its final commit.
 pub struct Closed {
     /// The role.
