@@ -21,5 +21,8 @@ echo "== hostile input and requests on a real broker"
 echo "== chaos: kills, rebalances and a broker outage on a real broker"
 ./scripts/chaos.sh
 
+echo "== exactly once on a broker with transactions (noida-db)"
+./scripts/eos.sh
+
 echo "== real Prometheus: rules, dashboards, metrics"
 ./scripts/prometheus.sh
