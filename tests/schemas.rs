@@ -22,12 +22,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use npsflow_core::case::{ContactResult, EscalationReason, MAX_HISTORY, MAX_ROOT_CAUSES};
+use npsflow_core::intake::invitation_key;
 use npsflow_core::response::{MAX_COMMENT_CHARS, MAX_ID_CHARS, MAX_SEGMENT_ENTRIES};
 use npsflow_core::{
-    decode, decode_alert, decode_outcome, repartition_key, CaseBook, CaseState, DetractorAlert,
-    Effect, EscalationNotice, FollowupCase, FollowupPolicy, InvalidOutcome, InvalidReason, Outcome,
-    OutcomeEvent, OutcomeType, Resolution, Routing, Score, SegmentRoute, Severity, Timestamp,
+    decode, decode_alert, decode_invitation, decode_outcome, repartition_key, AccountDelta,
+    AccountSnapshot, CaseBook, CaseState, DetractorAlert, Effect, EscalationNotice, FollowupCase,
+    FollowupPolicy, InvalidOutcome, InvalidReason, Outcome, OutcomeEvent, OutcomeType, Resolution,
+    Routing, Score, SegmentDelta, SegmentRoute, SegmentSnapshot, Severity, Timestamp,
 };
+use npsflow_runtime::accounts::AccountRow;
 use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::Message;
 use serde::Deserialize;
@@ -70,6 +73,9 @@ fn schema(name: &str) -> Value {
 struct Sample {
     line: usize,
     valid: bool,
+    /// For records npsflow writes and reads back: the reader's verdict where it differs from
+    /// `valid` (it ignores a field or an invariant that the schema checks).
+    decodes: Option<bool>,
     reason: Option<String>,
     note: String,
     bytes: Vec<u8>,
@@ -82,6 +88,8 @@ struct SampleLine {
     reason: Option<String>,
     #[serde(default)]
     schema_valid: Option<bool>,
+    #[serde(default)]
+    decodes: Option<bool>,
     note: String,
     #[serde(default, deserialize_with = "raw")]
     message: Option<Box<RawValue>>,
@@ -120,7 +128,10 @@ fn samples(format: &str) -> Vec<Sample> {
             };
             // Input samples name the decoder's reason exactly when invalid; output samples
             // (what npsflow writes) have no decoder reason.
-            let input = matches!(format, "survey-response" | "followup-outcome");
+            let input = matches!(
+                format,
+                "survey-response" | "followup-outcome" | "survey-invitation"
+            );
             assert_eq!(
                 input && !parsed.valid,
                 parsed.reason.is_some(),
@@ -135,9 +146,19 @@ fn samples(format: &str) -> Vec<Sample> {
                     i + 1
                 );
             }
+            if parsed.decodes.is_some() {
+                assert!(!input, "{format}.jsonl:{}: decodes is for outputs", i + 1);
+                assert_ne!(
+                    parsed.decodes,
+                    Some(parsed.valid),
+                    "{format}.jsonl:{}: decodes only where it differs",
+                    i + 1
+                );
+            }
             Sample {
                 line: i + 1,
                 valid: parsed.valid,
+                decodes: parsed.decodes,
                 reason: parsed.reason,
                 note: parsed.note,
                 bytes,
@@ -217,6 +238,253 @@ fn outcome_samples_get_the_decoders_verdict() {
         "followup-outcome.messages",
         samples.iter().map(|s| s.bytes.clone()),
     );
+}
+
+#[test]
+fn survey_invitation_samples_get_the_decoders_verdict() {
+    let samples = samples("survey-invitation");
+    let mut codes = BTreeSet::new();
+    for sample in &samples {
+        let got = decode_invitation(&sample.bytes).err();
+        // The ingest role's first step decides with the size limit first; below it, the same.
+        assert_eq!(
+            invitation_key(&sample.bytes, usize::MAX).err(),
+            got,
+            "line {}",
+            sample.line
+        );
+        check_reason(
+            "survey-invitation",
+            sample,
+            got.map(|r| (r.code(), r.to_string())),
+        );
+        codes.extend(sample.reason.clone());
+    }
+    let every: BTreeSet<String> = InvalidReason::CODES
+        .iter()
+        // A size, not content; and an invitation has no score.
+        .filter(|code| !matches!(**code, "too_large" | "score_out_of_range"))
+        .map(|code| code.to_string())
+        .collect();
+    assert_eq!(codes, every, "every reason code has a sample, and no other");
+    let schema = schema("survey-invitation");
+    let p = &schema["properties"];
+    for field in ["invitation_id", "customer_id"] {
+        assert_eq!(p[field]["maxLength"], MAX_ID_CHARS, "{field}");
+    }
+    assert_eq!(p["segments"]["maxProperties"], MAX_SEGMENT_ENTRIES);
+}
+
+/// The records npsflow writes and reads back itself (deltas, snapshots, the account view):
+/// every sample gets its verdict from npsflow's reader (`decodes` where the reader is more
+/// lenient than what npsflow writes), each file has samples the reader refuses, and the valid
+/// ones are written back exactly as they are.
+#[test]
+fn internal_record_samples_get_the_readers_verdict() {
+    fn check<T: serde::Serialize>(format: &str, read: impl Fn(&[u8]) -> Result<T, String>) {
+        let samples = samples(format);
+        assert!(samples.iter().any(|s| s.valid), "{format}: no valid sample");
+        assert!(
+            samples.iter().any(|s| !s.decodes.unwrap_or(s.valid)),
+            "{format}: no sample the reader refuses"
+        );
+        for sample in &samples {
+            let got = read(&sample.bytes);
+            assert_eq!(
+                got.is_ok(),
+                sample.decodes.unwrap_or(sample.valid),
+                "{format}.jsonl:{} ({}): the reader says {:?}",
+                sample.line,
+                sample.note,
+                got.as_ref().err()
+            );
+            if let (true, Ok(value)) = (sample.valid, &got) {
+                assert_round_trip(
+                    value,
+                    &sample.bytes,
+                    &format!("{format}.jsonl"),
+                    sample.line,
+                );
+            }
+        }
+    }
+    check("segment-delta", |b| {
+        SegmentDelta::from_json(b).map_err(|e| e.to_string())
+    });
+    check("account-delta", |b| {
+        AccountDelta::from_json(b).map_err(|e| e.to_string())
+    });
+    check("segment-snapshot", |b| {
+        SegmentSnapshot::from_json(b).map_err(|e| e.to_string())
+    });
+    check("account-snapshot", |b| {
+        AccountSnapshot::from_json(b).map_err(|e| e.to_string())
+    });
+    check("account-view", |b| {
+        serde_json::from_slice::<AccountRow>(b).map_err(|e| e.to_string())
+    });
+}
+
+/// The field names of a JSON value, nested ones as `outer.inner`.
+fn field_names(value: &Value, prefix: &str, names: &mut BTreeSet<String>) {
+    if let Value::Object(fields) = value {
+        for (key, inner) in fields {
+            let name = format!("{prefix}{key}");
+            field_names(inner, &format!("{name}."), names);
+            names.insert(name);
+        }
+    }
+}
+
+/// The segment view has no reader beyond JSON: its valid samples must have exactly the fields
+/// of a record `Row::to_json` writes.
+#[test]
+fn segment_view_samples_have_the_fields_npsflow_writes() {
+    let rows = segment_view_rows();
+    let mut written = BTreeSet::new();
+    field_names(&rows[0], "", &mut written);
+    for sample in samples("segment-view") {
+        let value: Value = serde_json::from_slice(&sample.bytes).expect("JSON");
+        let mut names = BTreeSet::new();
+        field_names(&value, "", &mut names);
+        if sample.valid {
+            assert_eq!(names, written, "segment-view.jsonl:{}", sample.line);
+        }
+    }
+}
+
+/// Summaries of a few segments as the aggregate role computes them (`AggregateView` on
+/// `SegmentStore`): responses and invitations in this window and the one before.
+fn segment_view_rows() -> Vec<Value> {
+    use npsflow_runtime::config::ClockKind;
+    use npsflow_runtime::view::AggregateView;
+    let windows =
+        npsflow_core::WindowSpecs::new(&["1h", "7d"], 60, npsflow_core::Span(0)).expect("windows");
+    let mut view = AggregateView::new(windows, ClockKind::Wall, 5);
+    view.restore(0, &[]);
+    let now = Timestamp(T0);
+    let hour = 60 * MINUTE;
+    // Positions: every response and invitation its own, increasing.
+    let deltas = [
+        // `all`: this hour and the one before, with invitations: a significant change.
+        (
+            "all",
+            (0..40)
+                .map(|i| (i, T0 - hour / 2 + i, 10))
+                .chain((0..40).map(|i| (40 + i, T0 - hour - hour / 2 + i, 0)))
+                .collect::<Vec<_>>(),
+            vec![(80, T0 - MINUTE), (81, T0 - 2 * MINUTE)],
+        ),
+        (
+            "region=east",
+            vec![
+                (82, T0 - MINUTE, 9),
+                (83, T0 - MINUTE, 7),
+                (84, T0 - MINUTE, 3),
+            ],
+            Vec::new(),
+        ),
+        // Invitations only.
+        (
+            "product=sedan,region=east",
+            Vec::new(),
+            vec![(85, T0 - MINUTE)],
+        ),
+    ];
+    for (segment, responses, invitations) in deltas {
+        let mut responses = responses;
+        let mut invitations = invitations;
+        responses.sort_unstable();
+        invitations.sort_unstable();
+        let delta = SegmentDelta {
+            segment: segment.into(),
+            partition: 0,
+            responses: responses
+                .into_iter()
+                .map(|(o, t, s)| (o, t - t.rem_euclid(MINUTE), s))
+                .collect(),
+            invitations,
+        };
+        let delta = SegmentDelta::from_json(&delta.to_json()).expect("read back");
+        view.apply(0, &delta).expect("owned");
+    }
+    let rows: Vec<Value> = view.rows(now).iter().map(|r| r.to_json(now)).collect();
+    assert!(rows
+        .iter()
+        .any(|r| r["change"]["significant"] == Value::Bool(true)));
+    assert!(rows
+        .iter()
+        .any(|r| r["responses"] == 0 && r["invitations"] == 1));
+    rows
+}
+
+/// View records, deltas and snapshots made by the core and the aggregate role's view, for
+/// the schema check; each read back by npsflow's reader.
+#[test]
+fn core_view_delta_and_snapshot_records_are_written_for_the_schema_check() {
+    write_lines(
+        "segment-view.core.jsonl",
+        segment_view_rows()
+            .iter()
+            .map(|r| serde_json::to_vec(r).expect("JSON")),
+    );
+    let window = npsflow_core::WindowSpecs::new(&["28d"], 60, npsflow_core::Span(0))
+        .expect("window")
+        .windows()[0]
+        .clone();
+    let mut book = npsflow_core::AccountBook::new(window.clone());
+    let day = 24 * 60 * MINUTE;
+    let mut deltas = Vec::new();
+    for (account, scores) in [("acme", vec![2, 3, 9]), ("beta", vec![10, 10, 9, 8])] {
+        let responses: Vec<(i64, i64, u8)> = scores
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (i as i64 * 65_536, T0 - (i as i64 + 1) * day, *s))
+            .collect();
+        let delta = AccountDelta {
+            account: account.into(),
+            partition: 2,
+            responses,
+        };
+        let json = delta.to_json();
+        book.apply(&AccountDelta::from_json(&json).expect("read back"));
+        deltas.push(json);
+    }
+    let mut rows = Vec::new();
+    let mut snapshots = Vec::new();
+    for account in ["acme", "beta"] {
+        let summary = book.summary(account, Timestamp(T0)).expect("summary");
+        let row = AccountRow::new(account, window.name(), &summary, Timestamp(T0));
+        let json = serde_json::to_vec(&row).expect("JSON");
+        let back: AccountRow = serde_json::from_slice(&json).expect("read back");
+        // As JSON: serde_json reads a float to within an ulp, the same way both times.
+        assert_eq!(
+            serde_json::to_value(&back).expect("JSON"),
+            serde_json::from_slice::<Value>(&json).expect("JSON")
+        );
+        rows.push(json);
+        let snapshot = book.snapshot(account).expect("snapshot").to_json();
+        AccountSnapshot::from_json(&snapshot).expect("read back");
+        snapshots.push(snapshot);
+    }
+    write_lines("account-view.core.jsonl", rows);
+    write_lines("account-delta.core.jsonl", deltas);
+    write_lines("account-snapshot.core.jsonl", snapshots);
+    let windows =
+        npsflow_core::WindowSpecs::new(&["1h", "7d"], 60, npsflow_core::Span(0)).expect("windows");
+    let mut store = npsflow_core::SegmentStore::new(windows);
+    let delta = SegmentDelta {
+        segment: "region=east".into(),
+        partition: 1,
+        responses: vec![(1, T0 - MINUTE, 9), (3, T0 - 2 * MINUTE, 4)],
+        invitations: vec![(2, T0 - 3 * MINUTE)],
+    };
+    store.apply(&delta);
+    let snapshot = store.snapshot("region=east").expect("snapshot").to_json();
+    let back = SegmentSnapshot::from_json(&snapshot).expect("read back");
+    assert!(back.windows.iter().all(|w| !w.buckets.is_empty()));
+    write_lines("segment-delta.core.jsonl", [delta.to_json()]);
+    write_lines("segment-snapshot.core.jsonl", [snapshot]);
 }
 
 /// One of each reason an outcome event (or an alert) can be invalid for.
@@ -873,6 +1141,16 @@ async fn pipeline_outputs_on_the_in_process_broker_are_written_for_the_schema_ch
         ),
     ];
     produce(&brokers, &topics.responses, &responses).await;
+    let invitation = format!(
+        r#"{{"invitation_id":"inv-1","customer_id":"c-fan","sent_at":"{}","segments":{{"region":"east"}}}}"#,
+        now_rfc3339(-120)
+    );
+    produce(
+        &brokers,
+        &topics.invitations,
+        &[(Some("c-fan"), invitation.into_bytes(), plain.clone())],
+    )
+    .await;
     wait_until("three cases opened", || {
         pipeline.process.metrics.cases_opened() == 3
     })
@@ -981,7 +1259,9 @@ async fn pipeline_outputs_on_the_in_process_broker_are_written_for_the_schema_ch
             "not_json",
             "too_old",
             "future",
-            "unknown_value"
+            "unknown_value",
+            // The alert that is not one (followup role).
+            "wrong_type"
         ]),
         "{headers:?}"
     );
@@ -1002,8 +1282,68 @@ async fn pipeline_outputs_on_the_in_process_broker_are_written_for_the_schema_ch
         assert_eq!(status.as_u16(), 400, "{uri}: {body}");
         assert!(body["error"].is_string(), "{uri}: {body}");
     }
+    // The internal records and the view topics: deltas (segments, with the invitation, and
+    // the account), snapshots and summaries, each read back by npsflow's reader.
+    let deltas_topic = &topics.segment_deltas;
+    wait_until("an invitation in the deltas", || {
+        read_to_end(&brokers, deltas_topic).iter().any(|m| {
+            m.payload()
+                .and_then(|p| SegmentDelta::from_json(p).ok())
+                .is_some_and(|d| !d.invitations.is_empty())
+        })
+    })
+    .await;
+    let split = |topic: &str| -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let (mut segments, mut accounts) = (Vec::new(), Vec::new());
+        for m in read_to_end(&brokers, topic) {
+            let Some(payload) = m.payload() else {
+                continue; // a tombstone
+            };
+            if m.key().expect("keyed").starts_with(b"account/") {
+                accounts.push(payload.to_vec());
+            } else {
+                segments.push(payload.to_vec());
+            }
+        }
+        (segments, accounts)
+    };
+    let (segment_deltas, account_deltas) = split(deltas_topic);
+    for delta in &segment_deltas {
+        SegmentDelta::from_json(delta).expect("a segment delta");
+    }
+    for delta in &account_deltas {
+        AccountDelta::from_json(delta).expect("an account delta");
+    }
+    let (segment_snapshots, account_snapshots) = split(&topics.state);
+    for snapshot in &segment_snapshots {
+        SegmentSnapshot::from_json(snapshot).expect("a segment snapshot");
+    }
+    for snapshot in &account_snapshots {
+        AccountSnapshot::from_json(snapshot).expect("an account snapshot");
+    }
+    let (segment_views, _) = split(&topics.segment_view);
+    let (account_views, _) = split(&topics.account_view);
+    for row in &account_views {
+        let _: AccountRow = serde_json::from_slice(row).expect("an account row");
+    }
+    for (name, records) in [
+        ("segment deltas", &segment_deltas),
+        ("account deltas", &account_deltas),
+        ("segment snapshots", &segment_snapshots),
+        ("account snapshots", &account_snapshots),
+        ("segment summaries", &segment_views),
+        ("account summaries", &account_views),
+    ] {
+        assert!(!records.is_empty(), "no {name}");
+    }
     pipeline.stop().await;
 
+    write_lines("segment-delta.broker.jsonl", segment_deltas);
+    write_lines("account-delta.broker.jsonl", account_deltas);
+    write_lines("segment-snapshot.broker.jsonl", segment_snapshots);
+    write_lines("account-snapshot.broker.jsonl", account_snapshots);
+    write_lines("segment-view.broker.jsonl", segment_views);
+    write_lines("account-view.broker.jsonl", account_views);
     write_lines("detractor-alert.broker.jsonl", alerts);
     write_lines("case.broker.jsonl", cases);
     write_lines("escalation.broker.jsonl", notices);

@@ -30,7 +30,11 @@ from referencing import Registry, Resource
 HERE = pathlib.Path(__file__).resolve().parent
 SAMPLES = HERE / "samples"
 # Samples whose decoder is npsflow's input decoder; the others describe npsflow's outputs.
-INPUTS = {"survey-response", "followup-outcome"}
+INPUTS = {"survey-response", "followup-outcome", "survey-invitation"}
+# Outputs that tests/schemas.rs must have written (from the core or the pipeline).
+OUTPUTS = ("detractor-alert", "case", "escalation", "dead-letter-headers", "api-case",
+           "segment-view", "account-view", "segment-delta", "account-delta", "segment-snapshot",
+           "account-snapshot")
 
 failures = []
 
@@ -54,7 +58,8 @@ def load_schemas():
 
 
 def check_shared_definitions(schemas):
-    for definition in ("rfc3339", "utcMillis", "segments", "severityOfScore", "id", "optionalId"):
+    for definition in ("rfc3339", "utcMillis", "segments", "segment", "severityOfScore", "id",
+                       "optionalId"):
         found = {
             name: json.dumps(s["$defs"][definition], sort_keys=True)
             for name, s in schemas.items()
@@ -104,7 +109,7 @@ def check_samples(schemas):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             where = f"{path.name}:{number}"
             sample = json.loads(line)
-            keys = set(sample) - {"valid", "reason", "schema_valid", "note"}
+            keys = set(sample) - {"valid", "reason", "schema_valid", "decodes", "note"}
             if len(keys) != 1 or not keys <= {"message", "text", "hex"}:
                 fail(f"{where}: a sample has exactly one of message, text, hex ({sorted(keys)})")
                 continue
@@ -150,7 +155,7 @@ def check_outputs(schemas, outputs):
             fail(f"{path.name}: no messages")
         seen.add(name)
         print(f"outputs: {count} messages in {path.name} valid")
-    for name in ("detractor-alert", "case", "escalation", "dead-letter-headers", "api-case"):
+    for name in OUTPUTS:
         if name not in seen:
             fail(f"no outputs of {name} in {outputs}")
     corpus = outputs / "rfc3339.jsonl"
