@@ -847,3 +847,100 @@ async fn followup_cases_escalate_on_the_clock_close_by_outcomes_and_recover() {
     assert_eq!(ignored["escalations"][0]["escalate_to"], "head-of-cx");
     restarted.stop().await;
 }
+
+/// Invitations and accounts on the path the service runs: invitations are counted per
+/// segment and window (a re-send with another key once; an invalid one dead-lettered byte for
+/// byte), so the response rate is right; responses with an `account_id` make their account's
+/// NPS, served by `/v1/accounts` from the account view topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invitations_make_the_response_rate_and_accounts_their_nps() {
+    let (_cluster, brokers, config) = broker(&[]);
+    let topics = config.settings.topics.clone();
+    let plain = OwnedHeaders::new();
+    let invitation = |id: &str| {
+        format!(
+            r#"{{"invitation_id":"{id}","customer_id":"cust-{id}","sent_at":"{}","segments":{{"region":"east"}}}}"#,
+            now_rfc3339(-120)
+        )
+        .into_bytes()
+    };
+    let invalid = br#"{"invitation_id":"i-bad","customer_id":"c"}"#.to_vec();
+    let mut invitations: Vec<(Option<&str>, Vec<u8>, OwnedHeaders)> = ["i1", "i2", "i3", "i4"]
+        .iter()
+        .map(|id| (Some("k"), invitation(id), plain.clone()))
+        .collect();
+    invitations.push((Some("other-key"), invitation("i1"), plain.clone()));
+    invitations.push((Some("k-bad"), invalid.clone(), plain.clone()));
+    produce(&brokers, &topics.invitations, &invitations).await;
+    let east_acme = r#","segments":{"region":"east"},"account_id":"acme""#;
+    let responses = vec![
+        (Some("c1"), response("a1", 10, east_acme), plain.clone()),
+        (Some("c2"), response("a2", 3, east_acme), plain.clone()),
+        (
+            Some("c3"),
+            response("b1", 9, r#","account_id":"beta""#),
+            plain.clone(),
+        ),
+    ];
+    produce(&brokers, &topics.responses, &responses).await;
+    let pipeline = Pipeline::start(&config).await;
+
+    let mut east = Value::Null;
+    for _ in 0..600 {
+        let (status, body) = pipeline.get("/v1/segments/region=east?window=1h").await;
+        east = body;
+        if status == StatusCode::OK && east["invitations"] == 4 && east["responses"] == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(east["invitations"], 4, "{east}");
+    assert_eq!(east["response_rate"], 0.5);
+    let (_, all) = pipeline.get("/v1/segments/all?window=1h").await;
+    assert_eq!(
+        (all["invitations"].clone(), all["responses"].clone()),
+        (serde_json::json!(4), serde_json::json!(3))
+    );
+
+    let dead = read_topic(&brokers, &topics.dead_letters, 1);
+    assert_eq!(dead[0].payload(), Some(&invalid[..]), "byte for byte");
+    assert_eq!(
+        header(&dead[0], "npsflow-error").as_deref(),
+        Some("missing_field")
+    );
+    assert_eq!(
+        header(&dead[0], "npsflow-source-topic").as_deref(),
+        Some(topics.invitations.as_str())
+    );
+    let metrics = pipeline.process.metrics.render();
+    assert_eq!(
+        sample(&metrics, "npsflow_invitations_total{outcome=\"duplicate\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        pipeline.events("accepted"),
+        3,
+        "invitations are not responses"
+    );
+
+    let mut acme = Value::Null;
+    for _ in 0..600 {
+        let (status, body) = pipeline.get("/v1/accounts/acme").await;
+        if status == StatusCode::OK && body["responses"] == 2 {
+            acme = body;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(acme["nps"], 0.0, "{acme}");
+    assert_eq!(acme["window"], "28d");
+    assert_eq!(acme["as_of"]["source"], "view");
+    let (_, beta) = pipeline.get("/v1/accounts/beta").await;
+    assert_eq!(
+        (beta["responses"].clone(), beta["nps"].clone()),
+        (serde_json::json!(1), serde_json::json!(100.0))
+    );
+    let (status, _) = pipeline.get("/v1/accounts/nobody").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    pipeline.stop().await;
+}
