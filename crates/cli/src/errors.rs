@@ -7,7 +7,6 @@ use std::error::Error;
 use std::fmt;
 
 use npsflow_runtime::config::ConfigErrors;
-use rdkafka::types::RDKafkaErrorCode;
 
 /// `EX_USAGE`: the command line was wrong.
 pub const EX_USAGE: u8 = 64;
@@ -52,59 +51,19 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     EX_FAILURE
 }
 
-/// The text librdkafka gives an error code (`Local: Broker transport failure`), without the
-/// code's Rust name.
-fn describe(code: RDKafkaErrorCode) -> String {
-    let text = code.to_string();
-    let name = format!("{code:?} (");
-    match text.strip_prefix(&name) {
-        Some(rest) => rest.strip_suffix(')').unwrap_or(rest).to_owned(),
-        None => text,
-    }
-}
-
 /// One line: every cause of `error` once, outermost first, joined by ": ". A cause whose
 /// text its outer cause already says is left out; librdkafka's error codes read as their
 /// descriptions.
 pub fn render(error: &anyhow::Error) -> String {
     let chain: Vec<&(dyn Error + 'static)> = error.chain().collect();
-    render_chain(&chain)
-}
-
-fn render_chain(chain: &[&(dyn Error + 'static)]) -> String {
-    let mut replacements: Vec<(String, String)> = Vec::new();
-    for cause in chain {
-        let code = cause
-            .downcast_ref::<RDKafkaErrorCode>()
-            .copied()
-            .or_else(|| {
-                cause
-                    .downcast_ref::<rdkafka::error::KafkaError>()
-                    .and_then(|e| e.rdkafka_error_code())
-            });
-        if let Some(code) = code {
-            replacements.push((code.to_string(), describe(code)));
-        }
-    }
-    let mut parts: Vec<String> = Vec::new();
-    for cause in chain {
-        let mut text = cause.to_string();
-        for (raw, readable) in &replacements {
-            text = text.replace(raw.as_str(), readable);
-        }
-        let text = text.trim().to_owned();
-        if text.is_empty() || parts.iter().any(|said| said.contains(&text)) {
-            continue;
-        }
-        parts.push(text);
-    }
-    parts.join(": ")
+    npsflow_runtime::readable::render_chain(&chain)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
 
     #[test]
     fn exit_codes_by_kind() {

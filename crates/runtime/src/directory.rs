@@ -14,15 +14,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use npsflow_core::{FollowupCase, Timestamp};
-use rdkafka::client::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
 
 use crate::config::KafkaSettings;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, Limited};
 use crate::metrics::{events, Metrics};
 
 /// The latest JSON value of every key of a compacted topic read so far (a tombstone removes
@@ -138,20 +137,6 @@ pub fn follow<V: DeserializeOwned + Send + Sync + 'static>(
     })
 }
 
-/// The reader's client context: reaching the end of a partition is how it knows it caught
-/// up, not an error to log (librdkafka also reports it as a global error).
-struct Quiet;
-
-impl ClientContext for Quiet {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if !matches!(error, KafkaError::PartitionEOF(_)) {
-            tracing::debug!(%error, reason, "case directory: kafka client");
-        }
-    }
-}
-
-impl ConsumerContext for Quiet {}
-
 fn read<V: DeserializeOwned>(
     kafka: &KafkaSettings,
     topic: &str,
@@ -167,8 +152,10 @@ fn read<V: DeserializeOwned>(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
-    let partitions = |consumer: &BaseConsumer<Quiet>| -> Result<Vec<i32>, KafkaError> {
+    let consumer: BaseConsumer<Limited> = config.create_with_context(Limited {
+        client: "table-reader",
+    })?;
+    let partitions = |consumer: &BaseConsumer<Limited>| -> Result<Vec<i32>, KafkaError> {
         let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
         let found = metadata
             .topics()

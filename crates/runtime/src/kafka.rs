@@ -23,6 +23,7 @@ use rdkafka::Message;
 use crate::config::KafkaSettings;
 use crate::health::Health;
 use crate::metrics::{events, Metrics};
+use crate::repeats::Repeats;
 
 /// Client settings common to every client: brokers, client id, stats, then the user's
 /// properties (which win).
@@ -135,6 +136,110 @@ fn all_brokers_down(error: &KafkaError) -> bool {
     )
 }
 
+/// Every Kafka client's error and log lines, rate limited (see [`crate::repeats`]): one
+/// limiter for the process, keyed by client and error, so that identical lines from a
+/// client that cannot reach a broker are said once per window with how often they came.
+static REPEATS: std::sync::LazyLock<Mutex<Repeats>> =
+    std::sync::LazyLock::new(|| Mutex::new(Repeats::default()));
+
+fn repeats() -> std::sync::MutexGuard<'static, Repeats> {
+    REPEATS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Reports a client error (librdkafka's error callback): counted every time, logged unless
+/// the same client reported the same error within the window.
+pub fn report_client_error(metrics: &Metrics, client: &str, error: &KafkaError, reason: &str) {
+    let said = crate::readable::text(&error.to_string());
+    let key = format!("error|{client}|{said}");
+    let verdict = repeats().check(&key, std::time::Instant::now());
+    events::KafkaClientFailed {
+        client,
+        error: &said,
+        reason,
+    }
+    .emit_limited(metrics, verdict);
+}
+
+/// A librdkafka log line of `client`, rate limited like [`report_client_error`]: lines that
+/// differ only in the parenthesised detail at their end (`(after 0ms in state CONNECT, 1
+/// identical error(s) suppressed)`) are the same line.
+pub fn client_log(client: &str, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+    use rdkafka::config::RDKafkaLogLevel as L;
+    let kind = message.split(" (").next().unwrap_or(message);
+    let key = format!("log|{client}|{fac} {kind}");
+    let repeated = match repeats().check(&key, std::time::Instant::now()) {
+        crate::repeats::Verdict::Suppress => return,
+        crate::repeats::Verdict::Log { repeated: 0, .. } => String::new(),
+        crate::repeats::Verdict::Log { repeated, over } => {
+            format!(" [{}]", crate::repeats::describe(repeated, over))
+        }
+    };
+    match level {
+        L::Emerg | L::Alert | L::Critical | L::Error => {
+            tracing::error!(target: "librdkafka", client, "{fac} {message}{repeated}")
+        }
+        L::Warning => tracing::warn!(target: "librdkafka", client, "{fac} {message}{repeated}"),
+        L::Notice | L::Info => {
+            tracing::info!(target: "librdkafka", client, "{fac} {message}{repeated}")
+        }
+        L::Debug => tracing::debug!(target: "librdkafka", client, "{fac} {message}{repeated}"),
+    }
+}
+
+/// Says how often the suppressed lines came, for every kind whose window has passed; called
+/// from the clients' statistics callbacks (every second).
+pub fn summarise_repeats(metrics: &Metrics) {
+    let owed = repeats().due(std::time::Instant::now());
+    for summary in owed {
+        let mut parts = summary.key.splitn(3, '|');
+        let (kind, client, said) = (
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+            parts.next().unwrap_or_default(),
+        );
+        events::KafkaClientRepeated {
+            client,
+            kind: if kind == "error" {
+                "kafka client error"
+            } else {
+                "librdkafka"
+            },
+            said,
+            repeated: summary.repeated,
+            over: summary.over,
+        }
+        .emit(metrics);
+    }
+}
+
+/// The context of a client that only needs its log lines and errors rate limited (metadata
+/// lookups, table readers).
+pub struct Limited {
+    /// The client's name in the log.
+    pub client: &'static str,
+}
+
+impl ClientContext for Limited {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        client_log(self.client, level, fac, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        let said = crate::readable::text(&error.to_string());
+        let key = format!("error|{}|{said}", self.client);
+        if let crate::repeats::Verdict::Log { .. } =
+            repeats().check(&key, std::time::Instant::now())
+        {
+            tracing::debug!(client = self.client, error = %said, reason, "kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for Limited {}
+
 /// Sets `npsflow_stalled_partitions{role}` from the role's health now.
 fn publish_stalled(health: &Health, metrics: &Metrics, role: &'static str) {
     let count = health.snapshot().get(role).map_or(0, |h| h.stalled);
@@ -146,18 +251,23 @@ impl ClientContext for ProducerHealth {
         let up = broker_up(&statistics);
         self.health.set_producing(self.role, up);
         publish_stalled(&self.health, &self.metrics, self.role);
+        summarise_repeats(&self.metrics);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
         if all_brokers_down(&error) {
             self.health.set_producing(self.role, false);
         }
-        events::KafkaClientFailed {
-            client: &format!("{}-producer", self.role),
-            error: &error,
+        report_client_error(
+            &self.metrics,
+            &format!("{}-producer", self.role),
+            &error,
             reason,
-        }
-        .emit(&self.metrics);
+        );
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        client_log(&format!("{}-producer", self.role), level, fac, message);
     }
 }
 
@@ -495,6 +605,7 @@ impl ClientContext for RoleContext {
             }
         });
         publish_stalled(&self.health, &self.metrics, self.role);
+        summarise_repeats(&self.metrics);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -506,12 +617,11 @@ impl ClientContext for RoleContext {
             }
             .emit(&self.metrics);
         }
-        events::KafkaClientFailed {
-            client: self.role,
-            error: &error,
-            reason,
-        }
-        .emit(&self.metrics);
+        report_client_error(&self.metrics, self.role, &error, reason);
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        client_log(self.role, level, fac, message);
     }
 }
 

@@ -26,6 +26,8 @@ pub mod http;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
+pub mod readable;
+pub mod repeats;
 pub mod state;
 pub mod topics;
 pub mod traffic;

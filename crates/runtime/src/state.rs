@@ -11,7 +11,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaSettings;
-use crate::kafka::client_config;
+use crate::kafka::{client_config, Limited};
 use crate::RuntimeError;
 
 /// State a role reads back before it handles messages of a newly assigned partition.
@@ -123,7 +123,9 @@ pub fn read(
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "true")
         .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer = config.create()?;
+    let consumer: BaseConsumer<Limited> = config.create_with_context(Limited {
+        client: "state-reader",
+    })?;
     let mut wanted = TopicPartitionList::new();
     for read in reads {
         if let StateRead::BeforeCommit {
@@ -163,7 +165,7 @@ pub fn read(
 
 /// Reads offsets `start..end` of each read's partition, all at once.
 fn read_ranges(
-    consumer: &BaseConsumer,
+    consumer: &BaseConsumer<Limited>,
     reads: &[StateRead],
     ranges: &[(i64, i64)],
     limit: Duration,
@@ -272,7 +274,8 @@ pub fn wait_for_partition_counts(
     let kafka = kafka.clone();
     let topics: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
     patiently(role, metrics, stop, move || {
-        let consumer: BaseConsumer = client_config(&kafka, "npsflow-metadata").create()?;
+        let consumer: BaseConsumer<Limited> = client_config(&kafka, "npsflow-metadata")
+            .create_with_context(Limited { client: role })?;
         topics
             .iter()
             .map(|topic| partition_count(&consumer, topic).map(|n| n as i32))
@@ -312,6 +315,7 @@ fn patiently<T: Send + 'static>(
                     }
                     Err(other) => break Err(other),
                 }
+                crate::kafka::summarise_repeats(&metrics);
                 let until = Instant::now() + Duration::from_secs(3);
                 while Instant::now() < until && !*worker_stop.borrow() {
                     std::thread::sleep(STOP_CHECK);
@@ -340,7 +344,7 @@ fn patiently<T: Send + 'static>(
 }
 
 /// How many partitions `topic` has; an error if it does not exist.
-fn partition_count(consumer: &BaseConsumer, topic: &str) -> Result<usize, RuntimeError> {
+fn partition_count(consumer: &BaseConsumer<Limited>, topic: &str) -> Result<usize, RuntimeError> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(30))?;
     let partitions = metadata
         .topics()
@@ -361,7 +365,8 @@ pub fn check_copartitioned(
     input: &str,
     state: &str,
 ) -> Result<(), RuntimeError> {
-    let consumer: BaseConsumer = client_config(kafka, "npsflow-metadata").create()?;
+    let consumer: BaseConsumer<Limited> = client_config(kafka, "npsflow-metadata")
+        .create_with_context(Limited { client: "metadata" })?;
     let (i, s) = (
         partition_count(&consumer, input)?,
         partition_count(&consumer, state)?,

@@ -24,6 +24,11 @@ pub const WARNINGS: [&str; 10] = [
     RoleFailed::NAME,
 ];
 
+/// An error's text for a log line, without rdkafka's Rust names (see [`crate::readable`]).
+fn said(error: &dyn std::fmt::Display) -> String {
+    crate::readable::text(&error.to_string())
+}
+
 fn warned(metrics: &Metrics, event: &str) {
     metrics.warnings.with_label_values(&[event]).inc();
 }
@@ -187,7 +192,7 @@ impl DeliveryRetried<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(topic = %self.topic, error = %self.error, "delivery failed; retrying");
+        warn!(topic = %self.topic, error = %said(self.error), "delivery failed; retrying");
         metrics
             .produce_errors
             .with_label_values(&[self.topic, "transient"])
@@ -243,10 +248,10 @@ impl RecordRejected<'_> {
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
         if self.fallback {
-            warn!(topic = %self.topic, error = %self.error, "record rejected for good; sending its fallback");
+            warn!(topic = %self.topic, error = %said(self.error), "record rejected for good; sending its fallback");
             metrics.dead_letters_without_value.inc();
         } else {
-            warn!(topic = %self.topic, error = %self.error, "record rejected for good");
+            warn!(topic = %self.topic, error = %said(self.error), "record rejected for good");
         }
         metrics
             .produce_errors
@@ -284,7 +289,7 @@ impl TransactionRetried<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(error = %self.error, "transaction failed; aborting and retrying the batch");
+        warn!(error = %said(self.error), "transaction failed; aborting and retrying the batch");
         metrics
             .produce_errors
             .with_label_values(&["transaction", "transient"])
@@ -307,7 +312,7 @@ impl ConsumeFailed<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(role = self.role, error = %self.error, "consume error");
+        warn!(role = self.role, error = %said(self.error), "consume error");
         warned(metrics, Self::NAME);
     }
 }
@@ -328,8 +333,55 @@ impl KafkaClientFailed<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(client = self.client, error = %self.error, reason = self.reason, "kafka client error");
+        warn!(client = self.client, error = %said(self.error), reason = self.reason, "kafka client error");
         warned(metrics, Self::NAME);
+    }
+
+    /// Counts it, and logs it if `verdict` says so (identical errors within a window are
+    /// only counted; the next one logged says how many there were).
+    pub fn emit_limited(&self, metrics: &Metrics, verdict: crate::repeats::Verdict) {
+        use crate::repeats::Verdict;
+        warned(metrics, Self::NAME);
+        match verdict {
+            Verdict::Suppress => {}
+            Verdict::Log { repeated: 0, .. } => {
+                warn!(client = self.client, error = %said(self.error), reason = self.reason, "kafka client error");
+            }
+            Verdict::Log { repeated, over } => {
+                let repeats = crate::repeats::describe(repeated, over);
+                warn!(client = self.client, error = %said(self.error), reason = self.reason, repeats, "kafka client error");
+            }
+        }
+    }
+}
+
+/// Identical Kafka client errors or librdkafka log lines were suppressed, and their window
+/// passed without another: how many there were. Not counted again (each was counted when it
+/// came).
+pub struct KafkaClientRepeated<'a> {
+    /// The client.
+    pub client: &'a str,
+    /// `kafka client error` or `librdkafka`.
+    pub kind: &'a str,
+    /// The error or the line.
+    pub said: &'a str,
+    /// How many were suppressed.
+    pub repeated: u64,
+    /// Since the last one logged.
+    pub over: std::time::Duration,
+}
+
+impl KafkaClientRepeated<'_> {
+    /// Logs it.
+    pub fn emit(&self, _metrics: &Metrics) {
+        let repeats = crate::repeats::describe(self.repeated, self.over);
+        warn!(
+            client = self.client,
+            said = self.said,
+            repeats,
+            "{}: the same again",
+            self.kind
+        );
     }
 }
 
@@ -421,7 +473,7 @@ impl RebalanceFailed<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(role = self.role, error = %self.error, "rebalance error");
+        warn!(role = self.role, error = %said(self.error), "rebalance error");
         warned(metrics, Self::NAME);
     }
 }
@@ -473,7 +525,7 @@ impl UnreadableRecord<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(topic = %self.topic, partition = self.partition, offset = self.offset, error = %self.error, "unreadable record skipped");
+        warn!(topic = %self.topic, partition = self.partition, offset = self.offset, error = %said(self.error), "unreadable record skipped");
         metrics
             .unreadable_records
             .with_label_values(&[self.topic])
@@ -587,7 +639,7 @@ impl RoleFailed<'_> {
 
     /// Logs and counts it, and sets `npsflow_role_up{role}` to 0.
     pub fn emit(&self, metrics: &Metrics) {
-        error!(role = self.role, error = %self.error, "role stopped with an error; the process exits");
+        error!(role = self.role, error = %said(self.error), "role stopped with an error; the process exits");
         metrics.role_up.with_label_values(&[self.role]).set(0);
         warned(metrics, Self::NAME);
     }
@@ -614,7 +666,7 @@ impl PartitionFenced<'_> {
             role = self.role,
             topic = self.topic,
             partition = self.partition,
-            error = %self.error,
+            error = %said(self.error),
             "transactional producer fenced: another process owns the partition now"
         );
     }
@@ -661,7 +713,7 @@ pub struct FinalCommitSkipped<'a> {
 impl FinalCommitSkipped<'_> {
     /// Logs it.
     pub fn emit(&self, _metrics: &Metrics) {
-        debug!(role = self.role, error = %self.error, "final commit skipped");
+        debug!(role = self.role, error = %said(self.error), "final commit skipped");
     }
 }
 
