@@ -101,7 +101,7 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
     .create()?;
     let generator = tokio::spawn(generate(
         producer,
-        config.settings.topics.responses.clone(),
+        config.clone(),
         args.rate,
         args.seed,
         stopped.clone(),
@@ -118,35 +118,66 @@ pub async fn run(args: DemoArgs, config_path: Option<&Path>) -> anyhow::Result<(
     Ok(())
 }
 
+/// Sends the generated traffic: first a history (responses with event times spread over the
+/// last two shortest windows, as far back as the windows admit, so the shortest window has a
+/// busy window before it to compare with), then `rate` responses per second; each response
+/// with about three invitations to `topics.invitations` before it. Returns the messages sent.
 async fn generate(
     producer: FutureProducer,
-    topic: String,
+    config: Arc<Config>,
     rate: u32,
     seed: u64,
     mut stop: watch::Receiver<bool>,
 ) -> u64 {
+    use npsflow_runtime::traffic::{history_from, Generated, Input};
+    let topics = &config.settings.topics;
     let mut traffic = Traffic::new(seed);
+    traffic.invitations_per_response = 3.0;
+    let now = wall_now();
+    let shortest = config
+        .windows
+        .windows()
+        .iter()
+        .map(|w| w.length().millis())
+        .min();
+    let from = history_from(&config.windows, now, Span(2 * shortest.unwrap_or(0)));
+    let mut pending: std::collections::VecDeque<Generated> =
+        traffic.backfill(history_responses(rate), from, now).into();
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let started = std::time::Instant::now();
-    let mut sent = 0;
+    let (mut responses, mut sent) = (0, 0);
     loop {
         tokio::select! {
             _ = stop.wait_for(|s| *s) => break,
             _ = tick.tick() => {},
         }
         // Paced by the clock, not by ticks: whatever is due by now, so N/s for T s sends
-        // about N*T however late a tick fires. Records are queued without waiting for each
-        // delivery (the producer retries; the demo does not stop for one record).
+        // about N*T responses however late a tick fires. Records are queued without waiting
+        // for each delivery (the producer retries; the demo does not stop for one record).
         let due = messages_due(rate, started.elapsed());
-        while sent < due {
-            let message = traffic.next_message(wall_now());
-            let mut record = FutureRecord::to(&topic).payload(&message.payload);
-            if let Some(key) = &message.key {
+        loop {
+            if pending.is_empty() {
+                if responses >= due {
+                    break;
+                }
+                pending.extend(traffic.next_messages(wall_now()));
+                responses += 1;
+            }
+            let Some(next) = pending.front() else { break };
+            let topic = match next.input {
+                Input::Response => &topics.responses,
+                Input::Invitation => &topics.invitations,
+            };
+            let mut record = FutureRecord::to(topic).payload(&next.message.payload);
+            if let Some(key) = &next.message.key {
                 record = record.key(key);
             }
             match producer.send_result(record) {
-                Ok(_delivery) => sent += 1,
+                Ok(_delivery) => {
+                    sent += 1;
+                    pending.pop_front();
+                }
                 Err(_) => {
                     // The queue is full: try the rest at the next tick.
                     break;
@@ -156,6 +187,12 @@ async fn generate(
     }
     let _ = producer.flush(Timeout::After(Duration::from_secs(5)));
     sent
+}
+
+/// How many responses the demo's history holds: 30 seconds' worth at `rate`, at least 2,000
+/// (so the busiest segments have 30 in the window before the shortest one) and at most 20,000.
+pub fn history_responses(rate: u32) -> u64 {
+    (u64::from(rate) * 30).clamp(2_000, 20_000)
 }
 
 /// How many messages `rate` per second calls for after `elapsed`: rate × elapsed, rounded
@@ -216,8 +253,10 @@ async fn follow_up(config: Arc<Config>, seed: u64, mut stop: watch::Receiver<boo
         match received {
             None => {
                 let now = wall_now().millis();
+                // Queued, not awaited one by one (a delivery takes at least linger.ms, and
+                // the history's cases come all at once); a full queue waits for the next tick.
                 while due.peek().is_some_and(|Reverse(next)| next.0 <= now) {
-                    let Some(Reverse((_, _, kind, key, payload))) = due.pop() else {
+                    let Some(Reverse((at, order, kind, key, payload))) = due.pop() else {
                         break;
                     };
                     let topic = match kind {
@@ -225,7 +264,10 @@ async fn follow_up(config: Arc<Config>, seed: u64, mut stop: watch::Receiver<boo
                         PlannedKind::Response => &settings.topics.responses,
                     };
                     let record = FutureRecord::to(topic).key(&key).payload(&payload);
-                    let _ = producer.send(record, Timeout::Never).await;
+                    if producer.send_result(record).is_err() {
+                        due.push(Reverse((at, order, kind, key, payload)));
+                        break;
+                    }
                 }
             }
             Some(Ok(message)) => {
@@ -490,6 +532,13 @@ mod tests {
         assert_eq!(messages_due(5, Duration::from_millis(200)), 1);
         assert_eq!(messages_due(200, Duration::from_millis(1_234)), 246);
         assert_eq!(messages_due(0, Duration::from_secs(60)), 0);
+    }
+
+    #[test]
+    fn the_history_is_half_a_minute_of_traffic_within_bounds() {
+        assert_eq!(history_responses(200), 6_000);
+        assert_eq!(history_responses(5), 2_000);
+        assert_eq!(history_responses(100_000), 20_000);
     }
 
     #[test]

@@ -1,12 +1,14 @@
 //! `npsflow loadgen`: realistic, seeded survey traffic to the configured Kafka, at a chosen
-//! rate or as fast as possible, with a progress bar; with `--outcomes`, a simulated follow-up
-//! team's outcome events for the detractor alerts already on the follow-up topic.
+//! rate or as fast as possible, with a progress bar; with `--invitations-per-response N`, the
+//! survey invitations behind the responses too (to `topics.invitations`); with `--outcomes`,
+//! a simulated follow-up team's outcome events for the detractor alerts already on the
+//! follow-up topic.
 
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use npsflow_runtime::traffic::Traffic;
+use npsflow_runtime::traffic::{Input, Traffic};
 use npsflow_runtime::{wall_now, Config};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
@@ -14,7 +16,7 @@ use rdkafka::util::Timeout;
 /// Options of `npsflow loadgen`.
 #[derive(Args, Debug)]
 pub struct LoadgenArgs {
-    /// Messages to send.
+    /// Messages to send to the responses topic (invitations, if any, come on top).
     #[arg(long, default_value_t = 10_000)]
     count: u64,
     /// Messages per second; 0 sends as fast as possible.
@@ -29,6 +31,12 @@ pub struct LoadgenArgs {
     /// Share of duplicate re-sends (0..1).
     #[arg(long, default_value_t = 0.02)]
     duplicate_share: f64,
+    /// Also send survey invitations to `topics.invitations`: this many per response on
+    /// average (0: none; otherwise at least 1), each response's own and those of the
+    /// customers of the same send-out who did not answer, sent a little before the response,
+    /// at a response rate that varies by channel and tier. They come on top of `--count`.
+    #[arg(long, default_value_t = 0.0)]
+    invitations_per_response: f64,
     /// Instead of responses: outcome events for up to `--count` alerts read from the
     /// follow-up topic (from its start), as a seeded team would send them (most in time, some
     /// late, some never), with `occurred_at` planned from each response's `responded_at` and
@@ -138,6 +146,11 @@ pub async fn run(args: LoadgenArgs, config: &Config) -> anyhow::Result<()> {
         (0.0..=1.0).contains(&args.invalid_share) && (0.0..=1.0).contains(&args.duplicate_share),
         "shares must be between 0 and 1"
     );
+    anyhow::ensure!(
+        args.invitations_per_response == 0.0
+            || (args.invitations_per_response >= 1.0 && args.invitations_per_response.is_finite()),
+        "--invitations-per-response must be 0 or at least 1"
+    );
     let producer: FutureProducer = npsflow_runtime::kafka::producer_config(
         &config.settings.kafka,
         "npsflow-loadgen",
@@ -148,6 +161,9 @@ pub async fn run(args: LoadgenArgs, config: &Config) -> anyhow::Result<()> {
     let mut traffic = Traffic::new(args.seed);
     traffic.invalid_share = args.invalid_share;
     traffic.duplicate_share = args.duplicate_share;
+    traffic.invitations_per_response = args.invitations_per_response;
+    let invitations_topic = &config.settings.topics.invitations;
+    let mut invitations = 0u64;
     let bar = ProgressBar::new(args.count);
     bar.set_style(
         ProgressStyle::with_template("{bar:40} {pos}/{len} {per_sec} eta {eta}")
@@ -160,20 +176,30 @@ pub async fn run(args: LoadgenArgs, config: &Config) -> anyhow::Result<()> {
             let due = started + Duration::from_secs_f64(sent as f64 / args.rate as f64);
             tokio::time::sleep_until(due.into()).await;
         }
-        let message = traffic.next_message(wall_now());
-        let mut record = FutureRecord::to(topic).payload(&message.payload);
-        if let Some(key) = &message.key {
-            record = record.key(key);
-        }
-        loop {
-            match producer.send_result(record) {
-                Ok(delivery) => {
-                    in_flight.push(delivery);
-                    break;
+        // The response last, after its invitations (if any).
+        for generated in traffic.next_messages(wall_now()) {
+            let message = &generated.message;
+            let to = match generated.input {
+                Input::Response => topic,
+                Input::Invitation => {
+                    invitations += 1;
+                    invitations_topic
                 }
-                Err((_, returned)) => {
-                    record = returned;
-                    producer.poll(Duration::from_millis(10));
+            };
+            let mut record = FutureRecord::to(to).payload(&message.payload);
+            if let Some(key) = &message.key {
+                record = record.key(key);
+            }
+            loop {
+                match producer.send_result(record) {
+                    Ok(delivery) => {
+                        in_flight.push(delivery);
+                        break;
+                    }
+                    Err((_, returned)) => {
+                        record = returned;
+                        producer.poll(Duration::from_millis(10));
+                    }
                 }
             }
         }
@@ -195,5 +221,8 @@ pub async fn run(args: LoadgenArgs, config: &Config) -> anyhow::Result<()> {
         args.count,
         args.count as f64 / seconds
     );
+    if invitations > 0 {
+        println!("sent {invitations} invitations to {invitations_topic}");
+    }
     Ok(())
 }
