@@ -5,7 +5,8 @@
    repeated in several schemas are the same everywhere.
 2. Every sample in deploy/schemas/samples/<format>.jsonl gets the verdict it states from a real
    JSON Schema validator (`schema_valid` if the line has it, else `valid`, the decoder's
-   verdict, which the Rust test tests/schemas.rs checks against npsflow's decoder).
+   verdict, which the Rust test tests/schemas.rs checks against npsflow's decoder; for records
+   npsflow reads back itself, `decodes` is its reader's verdict where that differs).
 3. With --outputs DIR (written by tests/schemas.rs): every message npsflow produced there
    (<schema>.<source>.jsonl: one JSON document per line) validates against its schema, and the
    timestamp corpus (rfc3339.jsonl: the decoder's verdict on many timestamps) agrees with the
