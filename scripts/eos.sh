@@ -29,11 +29,15 @@ all=""
 if [ "${1:-}" = "--all" ]; then all=1; shift; fi
 
 echo "== known answer in exactly_once mode (noida-db, read_committed)"
+# Not the twins test: it SIGKILLs one of two processes and waits for the survivor to take
+# every partition, which noida-db 0.2.3 never lets happen (the dead member stays in the
+# group; see below). It runs on Tansu (scripts/e2e.sh).
 scripts/noida.sh stop "$port"
 scripts/noida.sh start "$port" "$data/kat"
 NPSFLOW_E2E_BROKERS="127.0.0.1:$port" NPSFLOW_E2E_GUARANTEE=exactly_once \
   NPSFLOW_E2E_KAFKA_PROPERTIES="partition.assignment.strategy=range" \
-  cargo test -j2 -p npsflow-tests --test real_broker -- --ignored
+  cargo test -j2 -p npsflow-tests --test real_broker -- --ignored \
+  --skip two_processes_answer_identically_for_every_segment
 scripts/noida.sh stop "$port"
 [ -n "$all" ] || exit 0
 
