@@ -29,6 +29,27 @@ fn said(error: &dyn std::fmt::Display) -> String {
     crate::readable::text(&error.to_string())
 }
 
+/// Warnings that can come once per record or per poll while the broker is away (a delivery
+/// retried, a consume error) are rate limited like the Kafka clients' own lines
+/// ([`crate::repeats`]): the first of a kind is logged, identical ones within the window only
+/// counted (in `npsflow_warnings_total`, always), and the next one logged says how many were
+/// not. `None`: do not log this one; `Some(note)`: log it, with `note` ("" or "repeated ...").
+fn limited(key: &str) -> Option<String> {
+    use std::sync::{LazyLock, Mutex};
+    static REPEATS: LazyLock<Mutex<crate::repeats::Repeats>> = LazyLock::new(Mutex::default);
+    let mut repeats = REPEATS.lock().unwrap_or_else(|e| e.into_inner());
+    let now = std::time::Instant::now();
+    // Forget keys quiet for a whole window, so the map stays small.
+    let _ = repeats.due(now);
+    match repeats.check(key, now) {
+        crate::repeats::Verdict::Suppress => None,
+        crate::repeats::Verdict::Log { repeated: 0, .. } => Some(String::new()),
+        crate::repeats::Verdict::Log { repeated, over } => {
+            Some(crate::repeats::describe(repeated, over))
+        }
+    }
+}
+
 fn warned(metrics: &Metrics, event: &str) {
     metrics.warnings.with_label_values(&[event]).inc();
 }
@@ -192,7 +213,10 @@ impl DeliveryRetried<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(topic = %self.topic, error = %said(self.error), "delivery failed; retrying");
+        let error = said(self.error);
+        if let Some(repeats) = limited(&format!("delivery|{}|{error}", self.topic)) {
+            warn!(topic = %self.topic, %error, repeats, "delivery failed; retrying");
+        }
         metrics
             .produce_errors
             .with_label_values(&[self.topic, "transient"])
@@ -312,7 +336,10 @@ impl ConsumeFailed<'_> {
 
     /// Logs and counts it.
     pub fn emit(&self, metrics: &Metrics) {
-        warn!(role = self.role, error = %said(self.error), "consume error");
+        let error = said(self.error);
+        if let Some(repeats) = limited(&format!("consume|{}|{error}", self.role)) {
+            warn!(role = self.role, %error, repeats, "consume error");
+        }
         warned(metrics, Self::NAME);
     }
 }
