@@ -11,7 +11,9 @@
 #   NPSFLOW_CHAOS_BROKER=noida NPSFLOW_CHAOS_GUARANTEE=exactly_once     # noida-db; the outage
 #     stops it and starts it again on its data directory
 # NPSFLOW_CHAOS_TEST picks the test (default: the chaos test; `a_process_frozen` is the
-# zombie test, exactly once only); NPSFLOW_CHAOS_MESSAGES and NPSFLOW_CHAOS_SECONDS size it.
+# zombie test with the broker moving the partitions, exactly once only; `a_zombie_is_fenced`
+# the one with a successor in new consumer groups, which with at_least_once must fail);
+# NPSFLOW_CHAOS_MESSAGES and NPSFLOW_CHAOS_SECONDS size it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 broker="${NPSFLOW_CHAOS_BROKER:-tansu}"
