@@ -84,6 +84,22 @@ pub struct Decision {
 }
 
 impl Decision {
+    /// The decision for `outcome` before anything is added for an accepted message: its
+    /// label and, if it goes to the dead-letter topic, the reason (`time_field` names the
+    /// event time judged).
+    fn of(outcome: &Outcome<'_>, time_field: &str) -> Decision {
+        Decision {
+            outcome: outcome.label(),
+            dead_letter: outcome
+                .dead_letter_reason()
+                .map(|code| (code, dead_letter_detail(outcome, time_field))),
+            alert: None,
+            event_time: None,
+            overflowed_values: 0,
+            responded: None,
+        }
+    }
+
     /// True for a forwarded copy of an input message that was decided before: it is not a
     /// message of its own and changes nothing.
     pub fn is_resent(&self) -> bool {
@@ -174,16 +190,7 @@ impl Ingest {
     ) -> Decision {
         let (spec, state, clock) = self.partition(partition, wall);
         let outcome = classify(bytes, source.tag(), clock, &spec.windows, &mut state.seen);
-        let mut decision = Decision {
-            outcome: outcome.label(),
-            dead_letter: outcome
-                .dead_letter_reason()
-                .map(|code| (code, dead_letter_detail(&outcome, "responded_at"))),
-            alert: None,
-            event_time: None,
-            overflowed_values: 0,
-            responded: None,
-        };
+        let mut decision = Decision::of(&outcome, "responded_at");
         let Outcome::Accepted(response) = outcome else {
             return decision;
         };
@@ -237,17 +244,9 @@ impl Ingest {
             &spec.windows,
             &mut state.invited,
         );
+        let mut decision = Decision::of(&outcome, "sent_at");
         let Outcome::Invited(invitation) = outcome else {
-            return Decision {
-                outcome: outcome.label(),
-                dead_letter: outcome
-                    .dead_letter_reason()
-                    .map(|code| (code, dead_letter_detail(&outcome, "sent_at"))),
-                alert: None,
-                event_time: None,
-                overflowed_values: 0,
-                responded: None,
-            };
+            return decision;
         };
         let t = invitation.sent_at;
         let assignment = self
@@ -260,14 +259,9 @@ impl Ingest {
                 .or_default()
                 .push((offset, rounded));
         }
-        Decision {
-            outcome: "accepted",
-            dead_letter: None,
-            alert: None,
-            event_time: Some(t),
-            overflowed_values: assignment.overflowed_values,
-            responded: None,
-        }
+        decision.event_time = Some(t);
+        decision.overflowed_values = assignment.overflowed_values;
+        decision
     }
 
     /// Replays an already-processed invitation into its partition's duplicate memory only.

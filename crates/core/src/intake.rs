@@ -119,22 +119,19 @@ pub fn classify<'a>(
     windows: &WindowSpecs,
     seen: &mut DuplicateFilter,
 ) -> Outcome<'a> {
-    let response = match decode(bytes) {
-        Ok(response) => response,
-        Err(reason) => return Outcome::Invalid(reason),
-    };
-    match seen.source_of(&response.response_id) {
-        Some(first) if first == source => return Outcome::Resent,
-        Some(_) => return Outcome::Duplicate,
-        None => {}
-    }
-    match windows.admit(response.responded_at, clock.now_for(response.responded_at)) {
-        Admission::TooOld => Outcome::TooOld,
-        Admission::Future => Outcome::Future,
-        Admission::Admitted => {
-            seen.remember(&response.response_id, response.responded_at, source);
-            Outcome::Accepted(response)
-        }
+    match decode(bytes) {
+        Err(reason) => Outcome::Invalid(reason),
+        Ok(response) => match judge(
+            &response.response_id,
+            response.responded_at,
+            source,
+            clock,
+            windows,
+            seen,
+        ) {
+            Some(rejected) => rejected,
+            None => Outcome::Accepted(response),
+        },
     }
 }
 
@@ -148,21 +145,43 @@ pub fn classify_invitation<'a>(
     windows: &WindowSpecs,
     seen: &mut DuplicateFilter,
 ) -> Outcome<'a> {
-    let invitation = match decode_invitation(bytes) {
-        Ok(invitation) => invitation,
-        Err(reason) => return Outcome::Invalid(reason),
-    };
-    match seen.source_of(&invitation.invitation_id) {
-        Some(first) if first == source => return Outcome::Resent,
-        Some(_) => return Outcome::Duplicate,
+    match decode_invitation(bytes) {
+        Err(reason) => Outcome::Invalid(reason),
+        Ok(invitation) => match judge(
+            &invitation.invitation_id,
+            invitation.sent_at,
+            source,
+            clock,
+            windows,
+            seen,
+        ) {
+            Some(rejected) => rejected,
+            None => Outcome::Invited(invitation),
+        },
+    }
+}
+
+/// The checks after decoding, for a message with `id` at event time `t`: the duplicate
+/// filter, then the clock. `None` if the message is accepted (its id is then remembered).
+fn judge(
+    id: &str,
+    t: Timestamp,
+    source: u64,
+    clock: Clock,
+    windows: &WindowSpecs,
+    seen: &mut DuplicateFilter,
+) -> Option<Outcome<'static>> {
+    match seen.source_of(id) {
+        Some(first) if first == source => return Some(Outcome::Resent),
+        Some(_) => return Some(Outcome::Duplicate),
         None => {}
     }
-    match windows.admit(invitation.sent_at, clock.now_for(invitation.sent_at)) {
-        Admission::TooOld => Outcome::TooOld,
-        Admission::Future => Outcome::Future,
+    match windows.admit(t, clock.now_for(t)) {
+        Admission::TooOld => Some(Outcome::TooOld),
+        Admission::Future => Some(Outcome::Future),
         Admission::Admitted => {
-            seen.remember(&invitation.invitation_id, invitation.sent_at, source);
-            Outcome::Invited(invitation)
+            seen.remember(id, t, source);
+            None
         }
     }
 }
