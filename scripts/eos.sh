@@ -5,7 +5,7 @@
 #    isolation.level=read_committed: every alert, escalation and dead letter exactly once,
 #    every segment exact, every group's offsets committed to the end of its inputs;
 # 2. zombie fencing (tests/chaos.rs, a_zombie_is_fenced_by_a_successor_in_groups_of_its_own):
-#    a process frozen past its session timeout, its partitions moved to a successor (new
+#    a process frozen (within its session timeout), its partitions moved to a successor (new
 #    consumer groups holding the old ones' committed offsets, the same transactional ids),
 #    then resumed and fed input: it finds itself fenced and stops, and read_committed readers
 #    see every output exactly once with every figure exact (~1.5 minutes);
@@ -45,7 +45,7 @@ NPSFLOW_E2E_BROKERS="127.0.0.1:$port" NPSFLOW_E2E_GUARANTEE=exactly_once \
   --skip two_processes_answer_identically_for_every_segment
 scripts/noida.sh stop "$port"
 
-echo "== a zombie is fenced: frozen past its session timeout, its partitions moved to a successor in groups of its own, then resumed (noida-db)"
+echo "== a zombie is fenced: frozen, its partitions moved to a successor in groups of its own, then resumed (noida-db)"
 NPSFLOW_CHAOS_BROKER=noida NPSFLOW_CHAOS_GUARANTEE=exactly_once NPSFLOW_CHAOS_PORT="$port" \
   NPSFLOW_CHAOS_TEST=a_zombie_is_fenced NPSFLOW_CHAOS_MESSAGES=3000 NPSFLOW_CHAOS_SECONDS=30 \
   scripts/chaos.sh

@@ -1165,6 +1165,123 @@ fn taken_over(fleet: &Fleet, zombie: usize, held: &BTreeSet<(String, String)>, s
     held.is_subset(&restored)
 }
 
+/// A process frozen (SIGSTOP) mid-batch: the first one running, right after the first third
+/// of the input and one more chunk went out (likely busy with it: a transaction open, records
+/// produced, or messages fetched and not yet handled).
+struct Zombie {
+    /// Its number (its log is npsflow-N.log).
+    number: usize,
+    /// The partitions it held when frozen, per role.
+    held: BTreeSet<(String, String)>,
+    frozen: Instant,
+    /// When it was frozen, ms since the epoch.
+    frozen_at: i64,
+}
+
+impl Zombie {
+    async fn freeze_mid_batch(
+        s: &Settings,
+        config: &Config,
+        data: &DataSet,
+        sender: &mut Sender,
+        fleet: &Fleet,
+    ) -> Zombie {
+        while sender.sent < data.messages.len() / 3 && sender.send_next(s, config, data).await {
+            sender.pace().await;
+        }
+        sender.send_next(s, config, data).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let number = fleet.running[0].2;
+        let held = owned_at_end(fleet, number);
+        assert!(!held.is_empty(), "the process holds no partition");
+        fleet.signal(0, "STOP");
+        println!(
+            "chaos: process {number} frozen, holding {} partitions",
+            held.len()
+        );
+        Zombie {
+            number,
+            held,
+            frozen: Instant::now(),
+            frozen_at: npsflow_runtime::wall_now().millis(),
+        }
+    }
+
+    /// Sends input (up to `send_until` messages) until every partition it held has been
+    /// taken over and restored by another process, failing 3 minutes after the freeze.
+    async fn wait_taken_over(
+        &self,
+        s: &Settings,
+        config: &Config,
+        data: &DataSet,
+        sender: &mut Sender,
+        fleet: &Fleet,
+        send_until: usize,
+    ) {
+        let limit = Duration::from_secs(180);
+        while !taken_over(fleet, self.number, &self.held, self.frozen_at) {
+            assert!(
+                self.frozen.elapsed() < limit,
+                "the zombie's partitions were not taken over and restored within {limit:?}"
+            );
+            if sender.sent < send_until {
+                sender.send_next(s, config, data).await;
+            }
+            sender.pace().await;
+        }
+        println!(
+            "chaos: process {} resumed after {:?}; the others had restored every partition it held ({}/{} sent)",
+            self.number,
+            self.frozen.elapsed(),
+            sender.sent,
+            data.messages.len()
+        );
+    }
+
+    /// Resumes it (SIGCONT) and sends the rest of the input; it has input to act on from then
+    /// on, and a minute to find itself fenced. How many fenced producers its log names, and
+    /// whether it stopped.
+    async fn resume_and_finish(
+        &self,
+        s: &Settings,
+        config: &Config,
+        data: &DataSet,
+        sender: &mut Sender,
+        fleet: &mut Fleet,
+    ) -> (usize, bool) {
+        fleet.signal(0, "CONT");
+        while sender.send_next(s, config, data).await {
+            sender.pace().await;
+            fleet.reap();
+        }
+        sender.finish(s, config, data).await;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            fleet.reap();
+            if !fleet.running.iter().any(|(_, _, n)| *n == self.number) || Instant::now() > deadline
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let fenced = std::fs::read_to_string(fleet.log(self.number))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("transactional producer fenced"))
+            .count();
+        let stopped = fleet.exited.iter().any(|(n, _)| *n == self.number);
+        println!(
+            "chaos: the zombie {} ({fenced} fenced producer(s) in its log)",
+            if stopped {
+                "found itself fenced and stopped"
+            } else {
+                "is still running"
+            }
+        );
+        (fenced, stopped)
+    }
+}
+
 /// A zombie: a process frozen (SIGSTOP) past its session timeout while its replacement takes
 /// its partitions, then resumed (SIGCONT). Whatever it does next, nothing it writes may become
 /// visible to read_committed readers: each of its partitions' transactional ids has been
@@ -1210,20 +1327,7 @@ async fn a_process_frozen_past_its_session_timeout_is_fenced() {
         }
     }
     let mut sender = Sender::new(&data, s.seconds);
-    // A third of the data with both processes working.
-    while sender.sent < data.messages.len() / 3 && sender.send_next(&s, &config, &data).await {
-        sender.pace().await;
-    }
-    // Frozen right after a chunk went out, while it is likely busy with it (a transaction
-    // open, records produced, or messages fetched and not yet handled).
-    sender.send_next(&s, &config, &data).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let zombie = fleet.running[0].2;
-    let held = owned_at_end(&fleet, zombie);
-    fleet.signal(0, "STOP");
-    let frozen = Instant::now();
-    let frozen_at = npsflow_runtime::wall_now().millis();
-    println!("chaos: process {zombie} frozen, holding {held:?}");
+    let zombie = Zombie::freeze_mid_batch(&s, &config, &data, &mut sender, &fleet).await;
     // Traffic goes on; once the zombie's session has timed out, a third process starts (as an
     // orchestrator would start one for a process that stopped answering). Its join
     // rebalances the groups: a broker that enforces session timeouts has removed the zombie
@@ -1231,55 +1335,24 @@ async fn a_process_frozen_past_its_session_timeout_is_fenced() {
     // the rebalance has waited the rebalance timeout for it. The zombie's partitions go to
     // the others, which initialise each partition's transactional id before restoring its
     // state: from then on the zombie is fenced.
-    while frozen.elapsed() < Duration::from_millis(SESSION_TIMEOUT_MS + 1_000)
+    while zombie.frozen.elapsed() < Duration::from_millis(SESSION_TIMEOUT_MS + 1_000)
         && sender.send_next(&s, &config, &data).await
     {
         sender.pace().await;
     }
     fleet.start(ROLES);
-    println!("chaos: process {zombie}'s session timed out; a third process started");
-    loop {
-        let moved = taken_over(&fleet, zombie, &held, frozen_at);
-        if moved {
-            break;
-        }
-        assert!(
-            frozen.elapsed() < Duration::from_secs(180),
-            "the zombie's partitions were not taken over"
-        );
-        if !sender.done(&data) {
-            sender.send_next(&s, &config, &data).await;
-        }
-        sender.pace().await;
-    }
     println!(
-        "chaos: process {zombie} resumed after {:?}; the others had restored every partition it held ({}/{} sent)",
-        frozen.elapsed(),
-        sender.sent,
-        data.messages.len()
+        "chaos: process {}'s session timed out; a third process started",
+        zombie.number
     );
-    fleet.signal(0, "CONT");
+    let everything = data.messages.len();
+    zombie
+        .wait_taken_over(&s, &config, &data, &mut sender, &fleet, everything)
+        .await;
     // The zombie wakes up with whatever it was doing: the rest goes on meanwhile.
-    while sender.send_next(&s, &config, &data).await {
-        sender.pace().await;
-        fleet.reap();
-    }
-    sender.finish(&s, &config, &data).await;
-    fleet.reap();
-    let fenced = std::fs::read_to_string(fleet.log(zombie))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("transactional producer fenced"))
-        .count();
-    let zombie_exited = fleet.exited.iter().any(|(n, _)| *n == zombie);
-    println!(
-        "chaos: the zombie {} ({fenced} fenced producer(s) in its log)",
-        if zombie_exited {
-            "found itself fenced and stopped"
-        } else {
-            "rejoined its group"
-        }
-    );
+    zombie
+        .resume_and_finish(&s, &config, &data, &mut sender, &mut fleet)
+        .await;
     drain(&s, &config, &mut fleet, 2).await;
     verify(&s, &config, &mut fleet, &data).await;
     println!("chaos: zombie fenced: ok");
@@ -1329,24 +1402,26 @@ fn copy_offsets(brokers: &str, from: &str, to: &str, topic: &str) -> usize {
 /// A zombie fenced by its successor, without the broker's group coordinator moving anything
 /// (noida-db 0.2.3 never expires a member that stopped heartbeating, so the test above never
 /// sees a rebalance there). One process runs every role; it is frozen (SIGSTOP) right after a
-/// chunk of input went out (likely mid-batch: a transaction open, records produced, or
-/// messages fetched and not handled) and stays frozen past its session timeout. Its
-/// partitions then move the way an operator moves a deployment to new consumer groups: every
-/// group's committed offsets are copied into a new group of its own (the zombie, frozen,
-/// commits nothing meanwhile; a transaction it left open commits nothing either), and a
-/// successor starts in the new groups with the same transactional id prefix
-/// (`processing.transactional_id`). Alone in its groups, it is assigned every partition and,
-/// for each, initialises the partition's transactional id before restoring its state
-/// read_committed: that aborts the zombie's open transaction and fences its producers. Then
-/// the zombie is resumed (SIGCONT) and the last third of the input is sent: the zombie is
-/// still assigned every partition in the old groups, fetches it and acts on it as the
-/// successor does, so every write of its is a second copy of one of the successor's.
+/// chunk of input went out. Its partitions then move the way an operator moves a deployment
+/// to new consumer groups: every group's committed offsets are copied into a new group of its
+/// own (the zombie, frozen, commits nothing meanwhile; a transaction it left open commits
+/// nothing either), and a successor starts in the new groups with the same transactional id
+/// prefix (`processing.transactional_id`). Alone in its groups, it is assigned every
+/// partition and, for each, initialises the partition's transactional id before restoring its
+/// state read_committed: that aborts the zombie's open transaction and fences its producers.
+/// Then the zombie is resumed (SIGCONT), a pause shorter than its session timeout (as after a
+/// long stall of its host): it still holds every partition in the old groups, as far as it
+/// and the broker know, fetches what was sent while it was frozen and the last third of the
+/// input, and acts on them as the successor does, so every write of its would be a second
+/// copy of one of the successor's. (Frozen past its session timeout, the client notices on
+/// waking, gives its partitions up and rejoins, before it writes anything unless it was in
+/// the middle of a transaction: nothing would be tried, and nothing proven, in such a run.)
 ///
 /// Checked, strictly (read_committed readers): every segment exact, every alert, dead letter
 /// and escalation notice exactly once, every case record right; and the zombie's log says
-/// its transactional producer was fenced (it tried to write after it was resumed). The
-/// records it wrote anyway, in transactions that could never commit, are reported as the
-/// aborted records read_uncommitted readers see.
+/// its transactional producer was fenced and it stopped. The records it wrote anyway, in
+/// transactions that could never commit, are reported as the aborted records
+/// read_uncommitted readers see.
 ///
 /// It can fail: with `NPSFLOW_CHAOS_GUARANTEE=at_least_once` the same scenario runs (no
 /// transactional producers, so nothing fences the zombie) and must fail, its writes after the
@@ -1357,7 +1432,10 @@ fn copy_offsets(brokers: &str, from: &str, to: &str, topic: &str) -> usize {
 async fn a_zombie_is_fenced_by_a_successor_in_groups_of_its_own() {
     fail_fast();
     let s = settings();
-    const SESSION_TIMEOUT_MS: u64 = 6_000;
+    // Longer than the freeze (checked below): the zombie wakes up a member of its groups.
+    const SESSION_TIMEOUT_MS: u64 = 60_000;
+    // How long it stays frozen before the successor starts.
+    const FROZEN_BEFORE_SUCCESSOR: Duration = Duration::from_secs(7);
     let config = s.config();
     let run = rand_suffix();
     let prefix = format!("npsflow-zombie-{run}");
@@ -1379,22 +1457,8 @@ async fn a_zombie_is_fenced_by_a_successor_in_groups_of_its_own() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let mut sender = Sender::new(&data, s.seconds);
-    while sender.sent < data.messages.len() / 3 && sender.send_next(&s, &config, &data).await {
-        sender.pace().await;
-    }
-    sender.send_next(&s, &config, &data).await;
-    tokio::time::sleep(Duration::from_millis(20)).await;
-    let zombie = fleet.running[0].2;
-    let held = owned_at_end(&fleet, zombie);
-    assert!(!held.is_empty(), "the process holds no partition");
-    fleet.signal(0, "STOP");
-    let frozen = Instant::now();
-    let frozen_at = npsflow_runtime::wall_now().millis();
-    println!(
-        "chaos: process {zombie} frozen, holding {} partitions",
-        held.len()
-    );
-    while frozen.elapsed() < Duration::from_millis(SESSION_TIMEOUT_MS + 1_000) {
+    let zombie = Zombie::freeze_mid_batch(&s, &config, &data, &mut sender, &fleet).await;
+    while zombie.frozen.elapsed() < FROZEN_BEFORE_SUCCESSOR {
         if sender.sent < before_resume {
             sender.send_next(&s, &config, &data).await;
         }
@@ -1426,53 +1490,26 @@ async fn a_zombie_is_fenced_by_a_successor_in_groups_of_its_own() {
     let successor_config = util::config(&s.brokers, &extra);
     fleet.start(ROLES);
     println!(
-        "chaos: process {zombie}'s session timed out; {copied} committed offsets copied to new groups, a successor started in them"
+        "chaos: process {} frozen for {:?}; {copied} committed offsets copied to new groups, a successor started in them",
+        zombie.number,
+        zombie.frozen.elapsed()
     );
-    loop {
-        if taken_over(&fleet, zombie, &held, frozen_at) {
-            break;
-        }
-        assert!(
-            frozen.elapsed() < Duration::from_secs(180),
-            "the successor did not restore every partition"
-        );
-        if sender.sent < before_resume {
-            sender.send_next(&s, &config, &data).await;
-        }
-        sender.pace().await;
-    }
-    println!(
-        "chaos: process {zombie} resumed after {:?}; the successor had restored every partition it held ({}/{} sent)",
-        frozen.elapsed(),
-        sender.sent,
-        data.messages.len()
+    zombie
+        .wait_taken_over(&s, &config, &data, &mut sender, &fleet, before_resume)
+        .await;
+    // Well within its session timeout: it wakes up a member of its groups.
+    assert!(
+        zombie.frozen.elapsed() < Duration::from_millis(SESSION_TIMEOUT_MS - 10_000),
+        "the successor took too long: the zombie would wake up past its session timeout"
     );
-    fleet.signal(0, "CONT");
-    while sender.send_next(&s, &config, &data).await {
-        sender.pace().await;
-        fleet.reap();
-    }
-    sender.finish(&s, &config, &data).await;
-    fleet.reap();
-    let fenced = std::fs::read_to_string(fleet.log(zombie))
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.contains("transactional producer fenced"))
-        .count();
-    let zombie_exited = fleet.exited.iter().any(|(n, _)| *n == zombie);
-    println!(
-        "chaos: the zombie {} ({fenced} fenced producer(s) in its log)",
-        if zombie_exited {
-            "found itself fenced and stopped"
-        } else {
-            "is still running"
-        }
-    );
+    let (fenced, stopped) = zombie
+        .resume_and_finish(&s, &config, &data, &mut sender, &mut fleet)
+        .await;
     drain(&s, &successor_config, &mut fleet, 1).await;
     verify_strictly(&s, &successor_config, &mut fleet, &data, true).await;
     assert!(
-        fenced > 0,
-        "the zombie never found its transactional producer fenced"
+        fenced > 0 && stopped,
+        "the zombie never found its transactional producer fenced and stopped"
     );
     println!("chaos: zombie fenced: ok");
 }

@@ -149,6 +149,9 @@ fn repeats() -> std::sync::MutexGuard<'static, Repeats> {
 /// Reports a client error (librdkafka's error callback): counted every time, logged unless
 /// the same client reported the same error within the window.
 pub fn report_client_error(metrics: &Metrics, client: &str, error: &KafkaError, reason: &str) {
+    if is_partition_end(error) {
+        return;
+    }
     let said = crate::readable::text(&error.to_string());
     let key = format!("error|{client}|{said}");
     let verdict = repeats().check(&key, std::time::Instant::now());
@@ -158,6 +161,14 @@ pub fn report_client_error(metrics: &Metrics, client: &str, error: &KafkaError, 
         reason,
     }
     .emit_limited(metrics, verdict);
+}
+
+/// Whether `error` only says a partition's end was reached (`Broker: No more messages`): a
+/// reader's progress, not a fault, however the client delivers it (as a consumed event, or
+/// through the error callback, as some brokers' fetch responses make librdkafka do).
+pub fn is_partition_end(error: &KafkaError) -> bool {
+    matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
 }
 
 /// A librdkafka log line of `client`, rate limited like [`report_client_error`]: lines that
@@ -225,7 +236,7 @@ impl ClientContext for Limited {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(error, KafkaError::PartitionEOF(_)) {
+        if is_partition_end(&error) {
             return;
         }
         let said = crate::readable::text(&error.to_string());
@@ -1283,5 +1294,34 @@ mod tests {
         );
         assert_eq!(unsettled.count(), 0);
         settling.join().expect("settled");
+    }
+
+    /// A partition's end is progress, not a fault, in both forms the client delivers it:
+    /// neither is logged nor counted as a warning; a real client error is.
+    #[test]
+    fn a_partition_end_is_not_a_client_error() {
+        use crate::metrics::Metrics;
+        let metrics = Metrics::new();
+        let counted = |m: &Metrics| {
+            let series = format!(
+                "npsflow_warnings_total{{event=\"{}\"}} ",
+                events::KafkaClientFailed::NAME
+            );
+            let text = m.render();
+            let line = text.lines().find(|l| l.starts_with(&series));
+            line.expect("the warning series")
+                .rsplit(' ')
+                .next()
+                .map(str::to_owned)
+        };
+        assert!(is_partition_end(&KafkaError::PartitionEOF(2)));
+        let from_callback = KafkaError::Global(RDKafkaErrorCode::PartitionEOF);
+        assert!(is_partition_end(&from_callback));
+        report_client_error(&metrics, "table-reader", &from_callback, "fetch");
+        assert_eq!(counted(&metrics).as_deref(), Some("0"));
+        let down = KafkaError::Global(RDKafkaErrorCode::AllBrokersDown);
+        assert!(!is_partition_end(&down));
+        report_client_error(&metrics, "table-reader", &down, "connect");
+        assert_eq!(counted(&metrics).as_deref(), Some("1"));
     }
 }
