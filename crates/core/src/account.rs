@@ -119,6 +119,20 @@ pub struct AccountSummary {
     pub band: Option<Band>,
 }
 
+impl AccountSummary {
+    /// The summary of a tally of the responses in `[from, to)`.
+    pub fn of(tally: Tally, from: Timestamp, to: Timestamp) -> AccountSummary {
+        AccountSummary {
+            from,
+            to,
+            tally,
+            nps: tally.nps(),
+            ci95: tally.ci95(),
+            band: tally.band(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 struct Account {
     /// `(step, [promoters, passives, detractors])`, steps ascending, only steps with counts.
@@ -222,14 +236,7 @@ impl AccountBook {
             detractors: counts[2],
             invitations: 0,
         };
-        Some(AccountSummary {
-            from,
-            to,
-            tally,
-            nps: tally.nps(),
-            ci95: tally.ci95(),
-            band: tally.band(),
-        })
+        Some(AccountSummary::of(tally, from, to))
     }
 
     /// Forgets every step before the window at `now` and every account left with none;

@@ -35,6 +35,12 @@ use crate::RuntimeError;
 /// The role's name in logs, metrics and health.
 pub const ROLE: &str = "aggregate";
 
+/// A record of the deltas topic: a segment's delta, or (keyed `account/<id>`) an account's.
+enum Delta {
+    Segment(SegmentDelta),
+    Account(AccountDelta),
+}
+
 /// The aggregate role as a state machine over the shared view.
 pub struct AggregateRole {
     view: Arc<RwLock<AggregateView>>,
@@ -207,28 +213,22 @@ impl RoleMachine for AggregateRole {
         let mut touched: BTreeSet<(i32, String)> = BTreeSet::new();
         let mut touched_accounts: BTreeSet<(i32, String)> = BTreeSet::new();
         for message in messages {
-            if message.key().is_some_and(is_account_key) {
-                match AccountDelta::from_json(message.payload().unwrap_or_default()) {
-                    Ok(delta) => {
-                        let Some(applied) = self.accounts.apply(message.partition(), &delta) else {
-                            continue;
-                        };
-                        if applied.counted > 0 {
-                            touched_accounts.insert((message.partition(), delta.account));
-                        }
+            let payload = message.payload().unwrap_or_default();
+            let decoded = if message.key().is_some_and(is_account_key) {
+                AccountDelta::from_json(payload).map(Delta::Account)
+            } else {
+                SegmentDelta::from_json(payload).map(Delta::Segment)
+            };
+            match decoded {
+                Ok(Delta::Account(delta)) => {
+                    let Some(applied) = self.accounts.apply(message.partition(), &delta) else {
+                        continue;
+                    };
+                    if applied.counted > 0 {
+                        touched_accounts.insert((message.partition(), delta.account));
                     }
-                    Err(error) => events::UnreadableRecord {
-                        topic: message.topic(),
-                        partition: message.partition(),
-                        offset: message.offset(),
-                        error: &error,
-                    }
-                    .emit(&metrics),
                 }
-                continue;
-            }
-            match SegmentDelta::from_json(message.payload().unwrap_or_default()) {
-                Ok(delta) => {
+                Ok(Delta::Segment(delta)) => {
                     let Some(applied) = view.apply(message.partition(), &delta) else {
                         continue; // not owned here: its owner applies it
                     };

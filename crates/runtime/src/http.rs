@@ -637,14 +637,7 @@ mod tests {
                 invitations: 0,
             };
             let (from, to) = window.interval(now);
-            let summary = npsflow_core::AccountSummary {
-                from,
-                to,
-                tally,
-                nps: tally.nps(),
-                ci95: tally.ci95(),
-                band: tally.band(),
-            };
+            let summary = npsflow_core::AccountSummary::of(tally, from, to);
             crate::accounts::AccountRow::new(id, window.name(), &summary, now)
         };
         for (id, p, d) in [("acme", 2, 3), ("beta", 3, 1)] {
