@@ -217,14 +217,15 @@ impl Engine {
             unsettled.clone(),
         )?;
         let mut committer = if transactional {
-            Committer::Transactional(Box::new(Transactions::new(Fencing {
+            let fencing = Fencing {
                 config: producer_config,
                 prefix: transactional_prefix(&self.config, &binding.group),
                 role: name,
                 health: self.health.clone(),
                 metrics: self.metrics.clone(),
                 unsettled,
-            })))
+            };
+            Committer::Transactional(Box::new(Transactions::new(fencing, shutdown.clone())))
         } else {
             Committer::AtLeastOnce { in_flight: None }
         };
@@ -975,15 +976,19 @@ struct Transactions {
     owners: BTreeMap<TopicPartition, TopicPartition>,
     /// Input partition -> the offset committed (the next to read), where known.
     committed: BTreeMap<TopicPartition, i64>,
+    /// Turns true when the role is told to stop: a transaction that cannot commit (the broker
+    /// is unreachable) is then aborted instead of tried again.
+    stopping: watch::Receiver<bool>,
 }
 
 impl Transactions {
-    fn new(fencing: Fencing) -> Transactions {
+    fn new(fencing: Fencing, stopping: watch::Receiver<bool>) -> Transactions {
         Transactions {
             fencing,
             producers: BTreeMap::new(),
             owners: BTreeMap::new(),
             committed: BTreeMap::new(),
+            stopping,
         }
     }
 
@@ -1073,14 +1078,22 @@ impl Transactions {
             );
             let task_metrics = metrics.clone();
             let partition = tp.clone();
+            let stopping = self.stopping.clone();
             tasks.push(tokio::task::spawn_blocking(move || {
-                let result =
-                    kafka::commit_transaction(&producer, &records, &list, &group, &task_metrics);
+                let result = kafka::commit_transaction(
+                    &producer,
+                    &records,
+                    &list,
+                    &group,
+                    &task_metrics,
+                    &|| *stopping.borrow(),
+                );
                 (partition, offset, result)
             }));
         }
         let mut failed = None;
         let mut progressed = Vec::new();
+        let mut abandoned = false;
         for task in futures::future::join_all(tasks).await {
             let (tp, offset, result) = task?;
             match result {
@@ -1090,6 +1103,9 @@ impl Transactions {
                         progressed.push((tp.0, tp.1, offset - 1));
                     }
                 }
+                // Stopping with the broker unreachable: aborted, the offsets not committed;
+                // the next owner decides these messages again.
+                Err(rdkafka::error::KafkaError::Canceled) => abandoned = true,
                 Err(error) => {
                     if kafka::is_fatal_in_transaction(&error) {
                         events::PartitionFenced {
@@ -1105,6 +1121,9 @@ impl Transactions {
             }
         }
         kafka::record_progress(consumer, &progressed);
+        if abandoned {
+            events::ShutdownUndelivered { role }.emit(metrics);
+        }
         match failed {
             Some(error) => Err(error.into()),
             None => Ok(()),
@@ -1400,12 +1419,35 @@ mod tests {
     /// offsets; before, it waited for the delivery for as long as the outage lasted.
     #[tokio::test]
     async fn a_role_stops_soon_while_the_broker_is_down() {
+        let took = stop_during_an_outage(false).await;
+        eprintln!("stopped in {took:?} with the broker down");
+    }
+
+    /// The same exactly once: the transaction that cannot commit is aborted once the role is
+    /// told to stop (about one attempt, [`kafka::TRANSACTION_ATTEMPT`]), instead of being
+    /// tried again for as long as the outage lasts.
+    #[tokio::test]
+    async fn a_transactional_role_stops_soon_while_the_broker_is_down() {
+        let took = stop_during_an_outage(true).await;
+        eprintln!("stopped in {took:?} with the broker down, exactly once");
+    }
+
+    /// Runs a ticker role until it has joined, takes the broker down, lets a timer make a
+    /// record that cannot be delivered, tells the role to stop and returns how long it took
+    /// (failing after 30 s).
+    async fn stop_during_an_outage(exactly_once: bool) -> Duration {
         let cluster = MockCluster::new(1).expect("mock cluster");
         let brokers = cluster.bootstrap_servers();
         for topic in ["input", "ticks"] {
             cluster.create_topic(topic, 1, 1).expect("topic");
         }
-        let env = [("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
+        let mut env = vec![("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
+        if exactly_once {
+            env.push((
+                "NPSFLOW__PROCESSING__GUARANTEE".to_owned(),
+                "exactly_once".to_owned(),
+            ));
+        }
         let config = Arc::new(Config::load(None, env).expect("config"));
         let start = Timestamp(1_700_000_000_000);
         let clock = Arc::new(ManualClock::new(start));
@@ -1428,16 +1470,18 @@ mod tests {
             role: "ticker",
             group: "ticker".into(),
             topics: vec!["input".into()],
-            transactional: false,
+            transactional: exactly_once,
         };
         let (stop, stopping) = watch::channel(false);
         let task = tokio::spawn(async move { engine.drive(ticker, binding, stopping).await });
-        // Joined, then the broker goes away and a timer sends a record that cannot arrive.
+        // Joined (and, exactly once, its partition's producer made), then the broker goes
+        // away and a timer sends a record that cannot arrive.
         let deadline = Instant::now() + Duration::from_secs(60);
         while !health.ready() && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         assert!(health.ready(), "the role joined");
+        tokio::time::sleep(Duration::from_secs(1)).await;
         cluster.broker_down(1).expect("broker down");
         tokio::time::sleep(Duration::from_secs(2)).await;
         clock.set(Timestamp(start.millis() + HOUR));
@@ -1453,7 +1497,7 @@ mod tests {
             .expect("the role stops within 30 s with the broker down")
             .expect("joined")
             .expect("driver finished cleanly");
-        eprintln!("stopped in {:?} with the broker down", stopped.elapsed());
+        stopped.elapsed()
     }
 
     fn read_all(brokers: &str, topic: &str, count: usize) -> Vec<String> {

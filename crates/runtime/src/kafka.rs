@@ -1039,20 +1039,28 @@ pub async fn close_consumer(
     }
 }
 
+/// How long one attempt of a transaction may block on the broker (adding offsets, the
+/// commit, an abort): a commit takes milliseconds with the broker up; with it down, the attempt
+/// ends after this and the transaction is aborted and tried again.
+pub const TRANSACTION_ATTEMPT: Duration = Duration::from_secs(10);
+
 /// Produces `records` and commits the input `offsets` (the next offset to read, per
 /// partition) in one Kafka transaction, retrying the whole transaction after abortable or
 /// retriable errors. Blocking. Returns an error when the producer can no longer be used
 /// (fenced by a newer instance, or a fatal error) or a record is rejected for good (records
 /// that cannot fit are replaced by their fallback before they get here, see
-/// [`fit_records`]).
+/// [`fit_records`]). Once `stopping` says so, a failed attempt is aborted and not tried
+/// again: the result is then [`KafkaError::Canceled`] (nothing of it committed), so that a
+/// process told to stop during an outage stops within about one attempt.
 pub fn commit_transaction(
     producer: &RoleProducer,
     records: &[Outgoing],
     offsets: &rdkafka::TopicPartitionList,
     group: &rdkafka::consumer::ConsumerGroupMetadata,
     metrics: &Metrics,
+    stopping: &dyn Fn() -> bool,
 ) -> Result<(), KafkaError> {
-    let timeout = Duration::from_secs(60);
+    let timeout = TRANSACTION_ATTEMPT;
     let mut backoff = Duration::from_millis(100);
     loop {
         let attempt = (|| {
@@ -1065,6 +1073,10 @@ pub fn commit_transaction(
                     match producer.send(record) {
                         Ok(()) => break,
                         Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            // Full while the broker is away: stopping gives up.
+                            if stopping() {
+                                return Err(KafkaError::Canceled);
+                            }
                             record = back;
                             std::thread::sleep(Duration::from_millis(5));
                         }
@@ -1081,14 +1093,18 @@ pub fn commit_transaction(
             Ok(()) => return Ok(()),
             Err(error) => error,
         };
-        if !is_retried_in_transaction(&error) {
+        let given_up = matches!(error, KafkaError::Canceled);
+        if !given_up && !is_retried_in_transaction(&error) {
             if !is_fatal_in_transaction(&error) {
                 let _ = producer.abort_transaction(timeout);
             }
             return Err(error);
         }
-        events::TransactionRetried { error: &error }.emit(metrics);
         let _ = producer.abort_transaction(timeout);
+        if given_up || stopping() {
+            return Err(KafkaError::Canceled);
+        }
+        events::TransactionRetried { error: &error }.emit(metrics);
         std::thread::sleep(backoff);
         backoff = (backoff * 2).min(Duration::from_secs(10));
     }
