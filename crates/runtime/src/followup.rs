@@ -269,7 +269,7 @@ impl FollowupRole {
         payload: &[u8],
         wall: Timestamp,
         effects: &mut Vec<(i32, Effect)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), UnreadableItem> {
         enum Input {
             Alert(npsflow_core::CaseAlert),
             Outcome(npsflow_core::OutcomeEvent),
@@ -278,14 +278,14 @@ impl FollowupRole {
         let input = match kind {
             Some(kind::ALERT) => decode_alert(payload)
                 .map(Input::Alert)
-                .map_err(|e| e.to_string()),
+                .map_err(UnreadableItem::Alert),
             Some(kind::OUTCOME) => decode_outcome(payload)
                 .map(Input::Outcome)
-                .map_err(|e| e.to_string()),
+                .map_err(UnreadableItem::Outcome),
             Some(kind::NOTICE) => serde_json::from_slice(payload)
                 .map(Input::Notice)
-                .map_err(|e| e.to_string()),
-            _ => Err("an item of unknown kind".to_owned()),
+                .map_err(UnreadableItem::Notice),
+            _ => Err(UnreadableItem::UnknownKind),
         }?;
         let event_time = match &input {
             Input::Alert(alert) => Some(alert.responded_at),
@@ -460,6 +460,20 @@ impl FollowupRole {
             ));
         }
     }
+}
+
+/// Why an item of the internal topic could not be decided (a record this version did not
+/// write, or damaged): it is reported and skipped.
+#[derive(Debug, thiserror::Error)]
+enum UnreadableItem {
+    #[error("a detractor alert: {0}")]
+    Alert(npsflow_core::InvalidOutcome),
+    #[error("an outcome event: {0}")]
+    Outcome(npsflow_core::InvalidOutcome),
+    #[error("a notice: {0}")]
+    Notice(serde_json::Error),
+    #[error("an item of unknown kind")]
+    UnknownKind,
 }
 
 /// Of the records read back from a compacted topic (compaction may not have run yet), the
@@ -782,6 +796,45 @@ mod tests {
             [&want_alert[..], &want_outcome[..]],
             "forwarded as received, in order"
         );
+    }
+
+    /// Items of a bundle that cannot be decided (an unknown kind, a damaged notice) are each
+    /// reported as an unreadable record and skipped; the bundle's other items are decided.
+    #[test]
+    fn unreadable_items_are_reported_and_skipped() {
+        let (mut role, topics) = role(&[]);
+        let internal = topics.followup_events.clone();
+        for read in role.handle_assigned(&[(internal.clone(), 0)]) {
+            role.handle_restored(&read, Vec::new(), Timestamp(T0));
+        }
+        let mut bundler = Bundler::new(&internal, 1, 1 << 20);
+        let mut out = Vec::new();
+        let items: [(u8, &[u8]); 3] = [
+            (b'x', b"{}"),
+            (kind::NOTICE, b"{\"kind\":"),
+            (kind::ALERT, &alert("det-7", T0)),
+        ];
+        for (kind, payload) in items {
+            bundler.push(0, &mut out, |w| {
+                w.push(kind);
+                w.extend_from_slice(payload);
+            });
+        }
+        bundler.finish(&mut out);
+        let record = OwnedMessage::new(
+            out.remove(0).payload,
+            Some(b"det-7".to_vec()),
+            internal,
+            rdkafka::Timestamp::NotAvailable,
+            0,
+            0,
+            None,
+        );
+        let mut out = Vec::new();
+        role.handle_messages(&[record], Timestamp(T0), &mut out);
+        let unreadable = events::UnreadableRecord::NAME;
+        assert_eq!(role.metrics.warning_count(unreadable), 2);
+        assert_eq!(role.metrics.cases_opened(), 1, "the good item is decided");
     }
 
     /// A record of the internal topic written before bundles (one item, its kind in the

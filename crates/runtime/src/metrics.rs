@@ -396,6 +396,11 @@ impl Metrics {
         self.delta_applied.get()
     }
 
+    /// How many warnings of `event` (one of [`events::WARNINGS`]) were counted so far.
+    pub fn warning_count(&self, event: &str) -> u64 {
+        self.warnings.with_label_values(&[event]).get()
+    }
+
     /// How many follow-up cases this process opened so far.
     pub fn cases_opened(&self) -> u64 {
         self.cases.opened.get()
