@@ -457,29 +457,6 @@ fn double_ownership(fleet: &Fleet, role: &str, topic: &str) -> BTreeMap<i32, Vec
     windows
 }
 
-/// GET a JSON body from one of the processes; `None` unless it answers 200 in time.
-async fn http_json(port: u16, path: &str) -> Option<Value> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
-        let mut response = Vec::new();
-        stream.read_to_end(&mut response).await.ok()?;
-        let text = String::from_utf8(response).ok()?;
-        let (head, body) = text.split_once("\r\n\r\n")?;
-        head.starts_with("HTTP/1.1 200").then_some(())?;
-        serde_json::from_str(body).ok()
-    };
-    tokio::time::timeout(Duration::from_secs(10), exchange)
-        .await
-        .ok()
-        .flatten()
-}
-
 /// A seeded data set with its known answer, and the follow-up team's outcome events.
 struct DataSet {
     messages: Vec<(Option<String>, Vec<u8>)>,
@@ -1165,6 +1142,17 @@ fn taken_over(fleet: &Fleet, zombie: usize, held: &BTreeSet<(String, String)>, s
     held.is_subset(&restored)
 }
 
+/// Waits until the processes on `ports` are ready (joined, restored), failing after 2 minutes.
+async fn wait_ready(ports: &[u16]) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    for port in ports {
+        while http_json(*port, "/readyz").await.is_none() {
+            assert!(Instant::now() < deadline, "the processes did not get ready");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
 /// A process frozen (SIGSTOP) mid-batch: the first one running, right after the first third
 /// of the input and one more chunk went out (likely busy with it: a transaction open, records
 /// produced, or messages fetched and not yet handled).
@@ -1319,13 +1307,7 @@ async fn a_process_frozen_past_its_session_timeout_is_fenced() {
 
     let ports = [fleet.start(ROLES), fleet.start(ROLES)];
     // Both in their groups, with partitions of their own.
-    let deadline = Instant::now() + Duration::from_secs(120);
-    for port in ports {
-        while http_json(port, "/readyz").await.is_none() {
-            assert!(Instant::now() < deadline, "the processes did not get ready");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    }
+    wait_ready(&ports).await;
     let mut sender = Sender::new(&data, s.seconds);
     let zombie = Zombie::freeze_mid_batch(&s, &config, &data, &mut sender, &fleet).await;
     // Traffic goes on; once the zombie's session has timed out, a third process starts (as an
@@ -1450,12 +1432,7 @@ async fn a_zombie_is_fenced_by_a_successor_in_groups_of_its_own() {
     // The zombie's last third comes after it is resumed.
     let before_resume = data.messages.len() * 2 / 3;
 
-    let port = fleet.start(ROLES);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while http_json(port, "/readyz").await.is_none() {
-        assert!(Instant::now() < deadline, "the process did not get ready");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_ready(&[fleet.start(ROLES)]).await;
     let mut sender = Sender::new(&data, s.seconds);
     let zombie = Zombie::freeze_mid_batch(&s, &config, &data, &mut sender, &fleet).await;
     while zombie.frozen.elapsed() < FROZEN_BEFORE_SUCCESSOR {

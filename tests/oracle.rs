@@ -592,12 +592,12 @@ impl Pipeline {
                 );
                 match naive_nps_and_ci(&expected) {
                     None => {
-                        prop_assert_eq!(summary.nps, None);
-                        prop_assert_eq!(summary.ci95, None);
+                        prop_assert_eq!(summary.tally.nps(), None);
+                        prop_assert_eq!(summary.tally.ci95(), None);
                     }
                     Some((nps, ci)) => {
-                        let got_nps = summary.nps.expect("has responses");
-                        let got_ci = summary.ci95.expect("has responses");
+                        let got_nps = summary.tally.nps().expect("has responses");
+                        let got_ci = summary.tally.ci95().expect("has responses");
                         prop_assert!((got_nps - nps).abs() < 1e-9, "nps {} vs {}", got_nps, nps);
                         prop_assert!((got_ci - ci).abs() < 1e-9, "ci {} vs {}", got_ci, ci);
                         prop_assert!((-100.0..=100.0).contains(&got_nps));
@@ -753,7 +753,7 @@ fn worked_example_through_the_pipeline() {
         .summary(&"all".to_owned(), 0, Timestamp(START))
         .expect("known");
     assert_eq!(summary.tally.responses(), 100);
-    assert!((summary.nps.expect("nps") - -10.0).abs() < 1e-9);
+    assert!((summary.tally.nps().expect("nps") - -10.0).abs() < 1e-9);
     // The hour up to the end of START's minute.
     assert_eq!(summary.to, Timestamp(START + 60_000));
     assert_eq!(summary.from, Timestamp(START + 60_000 - 3_600_000));

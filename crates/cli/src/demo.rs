@@ -371,7 +371,7 @@ fn render_table(process: &Process, now: npsflow_core::Timestamp, colour: bool) -
     let first_nps = |segment: &str| {
         rows.iter()
             .find(|r| r.segment == segment && windows.first() == Some(&r.window))
-            .and_then(|r| r.summary.nps)
+            .and_then(|r| r.summary.tally.nps())
     };
     let keyed: Vec<(&str, Option<f64>)> = segments.iter().map(|s| (*s, first_nps(s))).collect();
     let segments = worst_first(keyed);
@@ -385,7 +385,7 @@ fn render_table(process: &Process, now: npsflow_core::Timestamp, colour: bool) -
             let cell = rows
                 .iter()
                 .find(|r| r.segment == segment && &r.window == window)
-                .map(|r| match (r.summary.nps, r.summary.ci95) {
+                .map(|r| match (r.summary.tally.nps(), r.summary.tally.ci95()) {
                     (Some(nps), Some(ci)) => (
                         format!("{nps:>6.1} ±{ci:>5.1} ({})", r.summary.tally.responses()),
                         Some(npsflow_core::Band::of(nps)),

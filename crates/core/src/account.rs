@@ -17,8 +17,8 @@
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
-use crate::delta::{Applied, BadDelta, DeltaResponse};
-use crate::nps::{Band, Score, Tally};
+use crate::delta::{check_responses, Applied, BadDelta, DeltaResponse};
+use crate::nps::{Score, Tally};
 use crate::time::Timestamp;
 use crate::window::WindowSpec;
 
@@ -60,16 +60,7 @@ impl AccountDelta {
         if delta.account.is_empty() {
             return Err(BadDelta("empty account".into()));
         }
-        if delta
-            .responses
-            .iter()
-            .any(|r| Score::new(i64::from(r.2)).is_none())
-        {
-            return Err(BadDelta("score out of range".into()));
-        }
-        if delta.responses.windows(2).any(|w| w[0].0 >= w[1].0) {
-            return Err(BadDelta("offsets not increasing".into()));
-        }
+        check_responses(&delta.responses)?;
         Ok(delta)
     }
 }
@@ -109,27 +100,15 @@ pub struct AccountSummary {
     pub from: Timestamp,
     /// End of the interval, exclusive.
     pub to: Timestamp,
-    /// The responses in `[from, to)`.
+    /// The responses in `[from, to)` (their NPS, margin and band: [`Tally::nps`],
+    /// [`Tally::ci95`], [`Tally::band`]).
     pub tally: Tally,
-    /// NPS, `None` with no responses.
-    pub nps: Option<f64>,
-    /// 95 % half-width of the NPS.
-    pub ci95: Option<f64>,
-    /// High, medium or low.
-    pub band: Option<Band>,
 }
 
 impl AccountSummary {
     /// The summary of a tally of the responses in `[from, to)`.
     pub fn of(tally: Tally, from: Timestamp, to: Timestamp) -> AccountSummary {
-        AccountSummary {
-            from,
-            to,
-            tally,
-            nps: tally.nps(),
-            ci95: tally.ci95(),
-            band: tally.band(),
-        }
+        AccountSummary { from, to, tally }
     }
 }
 
@@ -359,7 +338,7 @@ mod tests {
         let summary = book.summary("acme", NOW).expect("known");
         assert_eq!(summary.tally, naive(&responses, book.window(), NOW));
         assert_eq!(summary.tally.responses(), 3);
-        assert_eq!(summary.nps, Some(0.0));
+        assert_eq!(summary.tally.nps(), Some(0.0));
         assert_eq!(book.summary("other", NOW), None);
         // Two days on, the oldest response has left the window.
         let later = Timestamp(NOW.0 + 2 * DAY);

@@ -66,20 +66,27 @@ impl SegmentDelta {
         if delta.segment.is_empty() {
             return Err(BadDelta("empty segment".into()));
         }
-        if delta
-            .responses
-            .iter()
-            .any(|r| Score::new(i64::from(r.2)).is_none())
-        {
-            return Err(BadDelta("score out of range".into()));
-        }
-        if delta.responses.windows(2).any(|w| w[0].0 >= w[1].0)
-            || delta.invitations.windows(2).any(|w| w[0].0 >= w[1].0)
-        {
+        check_responses(&delta.responses)?;
+        if delta.invitations.windows(2).any(|w| w[0].0 >= w[1].0) {
             return Err(BadDelta("offsets not increasing".into()));
         }
         Ok(delta)
     }
+}
+
+/// Checks the responses of a delta (a segment's or an account's): every score in range,
+/// input offsets strictly increasing.
+pub(crate) fn check_responses(responses: &[DeltaResponse]) -> Result<(), BadDelta> {
+    if responses
+        .iter()
+        .any(|r| Score::new(i64::from(r.2)).is_none())
+    {
+        return Err(BadDelta("score out of range".into()));
+    }
+    if responses.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return Err(BadDelta("offsets not increasing".into()));
+    }
+    Ok(())
 }
 
 /// One segment's durable state: its windows and, per input partition, the highest input

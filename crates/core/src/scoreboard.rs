@@ -11,7 +11,7 @@
 use rustc_hash::FxHashMap;
 use std::hash::Hash;
 
-use crate::nps::{Band, Category, Change, Tally};
+use crate::nps::{Category, Change, Tally};
 use crate::time::Timestamp;
 use crate::window::{SegmentWindows, WindowSpecs};
 
@@ -29,14 +29,9 @@ pub struct WindowSummary {
     pub from: Timestamp,
     /// End of the interval counted (exclusive): the end of the step that holds `now`.
     pub to: Timestamp,
-    /// The counts of responses with `from <= responded_at < to`.
+    /// The counts of responses with `from <= responded_at < to` (its NPS, margin and band
+    /// are [`Tally::nps`], [`Tally::ci95`] and [`Tally::band`]).
     pub tally: Tally,
-    /// NPS, or `None` with no responses.
-    pub nps: Option<f64>,
-    /// 95 % margin of error in NPS points, or `None` with no responses.
-    pub ci95: Option<f64>,
-    /// Band of the NPS, or `None` with no responses.
-    pub band: Option<Band>,
     /// The counts of the window just before, `[from - (to - from), from)`.
     pub previous: Tally,
     /// How the NPS changed from the window just before.
@@ -51,9 +46,6 @@ impl WindowSummary {
             from,
             to,
             tally,
-            nps: tally.nps(),
-            ci95: tally.ci95(),
-            band: tally.band(),
             previous,
             change: Change::between(&tally, &previous),
         }
@@ -166,12 +158,12 @@ mod tests {
         board.record(&["all"], Timestamp(0), Category::Detractor);
         let all = board.summary(&"all", 0, Timestamp(0)).expect("known");
         assert_eq!(all.tally.responses(), 2);
-        assert_eq!(all.nps, Some(0.0));
+        assert_eq!(all.tally.nps(), Some(0.0));
         let east = board
             .summary(&"region=east", 0, Timestamp(0))
             .expect("known");
-        assert_eq!(east.nps, Some(100.0));
-        assert_eq!(east.band, Some(Band::High));
+        assert_eq!(east.tally.nps(), Some(100.0));
+        assert_eq!(east.tally.band(), Some(crate::nps::Band::High));
         assert_eq!(board.summary(&"region=west", 0, Timestamp(0)), None);
         // The summary states the interval it counts: the hour up to the end of now's minute.
         assert_eq!(
@@ -186,7 +178,7 @@ mod tests {
             (Timestamp(60_000), Timestamp(3_660_000))
         );
         assert_eq!(later.tally.responses(), 0);
-        assert_eq!(later.nps, None);
+        assert_eq!(later.tally.nps(), None);
         assert_eq!(board.len(), 2);
         board.remove(&"all");
         assert_eq!(board.len(), 1);

@@ -282,9 +282,9 @@ impl AccountRow {
             promoters: summary.tally.promoters,
             passives: summary.tally.passives,
             detractors: summary.tally.detractors,
-            nps: summary.nps,
-            ci95: summary.ci95,
-            band: summary.band.map(|b| b.as_str().to_owned()),
+            nps: summary.tally.nps(),
+            ci95: summary.tally.ci95(),
+            band: summary.tally.band().map(|b| b.as_str().to_owned()),
             computed_at: now,
         }
     }

@@ -464,7 +464,7 @@ mod tests {
         };
         let before = all(&view);
         assert_eq!(before.tally.responses(), 4);
-        assert_eq!(before.nps, Some(25.0));
+        assert_eq!(before.tally.nps(), Some(25.0));
 
         // A new owner: restored from the state topic as the broker would hand it back.
         let mut stored: Vec<StoredRecord> = Vec::new();

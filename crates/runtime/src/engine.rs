@@ -1325,6 +1325,72 @@ mod tests {
         }
     }
 
+    /// A ticker role (`left` timers, one an hour from `start`) driven on a mock cluster with
+    /// topics `input` and `ticks`, on a manual clock, exactly once or not.
+    struct TickerRun {
+        cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        brokers: String,
+        start: Timestamp,
+        clock: Arc<ManualClock>,
+        health: Arc<Health>,
+        fired: Arc<Mutex<Vec<i64>>>,
+        firings: tokio::sync::mpsc::UnboundedReceiver<()>,
+        stop: watch::Sender<bool>,
+        task: tokio::task::JoinHandle<Result<(), RuntimeError>>,
+    }
+
+    fn start_ticker(left: usize, exactly_once: bool) -> TickerRun {
+        let cluster = MockCluster::new(1).expect("mock cluster");
+        let brokers = cluster.bootstrap_servers();
+        for topic in ["input", "ticks"] {
+            cluster.create_topic(topic, 1, 1).expect("topic");
+        }
+        let mut env = vec![("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
+        if exactly_once {
+            env.push((
+                "NPSFLOW__PROCESSING__GUARANTEE".to_owned(),
+                "exactly_once".to_owned(),
+            ));
+        }
+        let config = Arc::new(Config::load(None, env).expect("config"));
+        let start = Timestamp(1_700_000_000_000);
+        let clock = Arc::new(ManualClock::new(start));
+        let health = Arc::new(Health::default());
+        let engine = Engine {
+            config,
+            metrics: Metrics::new(),
+            health: health.clone(),
+            clock: clock.clone(),
+        };
+        let fired = Arc::new(Mutex::new(Vec::new()));
+        let (told, firings) = tokio::sync::mpsc::unbounded_channel();
+        let ticker = Ticker {
+            next: Timestamp(start.millis() + HOUR),
+            left,
+            fired: fired.clone(),
+            told,
+        };
+        let binding = Binding {
+            role: "ticker",
+            group: "ticker".into(),
+            topics: vec!["input".into()],
+            transactional: exactly_once,
+        };
+        let (stop, stopping) = watch::channel(false);
+        let task = tokio::spawn(async move { engine.drive(ticker, binding, stopping).await });
+        TickerRun {
+            cluster,
+            brokers,
+            start,
+            clock,
+            health,
+            fired,
+            firings,
+            stop,
+            task,
+        }
+    }
+
     fn record(topic: &str, partition: Option<i32>, key: &str) -> Outgoing {
         Outgoing::new(topic, partition, Some(key.as_bytes().to_vec()), None, None)
     }
@@ -1436,44 +1502,16 @@ mod tests {
     /// record that cannot be delivered, tells the role to stop and returns how long it took
     /// (failing after 30 s).
     async fn stop_during_an_outage(exactly_once: bool) -> Duration {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        let brokers = cluster.bootstrap_servers();
-        for topic in ["input", "ticks"] {
-            cluster.create_topic(topic, 1, 1).expect("topic");
-        }
-        let mut env = vec![("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
-        if exactly_once {
-            env.push((
-                "NPSFLOW__PROCESSING__GUARANTEE".to_owned(),
-                "exactly_once".to_owned(),
-            ));
-        }
-        let config = Arc::new(Config::load(None, env).expect("config"));
-        let start = Timestamp(1_700_000_000_000);
-        let clock = Arc::new(ManualClock::new(start));
-        let health = Arc::new(Health::default());
-        let engine = Engine {
-            config,
-            metrics: Metrics::new(),
-            health: health.clone(),
-            clock: clock.clone(),
-        };
-        let fired = Arc::new(Mutex::new(Vec::new()));
-        let (told, mut firings) = tokio::sync::mpsc::unbounded_channel();
-        let ticker = Ticker {
-            next: Timestamp(start.millis() + HOUR),
-            left: 1,
-            fired: fired.clone(),
-            told,
-        };
-        let binding = Binding {
-            role: "ticker",
-            group: "ticker".into(),
-            topics: vec!["input".into()],
-            transactional: exactly_once,
-        };
-        let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(async move { engine.drive(ticker, binding, stopping).await });
+        let TickerRun {
+            cluster,
+            start,
+            clock,
+            health,
+            mut firings,
+            stop,
+            task,
+            ..
+        } = start_ticker(1, exactly_once);
         // Joined (and, exactly once, its partition's producer made), then the broker goes
         // away and a timer sends a record that cannot arrive.
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1524,37 +1562,17 @@ mod tests {
     /// The clock is paused: it moves only when the test moves it.
     #[tokio::test]
     async fn timers_fire_on_the_clock_when_no_message_arrives() {
-        let cluster = MockCluster::new(1).expect("mock cluster");
-        let brokers = cluster.bootstrap_servers();
-        for topic in ["input", "ticks"] {
-            cluster.create_topic(topic, 1, 1).expect("topic");
-        }
-        let env = [("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
-        let config = Arc::new(Config::load(None, env).expect("config"));
-        let start = Timestamp(1_700_000_000_000);
-        let clock = Arc::new(ManualClock::new(start));
-        let engine = Engine {
-            config,
-            metrics: Metrics::new(),
-            health: Arc::new(Health::default()),
-            clock: clock.clone(),
-        };
-        let fired = Arc::new(Mutex::new(Vec::new()));
-        let (told, mut firings) = tokio::sync::mpsc::unbounded_channel();
-        let ticker = Ticker {
-            next: Timestamp(start.millis() + HOUR),
-            left: 3,
-            fired: fired.clone(),
-            told,
-        };
-        let binding = Binding {
-            role: "ticker",
-            group: "ticker".into(),
-            topics: vec!["input".into()],
-            transactional: false,
-        };
-        let (stop, stopping) = watch::channel(false);
-        let task = tokio::spawn(async move { engine.drive(ticker, binding, stopping).await });
+        let TickerRun {
+            cluster: _cluster,
+            brokers,
+            start,
+            clock,
+            fired,
+            mut firings,
+            stop,
+            task,
+            ..
+        } = start_ticker(3, false);
         // Nothing is due yet: nothing fires, however long the driver idles.
         tokio::time::sleep(Duration::from_secs(2)).await;
         assert!(fired.lock().expect("not poisoned").is_empty());

@@ -672,8 +672,8 @@ fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mu
             let (segment, window) = (escape(&row.segment), escape(&row.window));
             let summary = &row.summary;
             let value = match name {
-                NPS => summary.nps,
-                CI95 => summary.nps.and(summary.ci95),
+                NPS => summary.tally.nps(),
+                CI95 => summary.tally.ci95(),
                 ZSCORE => {
                     let (now, before) = summary.change.responses;
                     let enough = now.min(before) >= view.min_responses();

@@ -228,12 +228,7 @@ impl Traffic {
             "customer_id": customer,
             "account_id": account_name(account),
             "survey_id": "relationship-2026",
-            "segments": {
-                "region": region,
-                "product": product,
-                "channel": channel,
-                "tier": tier,
-            },
+            "segments": segments_json([region, product, channel, tier]),
         });
         if self.rng.random_bool(0.3) {
             json["comment"] = COMMENTS[self.rng.random_range(0..COMMENTS.len())].into();
@@ -307,12 +302,7 @@ impl Traffic {
             "customer_id": customer,
             "sent_at": sent_at.to_rfc3339(),
             "survey_id": "relationship-2026",
-            "segments": {
-                "region": region,
-                "product": product,
-                "channel": channel,
-                "tier": tier,
-            },
+            "segments": segments_json([region, product, channel, tier]),
         });
         Generated {
             input: Input::Invitation,
@@ -518,6 +508,11 @@ impl FollowupTeam {
         }
         (behaviour, planned)
     }
+}
+
+/// The `segments` object of a generated response or invitation.
+fn segments_json([region, product, channel, tier]: [&str; 4]) -> serde_json::Value {
+    serde_json::json!({ "region": region, "product": product, "channel": channel, "tier": tier })
 }
 
 #[cfg(test)]

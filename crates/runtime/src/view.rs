@@ -41,9 +41,9 @@ impl Row {
             "promoters": s.tally.promoters,
             "passives": s.tally.passives,
             "detractors": s.tally.detractors,
-            "nps": s.nps,
-            "ci95": s.ci95,
-            "band": s.band.map(|b| b.as_str()),
+            "nps": s.tally.nps(),
+            "ci95": s.tally.ci95(),
+            "band": s.tally.band().map(|b| b.as_str()),
             "invitations": s.tally.invitations,
             "response_rate": s.tally.response_rate(),
             "previous": {
