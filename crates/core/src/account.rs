@@ -82,6 +82,12 @@ pub struct AccountSnapshot {
 }
 
 impl AccountSnapshot {
+    /// True if this snapshot has applied at least everything `other` has, for every input
+    /// partition: of two snapshots of an account, restore the one that is further along.
+    pub fn covers(&self, other: &AccountSnapshot) -> bool {
+        crate::delta::covers(&self.high_water, &other.high_water)
+    }
+
     /// The JSON message body.
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a snapshot always serialises")

@@ -120,12 +120,14 @@ impl SegmentSnapshot {
     /// True if this snapshot has applied at least everything `other` has, for every input
     /// partition: of two snapshots of a segment, restore the one that is further along.
     pub fn covers(&self, other: &SegmentSnapshot) -> bool {
-        other.high_water.iter().all(|(partition, offset)| {
-            self.high_water
-                .iter()
-                .any(|(p, o)| p == partition && o >= offset)
-        })
+        covers(&self.high_water, &other.high_water)
     }
+}
+
+/// True if high-water marks `a` reach at least `b`'s for every input partition `b` names.
+pub(crate) fn covers(a: &[(i32, i64)], b: &[(i32, i64)]) -> bool {
+    b.iter()
+        .all(|(partition, offset)| a.iter().any(|(p, o)| p == partition && o >= offset))
 }
 
 /// What applying a delta did.

@@ -99,7 +99,7 @@ impl OwnedAccounts {
                 }
                 Some(Ok(snapshot)) => {
                     let keep = latest.get(key).is_none_or(|current| {
-                        !covers(current, &snapshot) || covers(&snapshot, current)
+                        !current.covers(&snapshot) || snapshot.covers(current)
                     });
                     if keep {
                         latest.insert(key, snapshot);
@@ -221,15 +221,6 @@ impl OwnedAccounts {
     }
 }
 
-/// True if `a` has applied at least everything `b` has, for every input partition.
-fn covers(a: &AccountSnapshot, b: &AccountSnapshot) -> bool {
-    b.high_water.iter().all(|(partition, offset)| {
-        a.high_water
-            .iter()
-            .any(|(p, o)| p == partition && o >= offset)
-    })
-}
-
 /// One account's summary as the view topic carries it (keyed by `account_id`) and every
 /// instance keeps it: the account window's `[from, to)`, the counts, NPS, margin and band,
 /// and when the owner computed it. Timestamps are RFC 3339 on the wire and numbers in memory
@@ -330,6 +321,38 @@ mod tests {
 
     /// Owned accounts: applied, snapshotted and published; restored by a new owner with the
     /// same numbers; deleted (tombstones) once the window has left them behind.
+    /// Of an account's snapshots on the state topic, restore keeps the one that applied the
+    /// most, even when a stale writer (a zombie) left an older one after it.
+    #[test]
+    fn restore_keeps_the_snapshot_that_is_further_along() {
+        let config = config();
+        let step = account_window(&config).bucket_of(Timestamp(NOW.0 - DAY));
+        let snapshot = |offset: i64, promoters: u32| AccountSnapshot {
+            account: "acme".into(),
+            high_water: vec![(0, offset)],
+            steps: vec![(step, promoters, 0, 0)],
+        };
+        let record = |offset: i64, snapshot: AccountSnapshot| StoredRecord {
+            offset,
+            key: Some(account_key("acme").into_bytes()),
+            payload: Some(snapshot.to_json()),
+        };
+        let records = [record(0, snapshot(10, 2)), record(1, snapshot(5, 1))];
+        let mut owned = OwnedAccounts::new(&config);
+        owned.restore(0, &records, &Metrics::new(), NOW);
+        let delta = AccountDelta {
+            account: "acme".into(),
+            partition: 0,
+            responses: vec![(7, NOW.0 - DAY, 10), (11, NOW.0 - DAY, 10)],
+        };
+        let applied = owned.apply(0, &delta).expect("owned");
+        assert_eq!(
+            (applied.skipped, applied.counted),
+            (1, 1),
+            "high water 10 kept"
+        );
+    }
+
     #[test]
     fn apply_publish_restore_and_expire() {
         let config = config();
