@@ -416,16 +416,7 @@ fn account_json(
         }
     };
     let (open, escalated) = cases.unwrap_or_default();
-    let mut reasons = Vec::new();
-    if row
-        .and_then(|r| r.nps)
-        .is_some_and(|nps| nps < state.at_risk_below)
-    {
-        reasons.push("nps_below");
-    }
-    if escalated > 0 {
-        reasons.push("escalated_case");
-    }
+    let reasons = risk_reasons(state, row, escalated);
     let computed_at = row.map(|r| r.computed_at);
     let caught_up_at = state.account_view.caught_up_at();
     if let Value::Object(fields) = &mut value {
@@ -448,6 +439,26 @@ fn account_json(
         );
     }
     value
+}
+
+/// Why an account is at risk (none: it is not): its NPS below `analytics.at_risk_below`, an
+/// escalated open case.
+fn risk_reasons(
+    state: &AppState,
+    row: Option<&crate::accounts::AccountRow>,
+    escalated: u64,
+) -> Vec<&'static str> {
+    let mut reasons = Vec::new();
+    if row
+        .and_then(|r| r.nps)
+        .is_some_and(|nps| nps < state.at_risk_below)
+    {
+        reasons.push("nps_below");
+    }
+    if escalated > 0 {
+        reasons.push("escalated_case");
+    }
+    reasons
 }
 
 async fn account(
@@ -503,24 +514,29 @@ async fn accounts(
     let cases = cases_by_account(&state, None);
     let with_cases = cases.is_some();
     let cases = cases.unwrap_or_default();
-    let mut listed: Vec<Value> = Vec::new();
-    {
-        let rows = state.account_view.read();
-        let ids: std::collections::BTreeSet<&String> = rows.keys().chain(cases.keys()).collect();
-        for id in ids {
-            let value = account_json(&state, id, rows.get(id), cases.get(id).copied(), with_cases);
-            if !at_risk || value["at_risk"] == json!(true) {
-                listed.push(value);
-            }
-        }
-    }
-    // Lowest NPS first (accounts with none last), then by id.
-    listed.sort_by(|a, b| {
-        let nps = |v: &Value| v["nps"].as_f64().unwrap_or(f64::INFINITY);
-        nps(a).total_cmp(&nps(b))
-    });
-    let count = listed.len();
-    listed.truncate(limit);
+    let rows = state.account_view.read();
+    // Chosen and ordered first (lowest NPS first, accounts with none last, then by id); only
+    // the accounts listed are rendered.
+    let ids: std::collections::BTreeSet<&String> = rows.keys().chain(cases.keys()).collect();
+    let escalated = |id: &str| cases.get(id).map_or(0, |c| c.1);
+    let mut chosen: Vec<(f64, &String)> = ids
+        .into_iter()
+        .filter(|id| !at_risk || !risk_reasons(&state, rows.get(*id), escalated(id)).is_empty())
+        .map(|id| {
+            (
+                rows.get(id).and_then(|r| r.nps).unwrap_or(f64::INFINITY),
+                id,
+            )
+        })
+        .collect();
+    chosen.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+    let count = chosen.len();
+    let listed: Vec<Value> = chosen
+        .into_iter()
+        .take(limit)
+        .map(|(_, id)| account_json(&state, id, rows.get(id), cases.get(id).copied(), with_cases))
+        .collect();
+    drop(rows);
     Json(json!({
         "accounts": listed,
         "count": count,
@@ -712,6 +728,17 @@ mod tests {
         assert_eq!(
             (all["count"].clone(), all["truncated"].clone()),
             (json!(3), json!(true))
+        );
+        let first: Vec<&str> = all["accounts"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .map(|a| a["account_id"].as_str().expect("id"))
+            .collect();
+        assert_eq!(
+            first,
+            ["acme", "beta"],
+            "lowest NPS first, the first `limit`"
         );
         let (status, _) = get_json(&state, "/v1/accounts?at_risk=maybe").await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
