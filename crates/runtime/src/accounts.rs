@@ -21,8 +21,8 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::Config;
 use crate::kafka::Outgoing;
-use crate::metrics::{events, Metrics};
-use crate::state::StoredRecord;
+use crate::metrics::Metrics;
+use crate::state::{latest_snapshots, StoredRecord};
 
 /// The account window of `config` (`analytics.account_window`, in 60 steps).
 pub fn account_window(config: &Config) -> WindowSpec {
@@ -88,34 +88,14 @@ impl OwnedAccounts {
         metrics: &Metrics,
         now: Timestamp,
     ) {
-        let mut latest: BTreeMap<&[u8], AccountSnapshot> = BTreeMap::new();
-        for record in records {
-            let Some(key) = record.key.as_deref().filter(|k| is_account_key(k)) else {
-                continue;
-            };
-            match record.payload.as_deref().map(AccountSnapshot::from_json) {
-                None => {
-                    latest.remove(key);
-                }
-                Some(Ok(snapshot)) => {
-                    let keep = latest.get(key).is_none_or(|current| {
-                        !current.covers(&snapshot) || snapshot.covers(current)
-                    });
-                    if keep {
-                        latest.insert(key, snapshot);
-                    }
-                }
-                Some(Err(error)) => events::UnreadableRecord {
-                    topic: &self.state_topic,
-                    partition,
-                    offset: record.offset,
-                    error: &error,
-                }
-                .emit(metrics),
-            }
-        }
+        let latest: Vec<AccountSnapshot> = latest_snapshots(
+            (&self.state_topic, partition),
+            records,
+            is_account_key,
+            metrics,
+        );
         let mut book = AccountBook::new(self.window.clone());
-        for snapshot in latest.values() {
+        for snapshot in &latest {
             book.restore(snapshot);
         }
         book.expire(now);

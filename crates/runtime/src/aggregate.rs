@@ -16,7 +16,7 @@
 //! snapshots). A newly assigned partition is restored from its state partition before any
 //! delta of it is applied.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
 
 use npsflow_core::{AccountDelta, SegmentDelta, SegmentSnapshot, Timestamp, WindowSummary};
@@ -28,7 +28,7 @@ use crate::config::{ClockKind, Config, TopicSettings};
 use crate::engine::{Binding, Engine, RoleMachine, TopicPartition};
 use crate::kafka::Outgoing;
 use crate::metrics::{events, Metrics};
-use crate::state::{StateRead, StoredRecord};
+use crate::state::{latest_snapshots, StateRead, StoredRecord};
 use crate::view::{AggregateView, Row};
 use crate::RuntimeError;
 
@@ -118,43 +118,6 @@ impl AggregateRole {
     }
 }
 
-/// Of the snapshots read back for one partition (compaction may not have run yet, so older
-/// ones can still be there), one per segment: the one that has applied the most.
-fn latest_snapshots(
-    topic: &str,
-    partition: i32,
-    records: &[StoredRecord],
-    metrics: &Metrics,
-) -> Vec<SegmentSnapshot> {
-    let mut latest: BTreeMap<&[u8], SegmentSnapshot> = BTreeMap::new();
-    for record in records {
-        let Some(key) = record.key.as_deref().filter(|k| !is_account_key(k)) else {
-            continue; // an account's: see OwnedAccounts::restore
-        };
-        match record.payload.as_deref().map(SegmentSnapshot::from_json) {
-            None => {
-                latest.remove(key);
-            }
-            Some(Ok(snapshot)) => {
-                let keep = latest
-                    .get(key)
-                    .is_none_or(|current| !current.covers(&snapshot) || snapshot.covers(current));
-                if keep {
-                    latest.insert(key, snapshot);
-                }
-            }
-            Some(Err(error)) => events::UnreadableRecord {
-                topic,
-                partition,
-                offset: record.offset,
-                error: &error,
-            }
-            .emit(metrics),
-        }
-    }
-    latest.into_values().collect()
-}
-
 impl RoleMachine for AggregateRole {
     fn handle_assigned(&mut self, partitions: &[TopicPartition]) -> Vec<StateRead> {
         partitions
@@ -168,7 +131,13 @@ impl RoleMachine for AggregateRole {
 
     fn handle_restored(&mut self, read: &StateRead, records: Vec<StoredRecord>, now: Timestamp) {
         let partition = read.partition();
-        let snapshots = latest_snapshots(&self.topics.state, partition, &records, &self.metrics);
+        // An account's snapshots: see OwnedAccounts::restore.
+        let snapshots: Vec<SegmentSnapshot> = latest_snapshots(
+            (&self.topics.state, partition),
+            &records,
+            |key| !is_account_key(key),
+            &self.metrics,
+        );
         self.accounts
             .restore(partition, &records, &self.metrics, now);
         {

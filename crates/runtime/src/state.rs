@@ -383,6 +383,73 @@ pub fn check_copartitioned(
     Ok(())
 }
 
+/// A snapshot kept on a compacted state topic (a segment's, an account's): how it is read,
+/// and which of two snapshots of one key is further along.
+pub trait Snapshot: Sized {
+    /// Parses one.
+    fn decode(bytes: &[u8]) -> Result<Self, npsflow_core::delta::BadDelta>;
+    /// True if this one has applied at least everything `other` has.
+    fn covers(&self, other: &Self) -> bool;
+}
+
+impl Snapshot for npsflow_core::SegmentSnapshot {
+    fn decode(bytes: &[u8]) -> Result<Self, npsflow_core::delta::BadDelta> {
+        Self::from_json(bytes)
+    }
+    fn covers(&self, other: &Self) -> bool {
+        self.covers(other)
+    }
+}
+
+impl Snapshot for npsflow_core::AccountSnapshot {
+    fn decode(bytes: &[u8]) -> Result<Self, npsflow_core::delta::BadDelta> {
+        Self::from_json(bytes)
+    }
+    fn covers(&self, other: &Self) -> bool {
+        self.covers(other)
+    }
+}
+
+/// Of the records read back from one partition of a compacted state topic whose keys
+/// `wanted` accepts (compaction may not have run yet, so older snapshots can still be
+/// there), one snapshot per key: the last, unless an earlier one has applied more (a stale
+/// writer, such as a zombie, wrote after it); a tombstone removes the key. Unreadable records
+/// are reported and skipped.
+pub fn latest_snapshots<S: Snapshot>(
+    (topic, partition): (&str, i32),
+    records: &[StoredRecord],
+    wanted: impl Fn(&[u8]) -> bool,
+    metrics: &crate::metrics::Metrics,
+) -> Vec<S> {
+    let mut latest: BTreeMap<&[u8], S> = BTreeMap::new();
+    for record in records {
+        let Some(key) = record.key.as_deref().filter(|k| wanted(k)) else {
+            continue;
+        };
+        match record.payload.as_deref().map(S::decode) {
+            None => {
+                latest.remove(key);
+            }
+            Some(Ok(snapshot)) => {
+                let keep = latest
+                    .get(key)
+                    .is_none_or(|current| !current.covers(&snapshot) || snapshot.covers(current));
+                if keep {
+                    latest.insert(key, snapshot);
+                }
+            }
+            Some(Err(error)) => crate::metrics::events::UnreadableRecord {
+                topic,
+                partition,
+                offset: record.offset,
+                error: &error,
+            }
+            .emit(metrics),
+        }
+    }
+    latest.into_values().collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
