@@ -139,6 +139,27 @@ fn error(status: StatusCode, message: String) -> Response {
     (status, Json(json!({ "error": message }))).into_response()
 }
 
+/// Query parameter `name`, `true` or `false` if given; anything else is a bad request (the
+/// error says why).
+fn flag(query: &HashMap<String, String>, name: &str) -> Result<Option<bool>, String> {
+    match query.get(name).map(String::as_str) {
+        None => Ok(None),
+        Some("true") => Ok(Some(true)),
+        Some("false") => Ok(Some(false)),
+        Some(_) => Err(format!("{name} is true or false")),
+    }
+}
+
+/// Query parameter `limit`, a whole number from 1 to `max` (`default` if not given);
+/// anything else is a bad request (the error says why).
+fn limit(query: &HashMap<String, String>, default: usize, max: usize) -> Result<usize, String> {
+    match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => Ok(default),
+        Some(Ok(n)) if (1..=max).contains(&n) => Ok(n),
+        Some(_) => Err(format!("limit is a whole number from 1 to {max}")),
+    }
+}
+
 /// A path parameter that cannot be read (not UTF-8 once percent-decoded): a JSON error like
 /// every other, instead of axum's plain-text one.
 fn bad_path(rejection: PathRejection) -> Response {
@@ -297,21 +318,9 @@ async fn cases(
             }
         },
     };
-    let overdue = match query.get("overdue").map(String::as_str) {
-        None => None,
-        Some("true") => Some(true),
-        Some("false") => Some(false),
-        Some(_) => return error(StatusCode::BAD_REQUEST, "overdue is true or false".into()),
-    };
-    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
-        None => 1000,
-        Some(Ok(n)) if (1..=MAX_CASES).contains(&n) => n,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("limit is a whole number from 1 to {MAX_CASES}"),
-            )
-        }
+    let (overdue, limit) = match (flag(&query, "overdue"), limit(&query, 1000, MAX_CASES)) {
+        (Ok(overdue), Ok(limit)) => (overdue, limit),
+        (Err(why), _) | (_, Err(why)) => return error(StatusCode::BAD_REQUEST, why),
     };
     let Some(directory) = &state.cases else {
         return no_directory();
@@ -496,20 +505,9 @@ async fn accounts(
     State(state): State<AppState>,
     Query(query): Query<HashMap<String, String>>,
 ) -> Response {
-    let at_risk = match query.get("at_risk").map(String::as_str) {
-        None | Some("false") => false,
-        Some("true") => true,
-        Some(_) => return error(StatusCode::BAD_REQUEST, "at_risk is true or false".into()),
-    };
-    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
-        None => 100,
-        Some(Ok(n)) if (1..=MAX_ACCOUNTS).contains(&n) => n,
-        Some(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                format!("limit is a whole number from 1 to {MAX_ACCOUNTS}"),
-            )
-        }
+    let (at_risk, limit) = match (flag(&query, "at_risk"), limit(&query, 100, MAX_ACCOUNTS)) {
+        (Ok(at_risk), Ok(limit)) => (at_risk.unwrap_or(false), limit),
+        (Err(why), _) | (_, Err(why)) => return error(StatusCode::BAD_REQUEST, why),
     };
     let cases = cases_by_account(&state, None);
     let with_cases = cases.is_some();
@@ -740,7 +738,10 @@ mod tests {
             ["acme", "beta"],
             "lowest NPS first, the first `limit`"
         );
-        let (status, _) = get_json(&state, "/v1/accounts?at_risk=maybe").await;
-        assert_eq!(status, StatusCode::BAD_REQUEST);
+        for bad in ["at_risk=maybe", "limit=0", "limit=10001", "limit=ten"] {
+            let (status, body) = get_json(&state, &format!("/v1/accounts?{bad}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+            assert!(body["error"].as_str().is_some_and(|e| e.contains(" is ")));
+        }
     }
 }
