@@ -55,13 +55,13 @@ export NPSFLOW__LOG__FORMAT=json
 echo "== producing $count seeded messages ($broker)"
 "$bin" loadgen --count "$count" --rate 0 --seed 7 >/dev/null 2>&1
 
-# Prints "wall_ns cpu_ticks rss_kib" of a finished or running process.
+# Prints "wall_ns cpu_ticks rss_kib minor_faults" of a running process.
 measure() { # pid start_ns
-  local end_ns utime stime rss
+  local end_ns utime stime rss faults
   end_ns=$(date +%s%N)
-  read -r utime stime < <(awk '{print $14, $15}' "/proc/$1/stat")
+  read -r faults utime stime < <(awk '{print $10, $14, $15}' "/proc/$1/stat")
   rss=$(awk '/VmHWM/ {print $2}' "/proc/$1/status")
-  echo "$((end_ns - $2)) $((utime + stime)) $rss"
+  echo "$((end_ns - $2)) $((utime + stime)) $rss $faults"
 }
 
 echo "== transport floor: a bare consumer reads all $count"
@@ -113,11 +113,12 @@ import sys
 count, ticks = int(sys.argv[1]), int(sys.argv[2])
 rows = []
 for name, figures in (("transport floor", sys.argv[3]), ("npsflow run", sys.argv[4])):
-    wall_ns, cpu_ticks, rss_kib = (int(x) for x in figures.split())
+    wall_ns, cpu_ticks, rss_kib = (int(x) for x in figures.split()[:3])
     wall, cpu = wall_ns / 1e9, cpu_ticks / ticks
     rows.append((name, count / cpu, count / wall, rss_kib / 1024, wall, cpu))
 print(f"{'':18}{'events/cpu-s':>14}{'wall events/s':>15}{'max rss MiB':>13}{'wall s':>9}{'cpu s':>8}")
 for name, per_cpu, per_wall, rss, wall, cpu in rows:
     print(f"{name:18}{per_cpu:>14,.0f}{per_wall:>15,.0f}{rss:>13,.0f}{wall:>9.2f}{cpu:>8.2f}")
+print(f"npsflow run: {int(sys.argv[4].split()[3]):,} minor page faults")
 print(f"npsflow costs {rows[0][1] / rows[1][1]:.1f}x the transport floor's CPU per event ({count} messages)")
 EOF

@@ -7,13 +7,15 @@
 //! - `pipeline`: the ingest stage plus `SegmentStore::apply` of every delta (the aggregator's
 //!   window updates), i.e. ingest to counted windows, without Kafka and the delta JSON.
 //! - `restore`: rebuilding 10,000 segments from snapshot messages.
+//! - `decode alert`: the followup role's decoding of the detractor alerts those events cause,
+//!   as the ingest stage writes them to `npsflow.followups`.
 //!
 //! Run: `cargo bench -p npsflow-core --bench core`. Results go in BENCHMARKS.md.
 
 use criterion::{criterion_main, BatchSize, Criterion, Throughput};
 use npsflow_core::{
-    decode, ClockKind, Ingest, IngestSpec, Routing, SegmentDelta, SegmentSnapshot, SegmentSpec,
-    SegmentStore, Span, Timestamp, WindowSpecs,
+    decode, decode_alert, ClockKind, Ingest, IngestSpec, Routing, SegmentDelta, SegmentSnapshot,
+    SegmentSpec, SegmentStore, Span, Timestamp, WindowSpecs,
 };
 
 const EVENTS: usize = 100_000;
@@ -148,9 +150,34 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
+/// The detractor alerts of `events()`, as JSON on `npsflow.followups`.
+fn alerts(events: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    let mut ingest = ingest();
+    events
+        .iter()
+        .enumerate()
+        .filter_map(|(offset, e)| ingest.process(0, offset as i64, e, Timestamp(NOW)).alert)
+        .map(|alert| alert.to_json())
+        .collect()
+}
+
+fn followup(c: &mut Criterion) {
+    let alerts = alerts(&events());
+    let mut group = c.benchmark_group("followup");
+    group.throughput(Throughput::Elements(alerts.len() as u64));
+    group.sample_size(20);
+    group.bench_function("decode alert", |b| {
+        b.iter(|| {
+            let decoded = alerts.iter().filter(|a| decode_alert(a).is_ok()).count();
+            assert_eq!(decoded, alerts.len());
+        })
+    });
+    group.finish();
+}
+
 #[allow(missing_docs)]
 mod group {
-    criterion::criterion_group!(benches, super::bench);
+    criterion::criterion_group!(benches, super::bench, super::followup);
 }
 use group::benches;
 /// 10,000 segments, each with all four windows full (responses in every bucket), as

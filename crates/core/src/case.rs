@@ -14,10 +14,13 @@
 //! what was known when a deadline passed, so they are recorded on the case, once per level,
 //! and never undone.
 
+use std::borrow::Cow;
+use std::collections::btree_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::Value;
 
 use crate::alert::Severity;
@@ -246,37 +249,65 @@ impl fmt::Display for InvalidOutcome {
 
 impl std::error::Error for InvalidOutcome {}
 
-/// The top-level fields of a JSON object, refusing duplicates (serde_json keeps the last).
-fn object_fields(bytes: &[u8]) -> Result<BTreeMap<String, Value>, InvalidOutcome> {
-    struct Object(BTreeMap<String, Value>);
-    impl<'de> Deserialize<'de> for Object {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object, D::Error> {
+/// The top-level fields of a JSON object, each as its raw JSON text, refusing duplicate names
+/// (serde_json would keep the last). One pass over the message: only the fields a decoder
+/// reads are parsed further, so unknown fields cost a syntax check and no allocation.
+fn object_fields(bytes: &[u8]) -> Result<Fields<'_>, InvalidOutcome> {
+    /// A field name, borrowed from the message unless it has escapes.
+    struct Name<'a>(Cow<'a, str>);
+    impl<'de> Deserialize<'de> for Name<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Name<'de>, D::Error> {
             struct V;
             impl<'de> serde::de::Visitor<'de> for V {
-                type Value = Object;
+                type Value = Name<'de>;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a field name")
+                }
+                fn visit_borrowed_str<E>(self, name: &'de str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Borrowed(name)))
+                }
+                fn visit_str<E>(self, name: &str) -> Result<Name<'de>, E> {
+                    Ok(Name(Cow::Owned(name.to_owned())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    struct Object<'a>(Fields<'a>);
+    impl<'de> Deserialize<'de> for Object<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Object<'de>, D::Error> {
+            struct V;
+            impl<'de> serde::de::Visitor<'de> for V {
+                type Value = Object<'de>;
                 fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                     f.write_str("an object")
                 }
                 fn visit_map<A: serde::de::MapAccess<'de>>(
                     self,
                     mut map: A,
-                ) -> Result<Object, A::Error> {
+                ) -> Result<Object<'de>, A::Error> {
                     let mut out = BTreeMap::new();
-                    while let Some(key) = map.next_key::<String>()? {
-                        let value: Value = map.next_value()?;
-                        if out.insert(key.clone(), value).is_some() {
-                            return Err(serde::de::Error::custom(format_args!(
-                                "\u{0}duplicate:{key}"
-                            )));
+                    while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+                        let value: &'de RawValue = map.next_value()?;
+                        match out.entry(name) {
+                            Entry::Vacant(free) => {
+                                free.insert(value);
+                            }
+                            Entry::Occupied(taken) => {
+                                return Err(serde::de::Error::custom(format_args!(
+                                    "\u{0}duplicate:{}",
+                                    taken.key()
+                                )))
+                            }
                         }
                     }
-                    Ok(Object(out))
+                    Ok(Object(Fields(out)))
                 }
             }
             d.deserialize_any(V)
         }
     }
-    match serde_json::from_slice::<Object>(bytes) {
+    match serde_json::from_slice::<Object<'_>>(bytes) {
         Ok(object) => Ok(object.0),
         Err(e) => {
             let text = e.to_string();
@@ -302,20 +333,45 @@ fn object_fields(bytes: &[u8]) -> Result<BTreeMap<String, Value>, InvalidOutcome
     }
 }
 
-struct Fields(BTreeMap<String, Value>);
+/// A message's top-level fields as raw JSON (see [`object_fields`]).
+struct Fields<'a>(BTreeMap<Cow<'a, str>, &'a RawValue>);
 
-impl Fields {
-    fn text(&self, name: &'static str, max: usize) -> Result<Option<String>, InvalidOutcome> {
-        match self.0.get(name) {
-            None | Some(Value::Null) => Ok(None),
-            Some(Value::String(s)) => {
-                let chars = s.chars().count();
-                if chars == 0 || chars > max {
-                    return Err(InvalidOutcome::BadLength(name, max));
-                }
-                Ok(Some(s.clone()))
+impl Fields<'_> {
+    /// The field's raw JSON; `None` when it is absent or `null`.
+    fn raw(&self, name: &str) -> Option<&RawValue> {
+        self.0.get(name).copied().filter(|raw| raw.get() != "null")
+    }
+
+    /// The field parsed as a `T`; `None` when absent or `null`. A value of another JSON type
+    /// is `wrong_type` (`expected` says what it should be); a string with an escape JSON does
+    /// not allow (a lone surrogate) is `not_json`, as it would be anywhere else.
+    fn parse<'de, T: Deserialize<'de>>(
+        &'de self,
+        name: &'static str,
+        expected: &'static str,
+    ) -> Result<Option<T>, InvalidOutcome> {
+        let Some(raw) = self.raw(name) else {
+            return Ok(None);
+        };
+        serde_json::from_str(raw.get()).map(Some).map_err(|e| {
+            if e.classify() == serde_json::error::Category::Data {
+                InvalidOutcome::WrongType(name, expected)
+            } else {
+                InvalidOutcome::NotJson(format!("{:?} error in field {name}", e.classify()))
             }
-            Some(_) => Err(InvalidOutcome::WrongType(name, "a string")),
+        })
+    }
+
+    fn string(&self, name: &'static str) -> Result<Option<String>, InvalidOutcome> {
+        self.parse(name, "a string")
+    }
+
+    fn text(&self, name: &'static str, max: usize) -> Result<Option<String>, InvalidOutcome> {
+        match self.string(name)? {
+            Some(s) if s.is_empty() || s.chars().count() > max => {
+                Err(InvalidOutcome::BadLength(name, max))
+            }
+            text => Ok(text),
         }
     }
 
@@ -347,18 +403,16 @@ impl Fields {
 /// ignored; `null` counts as absent; `assignee` is required for `reassigned` and
 /// `resolution` for `resolved` and `closed`. Never panics.
 pub fn decode_outcome(bytes: &[u8]) -> Result<OutcomeEvent, InvalidOutcome> {
-    let fields = Fields(object_fields(bytes)?);
+    let fields = object_fields(bytes)?;
     let kind = fields
         .named("type", OutcomeType::parse)?
         .ok_or(InvalidOutcome::MissingField("type"))?;
-    let root_causes = match fields.0.get("root_causes") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(items)) if items.len() <= MAX_ROOT_CAUSES => items
-            .iter()
+    let root_causes = match fields.parse::<Vec<Value>>("root_causes", "an array of strings")? {
+        None => Vec::new(),
+        Some(items) if items.len() <= MAX_ROOT_CAUSES => items
+            .into_iter()
             .map(|item| match item {
-                Value::String(s) if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => {
-                    Ok(s.clone())
-                }
+                Value::String(s) if !s.is_empty() && s.chars().count() <= MAX_ID_CHARS => Ok(s),
                 Value::String(_) => Err(InvalidOutcome::BadLength("root_causes", MAX_ID_CHARS)),
                 _ => Err(InvalidOutcome::WrongType(
                     "root_causes",
@@ -427,52 +481,51 @@ pub struct CaseAlert {
 /// `duplicate_field`, `missing_field`, `wrong_type`, `unknown_value`, `bad_timestamp`), never
 /// quoting the message. Unknown fields are ignored; `null` counts as absent.
 pub fn decode_alert(bytes: &[u8]) -> Result<CaseAlert, InvalidOutcome> {
-    let fields = Fields(object_fields(bytes)?);
-    for name in ["alert_id", "response_id", "customer_id", "owner"] {
-        match fields.0.get(name) {
-            None | Some(Value::Null) => return Err(InvalidOutcome::MissingField(name)),
-            Some(Value::String(_)) => {}
-            Some(_) => return Err(InvalidOutcome::WrongType(name, "a string")),
-        }
+    let fields = object_fields(bytes)?;
+    let required = |name| {
+        fields
+            .string(name)?
+            .ok_or(InvalidOutcome::MissingField(name))
+    };
+    let (alert_id, response_id, customer_id, owner) = (
+        required("alert_id")?,
+        required("response_id")?,
+        required("customer_id")?,
+        required("owner")?,
+    );
+    let (account_id, survey_id) = (fields.string("account_id")?, fields.string("survey_id")?);
+    let score = fields
+        .parse::<u8>("score", "a whole number from 0 to 10")?
+        .ok_or(InvalidOutcome::MissingField("score"))?;
+    if score > 10 {
+        return Err(InvalidOutcome::WrongType(
+            "score",
+            "a whole number from 0 to 10",
+        ));
     }
-    for name in ["account_id", "survey_id"] {
-        if !matches!(
-            fields.0.get(name),
-            None | Some(Value::Null | Value::String(_))
-        ) {
-            return Err(InvalidOutcome::WrongType(name, "a string"));
-        }
-    }
-    match fields.0.get("score") {
-        None | Some(Value::Null) => return Err(InvalidOutcome::MissingField("score")),
-        Some(Value::Number(n)) if n.as_u64().is_some_and(|score| score <= 10) => {}
-        Some(_) => {
-            return Err(InvalidOutcome::WrongType(
-                "score",
-                "a whole number from 0 to 10",
-            ))
-        }
-    }
-    fields
-        .named("severity", |text| {
-            ["low", "medium", "high"].contains(&text).then_some(())
+    let severity = fields
+        .named("severity", |text| match text {
+            "low" => Some(Severity::Low),
+            "medium" => Some(Severity::Medium),
+            "high" => Some(Severity::High),
+            _ => None,
         })?
         .ok_or(InvalidOutcome::MissingField("severity"))?;
-    match fields.0.get("segments") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(map)) if map.values().all(Value::is_string) => {}
-        Some(_) => {
-            return Err(InvalidOutcome::WrongType(
-                "segments",
-                "an object of strings",
-            ))
-        }
-    }
-    fields.timestamp("responded_at")?;
-    // Every field serde reads was checked above, so this only fails on a case the checks
-    // missed; that is still a wrong type, not a syntax error.
-    serde_json::from_slice(bytes)
-        .map_err(|_| InvalidOutcome::WrongType("alert", "a detractor alert"))
+    let segments = fields
+        .parse("segments", "an object of strings")?
+        .unwrap_or_default();
+    Ok(CaseAlert {
+        alert_id,
+        response_id,
+        customer_id,
+        account_id,
+        survey_id,
+        owner,
+        score,
+        severity,
+        segments,
+        responded_at: fields.timestamp("responded_at")?,
+    })
 }
 
 /// One escalation of a case.

@@ -132,6 +132,25 @@ fn unusable_alerts_get_the_reason_that_fits_not_always_not_json() {
     assert_eq!(code(b"\xff\xfe"), "not_json");
     assert_eq!(code(b"[1,2]"), "not_an_object");
     assert_eq!(code(br#"{"owner":"a","owner":"b"}"#), "duplicate_field");
+    // A name written with an escape is still the same name.
+    assert_eq!(
+        code(br#"{"owner":"a","own\u0065r":"b"}"#),
+        "duplicate_field"
+    );
+    // A known field's string with an escape JSON does not allow is not JSON, as anywhere.
+    let lone = String::from_utf8(with("owner", "LONE".into()))
+        .expect("utf-8")
+        .replace(r#""LONE""#, r#""\ud800""#);
+    assert_eq!(code(lone.as_bytes()), "not_json");
+    // Unknown fields are checked for syntax only and otherwise ignored.
+    let extra = String::from_utf8(with("extra", "EXTRA".into()))
+        .expect("utf-8")
+        .replace(
+            r#""EXTRA""#,
+            r#"{"deep":[1,{"a":null}],"n":1e400,"s":"\ud800"}"#,
+        );
+    assert!(decode_alert(extra.as_bytes()).is_ok(), "{extra}");
+    assert_eq!(code(&extra.as_bytes()[..extra.len() - 1]), "not_json");
     for field in [
         "alert_id",
         "response_id",
