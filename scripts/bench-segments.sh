@@ -10,6 +10,9 @@
 #      restore's own time and record count from its log, and its RSS.
 # A benchmark, not a test: it asserts nothing about speed or size.
 #   scripts/bench-segments.sh [S] [N]
+#   NPSFLOW_BENCH_BROKER=noida scripts/bench-segments.sh  # on noida-db instead of Tansu: how
+#                                                         # long the restore takes when the
+#                                                         # broker serves the state quickly
 set -euo pipefail
 cd "$(dirname "$0")/.."
 segments="${1:-10000}"
@@ -19,9 +22,10 @@ http_port="${NPSFLOW_BENCH_HTTP_PORT:-19467}"
 work=".tmp/bench-segments-$$"
 mkdir -p "$work"
 pid=""
+broker="${NPSFLOW_BENCH_BROKER:-tansu}"
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
-  scripts/tansu.sh stop "$port"
+  "scripts/$broker.sh" stop "$port"
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -29,7 +33,21 @@ trap cleanup EXIT
 python3 -c "import confluent_kafka" 2>/dev/null || pip install --quiet confluent-kafka
 cargo build -j2 --release -p npsflow --bins --example transport_floor
 bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
-scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
+case "$broker" in
+tansu)
+  # Tansu resolves sqlite paths relative to its working directory (the repository root).
+  scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
+  ;;
+noida)
+  scripts/noida.sh start "$port" "$PWD/$work/noida"
+  # noida-db's cooperative-sticky rebalancing hangs; one process needs no rebalancing.
+  export NPSFLOW__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY=range
+  ;;
+*)
+  echo "NPSFLOW_BENCH_BROKER: tansu or noida" >&2
+  exit 2
+  ;;
+esac
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
 export NPSFLOW__LOG__FORMAT=json
@@ -96,6 +114,8 @@ until curl -sf "http://127.0.0.1:$http_port/readyz" >/dev/null 2>&1; do
   sleep 0.05
 done
 ready_ms=$(( ($(date +%s%N) - start_ns) / 1000000 ))
+ready_rss=$(rss "$pid")
 scrape
 restored=$(grep '"restored"' "$work/restore.log" | tail -1 | grep -o '"records":[0-9]*\|"millis":[0-9]*' | tr '\n' ' ')
-echo "ready after ${ready_ms} ms; restore: ${restored}; segments owned: $(gauge npsflow_segments); RSS: $(rss "$pid")"
+echo "ready after ${ready_ms} ms; restore: ${restored}; RSS: ${ready_rss}"
+echo "after one scrape: segments owned: $(gauge npsflow_segments); RSS: $(rss "$pid")"

@@ -44,6 +44,12 @@ impl<V> Default for Table<V> {
 /// Every follow-up case by `case_id`, from the cases topic.
 pub type CaseDirectory = Table<FollowupCase>;
 
+/// Every segment summary by `<window>|<segment>`, from the segment view topic, each kept as
+/// its record's JSON text (checked to be JSON when read) and parsed only when served: as
+/// parsed JSON values, 10,000 segments x 4 windows took ~130 MB on every instance, as text
+/// ~15 MB (BENCHMARKS.md).
+pub type SegmentViewTable = Table<Box<serde_json::value::RawValue>>;
+
 impl<V: Clone> Table<V> {
     /// The value of a key.
     pub fn get(&self, key: &str) -> Option<V> {

@@ -32,7 +32,7 @@ pub struct AppState {
     /// Segment windows, if the aggregate role runs here.
     pub view: Option<Arc<RwLock<AggregateView>>>,
     /// Every segment summary from the view topic, by `<window>|<segment>`.
-    pub segment_view: Arc<crate::directory::Table<Value>>,
+    pub segment_view: Arc<crate::directory::SegmentViewTable>,
     /// The configured windows' names, in order.
     pub windows: Vec<String>,
     /// Every account summary from the account view topic, by `account_id`.
@@ -200,6 +200,10 @@ fn segment_rows(state: &AppState, segment: Option<&str>, window: Option<&str>) -
         let (Some(index), true) = (order(w), wanted(name, w)) else {
             continue;
         };
+        // Parsed only when served: the table keeps each record's text (see the table).
+        let Ok(row) = serde_json::from_str::<Value>(row.get()) else {
+            continue;
+        };
         let computed_at = row["computed_at"]
             .as_str()
             .and_then(npsflow_core::Timestamp::parse_rfc3339);
@@ -209,7 +213,7 @@ fn segment_rows(state: &AppState, segment: Option<&str>, window: Option<&str>) -
             "age_seconds": computed_at.map(|t| (now.millis() - t.millis()).max(0) as f64 / 1000.0),
             "caught_up_at": caught_up_at.map(|t| t.to_rfc3339()),
         });
-        rows.insert((name.to_owned(), index), with_as_of(row.clone(), as_of));
+        rows.insert((name.to_owned(), index), with_as_of(row, as_of));
     }
     if let Some(view) = &state.view {
         let view = view.read().unwrap_or_else(|e| e.into_inner());

@@ -123,7 +123,7 @@ pub struct Process {
     pub directory: Option<Arc<directory::CaseDirectory>>,
     /// Every segment summary, read from the segment view topic (any instance answers for
     /// every segment), by `<window>|<segment>`.
-    pub segment_view: Arc<directory::Table<serde_json::Value>>,
+    pub segment_view: Arc<directory::SegmentViewTable>,
     /// Every account summary, read from the account view topic, by `account_id`.
     pub account_view: Arc<directory::Table<accounts::AccountRow>>,
     /// The configured windows' names, in order.
