@@ -614,6 +614,54 @@ mod tests {
             .contains("npsflow_role_ready{role=\"ingest\"} 0"));
     }
 
+    /// Segments this process does not own are served from the view table, which keeps each
+    /// record's text: parsed when asked for, `computed_at` moved into `as_of`, a record that
+    /// is not JSON refused when read (not served), a tombstone removing the row.
+    #[test]
+    fn segments_from_the_view_table_are_parsed_when_served() {
+        let state = AppState {
+            metrics: Metrics::new(),
+            health: Arc::new(Health::default()),
+            view: None,
+            segment_view: Arc::default(),
+            windows: vec!["1h".into(), "24h".into()],
+            account_view: Arc::default(),
+            account_window: crate::accounts::account_window(
+                &crate::config::Config::load(None, Vec::<(String, String)>::new())
+                    .expect("defaults"),
+            ),
+            at_risk_below: 0.0,
+            cases: None,
+            clock: Arc::new(crate::engine::WallClock),
+        };
+        let table = &state.segment_view;
+        let record = br#"{"segment":"region=east","window":"24h","nps":12.5,"responses":{"promoter":3},"computed_at":"2026-11-22T12:00:00Z"}"#;
+        table.apply(b"24h|region=east", Some(record)).expect("JSON");
+        table
+            .apply(
+                b"1h|region=east",
+                Some(br#"{"segment":"region=east","window":"1h","nps":-5.0}"#),
+            )
+            .expect("JSON");
+        table.apply(b"1h|all", Some(b"{}")).expect("JSON");
+        assert!(table.apply(b"24h|all", Some(b"{not json")).is_err());
+        table.apply(b"1h|all", None).expect("a tombstone");
+
+        let rows = segment_rows(&state, Some("region=east"), None);
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert_eq!(
+            (rows[0]["window"].as_str(), rows[1]["window"].as_str()),
+            (Some("1h"), Some("24h"))
+        );
+        assert_eq!(rows[1]["nps"], json!(12.5));
+        assert_eq!(rows[1]["responses"]["promoter"], json!(3));
+        assert_eq!(rows[1]["as_of"]["source"], "view");
+        assert_eq!(rows[1]["as_of"]["computed_at"], "2026-11-22T12:00:00.000Z");
+        assert!(rows[1].get("computed_at").is_none());
+        assert_eq!(segment_rows(&state, None, Some("24h")).len(), 1);
+        assert!(segment_rows(&state, Some("all"), None).is_empty());
+    }
+
     /// Calls the account handlers as the router would for `uri`.
     async fn get_json(state: &AppState, uri: &str) -> (StatusCode, Value) {
         let response = match uri.strip_prefix("/v1/accounts/") {
