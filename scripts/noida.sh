@@ -37,7 +37,9 @@ start)
   mkdir -p "$data"
   # The binary wants a newer glibc symbol version than Debian 12 has and says so once on
   # stderr; it runs fine (checked by the tiers that use it).
-  (cd "$data" && exec "$venv/bin/noida-db" start --only kafka --data-dir "$data" \
+  # In a session of its own, so that `stop` reaches every process of it (the Python entry
+  # point runs the broker as a child).
+  (cd "$data" && exec setsid "$venv/bin/noida-db" start --only kafka --data-dir "$data" \
     --kafka-port "$port") >"$state_dir/broker.log" 2>&1 &
   echo $! >"$state_dir/pid"
   echo "$data" >"$state_dir/data"
@@ -55,15 +57,16 @@ start)
 stop)
   if [ -f "$state_dir/pid" ]; then
     pid="$(cat "$state_dir/pid")"
-    # The wrapper's child is the broker: stop both, gracefully first.
-    pkill -TERM -P "$pid" 2>/dev/null || true
-    kill -TERM "$pid" 2>/dev/null || true
-    for _ in $(seq 1 100); do
-      kill -0 "$pid" 2>/dev/null || pgrep -P "$pid" >/dev/null 2>&1 || break
+    # Every process of the broker's session, gracefully first. With much data it takes a
+    # while to close (over 10 s at 100,000 messages): until the last of them has exited it
+    # holds its data directory and its port, and a start on the same directory would fail.
+    pkill -TERM -s "$pid" 2>/dev/null || true
+    for _ in $(seq 1 600); do
+      pgrep -s "$pid" >/dev/null 2>&1 || break
       sleep 0.1
     done
-    pkill -KILL -P "$pid" 2>/dev/null || true
-    kill -KILL "$pid" 2>/dev/null || true
+    pkill -KILL -s "$pid" 2>/dev/null || true
+    while pgrep -s "$pid" >/dev/null 2>&1; do sleep 0.1; done
     rm -f "$state_dir/pid"
   fi
   ;;
