@@ -564,24 +564,32 @@ mod tests {
         String::from_utf8(body.to_vec()).expect("UTF-8")
     }
 
+    /// A process's HTTP state with nothing read yet: no owned segments, empty view tables, no
+    /// case directory, the default account window, the wall clock.
+    fn test_state(windows: &[&str]) -> AppState {
+        let config =
+            crate::config::Config::load(None, Vec::<(String, String)>::new()).expect("defaults");
+        AppState {
+            metrics: Metrics::new(),
+            health: Arc::new(Health::default()),
+            view: None,
+            segment_view: Arc::default(),
+            windows: windows.iter().map(|w| (*w).to_owned()).collect(),
+            account_view: Arc::default(),
+            account_window: crate::accounts::account_window(&config),
+            at_risk_below: 0.0,
+            cases: None,
+            clock: Arc::new(crate::engine::WallClock),
+        }
+    }
+
     #[tokio::test]
     async fn metrics_show_each_roles_readiness_as_readyz_does() {
         let metrics = Metrics::new();
         metrics.prepare(&["ingest", "aggregate"], &[]);
         let state = AppState {
             metrics,
-            health: Arc::new(Health::default()),
-            view: None,
-            segment_view: Arc::default(),
-            windows: vec!["1h".into()],
-            account_view: Arc::default(),
-            account_window: crate::accounts::account_window(
-                &crate::config::Config::load(None, Vec::<(String, String)>::new())
-                    .expect("defaults"),
-            ),
-            at_risk_below: 0.0,
-            cases: None,
-            clock: Arc::new(crate::engine::WallClock),
+            ..test_state(&["1h"])
         };
         // Prepared but not started yet: not ready.
         let text = scrape(&state).await;
@@ -619,21 +627,7 @@ mod tests {
     /// is not JSON refused when read (not served), a tombstone removing the row.
     #[test]
     fn segments_from_the_view_table_are_parsed_when_served() {
-        let state = AppState {
-            metrics: Metrics::new(),
-            health: Arc::new(Health::default()),
-            view: None,
-            segment_view: Arc::default(),
-            windows: vec!["1h".into(), "24h".into()],
-            account_view: Arc::default(),
-            account_window: crate::accounts::account_window(
-                &crate::config::Config::load(None, Vec::<(String, String)>::new())
-                    .expect("defaults"),
-            ),
-            at_risk_below: 0.0,
-            cases: None,
-            clock: Arc::new(crate::engine::WallClock),
-        };
+        let state = test_state(&["1h", "24h"]);
         let table = &state.segment_view;
         let record = br#"{"segment":"region=east","window":"24h","nps":12.5,"responses":{"promoter":3},"computed_at":"2026-11-22T12:00:00Z"}"#;
         table.apply(b"24h|region=east", Some(record)).expect("JSON");
@@ -732,16 +726,11 @@ mod tests {
                 .expect("case");
         }
         let state = AppState {
-            metrics: Metrics::new(),
-            health: Arc::new(Health::default()),
-            view: None,
-            segment_view: Arc::default(),
-            windows: vec!["28d".into()],
             account_view: views,
             account_window: window,
-            at_risk_below: 0.0,
             cases: Some(directory),
             clock: Arc::new(crate::engine::ManualClock::new(now)),
+            ..test_state(&["28d"])
         };
         let (status, acme) = get_json(&state, "/v1/accounts/acme").await;
         assert_eq!(status, StatusCode::OK);
