@@ -22,7 +22,7 @@ http_port="${NPSFLOW_BENCH_HTTP_PORT:-19467}"
 work=".tmp/bench-segments-$$"
 mkdir -p "$work"
 pid=""
-broker="${NPSFLOW_BENCH_BROKER:-tansu}"
+source scripts/bench-broker.sh
 cleanup() {
   [ -n "$pid" ] && kill "$pid" 2>/dev/null || true
   "scripts/$broker.sh" stop "$port"
@@ -33,21 +33,7 @@ trap cleanup EXIT
 python3 -c "import confluent_kafka" 2>/dev/null || pip install --quiet confluent-kafka
 cargo build -j2 --release -p npsflow --bins --example transport_floor
 bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
-case "$broker" in
-tansu)
-  # Tansu resolves sqlite paths relative to its working directory (the repository root).
-  scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
-  ;;
-noida)
-  scripts/noida.sh start "$port" "$PWD/$work/noida"
-  # noida-db's cooperative-sticky rebalancing hangs; one process needs no rebalancing.
-  export NPSFLOW__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY=range
-  ;;
-*)
-  echo "NPSFLOW_BENCH_BROKER: tansu or noida" >&2
-  exit 2
-  ;;
-esac
+start_bench_broker "$port" "$work"
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
 export NPSFLOW__LOG__FORMAT=json

@@ -21,7 +21,7 @@ http_port="${NPSFLOW_BENCH_HTTP_PORT:-19466}"
 work=".tmp/bench-$$"
 mkdir -p "$work"
 run_pid=""
-broker="${NPSFLOW_BENCH_BROKER:-tansu}"
+source scripts/bench-broker.sh
 cleanup() {
   [ -n "$run_pid" ] && kill "$run_pid" 2>/dev/null || true
   "scripts/$broker.sh" stop "$port"
@@ -32,22 +32,7 @@ trap cleanup EXIT
 cargo build -j2 --release -p npsflow --bins --example transport_floor
 floor=target/release/examples/transport_floor
 bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
-case "$broker" in
-tansu)
-  # Tansu resolves sqlite paths relative to its working directory (the repository root).
-  scripts/tansu.sh start "$port" "sqlite:///$work/tansu.db"
-  ;;
-noida)
-  scripts/noida.sh start "$port" "$PWD/$work/noida"
-  # noida-db's cooperative-sticky rebalancing hangs; one process needs no rebalancing, but
-  # the group still has to form.
-  export NPSFLOW__KAFKA__PROPERTIES__PARTITION_ASSIGNMENT_STRATEGY=range
-  ;;
-*)
-  echo "NPSFLOW_BENCH_BROKER: tansu or noida" >&2
-  exit 2
-  ;;
-esac
+start_bench_broker "$port" "$work"
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
 export NPSFLOW__LOG__FORMAT=json
@@ -114,7 +99,8 @@ count, ticks = int(sys.argv[1]), int(sys.argv[2])
 rows = []
 for name, figures in (("transport floor", sys.argv[3]), ("npsflow run", sys.argv[4])):
     wall_ns, cpu_ticks, rss_kib = (int(x) for x in figures.split()[:3])
-    wall, cpu = wall_ns / 1e9, cpu_ticks / ticks
+    # At least one tick: a short run of the floor can finish within one.
+    wall, cpu = wall_ns / 1e9, max(cpu_ticks, 1) / ticks
     rows.append((name, count / cpu, count / wall, rss_kib / 1024, wall, cpu))
 print(f"{'':18}{'events/cpu-s':>14}{'wall events/s':>15}{'max rss MiB':>13}{'wall s':>9}{'cpu s':>8}")
 for name, per_cpu, per_wall, rss, wall, cpu in rows:

@@ -504,11 +504,8 @@ pub fn decode_alert(bytes: &[u8]) -> Result<CaseAlert, InvalidOutcome> {
         ));
     }
     let severity = fields
-        .named("severity", |text| match text {
-            "low" => Some(Severity::Low),
-            "medium" => Some(Severity::Medium),
-            "high" => Some(Severity::High),
-            _ => None,
+        .named("severity", |text| {
+            Severity::ALL.into_iter().find(|s| s.as_str() == text)
         })?
         .ok_or(InvalidOutcome::MissingField("severity"))?;
     let segments = fields
