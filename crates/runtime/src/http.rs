@@ -80,13 +80,19 @@ pub async fn bind(address: &str) -> std::io::Result<(tokio::net::TcpListener, So
     Ok((listener, local))
 }
 
+/// The text exposition, sent in pieces as they are written (with many segments the whole text
+/// is tens of megabytes, never held at once).
 async fn metrics(State(state): State<AppState>) -> Response {
+    let pieces = state.metrics.exposition_with(&state.health);
+    let body = axum::body::Body::from_stream(futures::stream::iter(
+        pieces.map(Ok::<_, std::convert::Infallible>),
+    ));
     (
         [(
             header::CONTENT_TYPE,
             "text/plain; version=0.0.4; charset=utf-8",
         )],
-        state.metrics.render_with(&state.health),
+        body,
     )
         .into_response()
 }

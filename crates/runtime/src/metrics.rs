@@ -71,7 +71,7 @@ pub struct Metrics {
     resent: IntCounter,
     stalled_partitions: IntGaugeVec,
     role_up: IntGaugeVec,
-    /// `npsflow_role_ready{role}`: set from [`Health`] at every scrape ([`Metrics::render_with`]).
+    /// `npsflow_role_ready{role}`: set from [`Health`] at every scrape ([`Metrics::exposition_with`]).
     role_ready: IntGaugeVec,
     segments_owned: Gauge,
     unreadable_records: IntCounterVec,
@@ -432,19 +432,29 @@ impl Metrics {
         let _ = self.books.set(books);
     }
 
-    /// The Prometheus text exposition of every metric, with `npsflow_role_ready` set from
-    /// `health` at this moment (what `/readyz` would answer per role).
-    pub fn render_with(&self, health: &Health) -> String {
+    /// The Prometheus text exposition of every metric, as one text.
+    pub fn render(&self) -> String {
+        self.exposition().collect()
+    }
+
+    /// [`Metrics::exposition`], with `npsflow_role_ready` set from `health` at this moment
+    /// (what `/readyz` would answer per role).
+    pub fn exposition_with(
+        &self,
+        health: &Health,
+    ) -> impl Iterator<Item = String> + Send + 'static {
         for (role, state) in health.snapshot() {
             self.role_ready
                 .with_label_values(&[role])
                 .set(i64::from(state.ready()));
         }
-        self.render()
+        self.exposition()
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    /// The Prometheus text exposition of every metric, in pieces to be sent one after another:
+    /// the registry's metrics first, then the segment gauges ([`SegmentSeries`]), written only
+    /// as each piece is asked for.
+    pub fn exposition(&self) -> impl Iterator<Item = String> + Send + 'static {
         if let Some(books) = self.books.get() {
             let books = books.read().unwrap_or_else(|e| e.into_inner());
             self.cases.summarise(&books, crate::wall_now());
@@ -453,12 +463,12 @@ impl Metrics {
         TextEncoder::new()
             .encode(&self.registry.gather(), &mut buffer)
             .expect("text encoding cannot fail");
-        let mut text = String::from_utf8(buffer).expect("text exposition is UTF-8");
-        if let Some(view) = self.segments.get() {
+        let registry = String::from_utf8(buffer).expect("text exposition is UTF-8");
+        let segments = self.segments.get().map(|view| {
             let view = view.read().unwrap_or_else(|e| e.into_inner());
-            render_segments(&view, crate::wall_now(), &mut text);
-        }
-        text
+            SegmentSeries::of(&view, crate::wall_now())
+        });
+        std::iter::once(registry).chain(segments.into_iter().flat_map(SegmentSeries::pieces))
     }
 }
 
@@ -635,67 +645,138 @@ const ZSCORE: &str = "npsflow_segment_nps_change_zscore";
 const INVITATIONS: &str = "npsflow_segment_invitations";
 const RESPONSE_RATE: &str = "npsflow_segment_response_rate";
 
-/// Appends the segment gauges (`npsflow_segment_nps`, `_ci95`, `_responses`,
-/// `_nps_change_zscore`, `_invitations`, `_response_rate`) for every owned segment and window
-/// at `wall`, written straight as text: computed at scrape time (so windows drain as the
-/// clock moves, and a segment with no responses has no NPS series), without building a gauge
-/// vector per scrape (with many segments that cost more memory than the windows).
-fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mut String) {
-    use std::fmt::Write;
-    let rows = view.rows(wall);
-    // About what the series below take (8 lines per row), so that the text is not copied
-    // each time it outgrows its buffer (with 10,000 segments it is ~25 MB).
-    out.reserve(
-        rows.iter()
-            .map(|row| 8 * (72 + row.segment.len() + row.window.len()))
-            .sum(),
-    );
-    let families: [(&str, &str); 6] = [
-        (NPS, "NPS of a segment in a rolling window, -100..100."),
-        (
-            CI95,
-            "Half-width of the 95% confidence interval of the segment NPS, in NPS points.",
-        ),
-        (
-            RESPONSES,
-            "Responses of a segment in a rolling window, by category.",
-        ),
-        (
-            ZSCORE,
-            "Two-sample z of the window's NPS against the window just before it (same length); absent with fewer than analytics.min_responses responses on either side, or no spread.",
-        ),
-        (
-            INVITATIONS,
-            "Survey invitations sent in a segment's rolling window (survey.invitations).",
-        ),
-        (
-            RESPONSE_RATE,
-            "Responses per invitation sent in a segment's rolling window; absent with no invitations.",
-        ),
-    ];
-    for (name, help) in families {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-        for row in &rows {
-            let (segment, window) = (escape(&row.segment), escape(&row.window));
-            let summary = &row.summary;
-            let value = match name {
-                NPS => summary.tally.nps(),
-                CI95 => summary.tally.ci95(),
-                ZSCORE => {
-                    let (now, before) = summary.change.responses;
-                    let enough = now.min(before) >= view.min_responses();
-                    summary.change.z.filter(|_| enough)
+/// The segment gauge families, with their help texts.
+const SEGMENT_FAMILIES: [(&str, &str); 6] = [
+    (NPS, "NPS of a segment in a rolling window, -100..100."),
+    (
+        CI95,
+        "Half-width of the 95% confidence interval of the segment NPS, in NPS points.",
+    ),
+    (
+        RESPONSES,
+        "Responses of a segment in a rolling window, by category.",
+    ),
+    (
+        ZSCORE,
+        "Two-sample z of the window's NPS against the window just before it (same length); absent with fewer than analytics.min_responses responses on either side, or no spread.",
+    ),
+    (
+        INVITATIONS,
+        "Survey invitations sent in a segment's rolling window (survey.invitations).",
+    ),
+    (
+        RESPONSE_RATE,
+        "Responses per invitation sent in a segment's rolling window; absent with no invitations.",
+    ),
+];
+
+/// The segment gauges (`npsflow_segment_nps`, `_ci95`, `_responses`, `_nps_change_zscore`,
+/// `_invitations`, `_response_rate`) of every owned segment and window at one scrape:
+/// computed at scrape time (so windows drain as the clock moves, and a segment with no
+/// responses has no NPS series), without a gauge vector per scrape. Only the numbers the
+/// series need are taken from the view while its lock is held (about 60 bytes per segment and
+/// window); the text (~25 MB with 10,000 segments x 4 windows) is written in pieces of
+/// [`SegmentSeries::ROWS_PER_PIECE`] rows as the response is sent, never all at once.
+struct SegmentSeries {
+    /// The segment names, escaped for the text format, one after another.
+    names: String,
+    /// The window names, escaped, by window index.
+    windows: Vec<String>,
+    /// By segment, then window order.
+    rows: Vec<SeriesRow>,
+}
+
+/// One segment in one window.
+struct SeriesRow {
+    /// Its name in [`SegmentSeries::names`].
+    name: std::ops::Range<usize>,
+    window: usize,
+    tally: npsflow_core::Tally,
+    /// The change's z, when both sides have `analytics.min_responses`.
+    z: Option<f64>,
+}
+
+impl SegmentSeries {
+    /// Rows per piece of text (each row writes 8 lines, ~80 bytes each).
+    const ROWS_PER_PIECE: usize = 512;
+
+    fn of(view: &AggregateView, wall: npsflow_core::Timestamp) -> SegmentSeries {
+        let windows = view
+            .windows()
+            .windows()
+            .iter()
+            .map(|w| escape(w.name()).into_owned())
+            .collect();
+        let mut series = SegmentSeries {
+            names: String::new(),
+            windows,
+            rows: Vec::new(),
+        };
+        let mut last: Option<(&str, std::ops::Range<usize>)> = None;
+        view.each_summary(wall, |segment, window, summary| {
+            let name = match &last {
+                Some((previous, range)) if *previous == segment => range.clone(),
+                _ => {
+                    let start = series.names.len();
+                    series.names.push_str(&escape(segment));
+                    start..series.names.len()
                 }
-                INVITATIONS => Some(summary.tally.invitations as f64),
-                RESPONSE_RATE => summary.tally.response_rate(),
+            };
+            last = Some((segment, name.clone()));
+            let (now, before) = summary.change.responses;
+            let enough = now.min(before) >= view.min_responses();
+            series.rows.push(SeriesRow {
+                name,
+                window,
+                tally: summary.tally,
+                z: summary.change.z.filter(|_| enough),
+            });
+        });
+        series
+    }
+
+    /// The text, one piece per family and [`Self::ROWS_PER_PIECE`] rows.
+    fn pieces(self) -> impl Iterator<Item = String> + Send + 'static {
+        let series = Arc::new(self);
+        let per_family = series.rows.len().div_ceil(Self::ROWS_PER_PIECE).max(1);
+        (0..SEGMENT_FAMILIES.len()).flat_map(move |family| {
+            let series = Arc::clone(&series);
+            (0..per_family).map(move |piece| series.piece(family, piece))
+        })
+    }
+
+    /// Piece `piece` of family `family`: its header first if it is the family's first.
+    fn piece(&self, family: usize, piece: usize) -> String {
+        use std::fmt::Write;
+        let (name, help) = SEGMENT_FAMILIES[family];
+        let start = piece * Self::ROWS_PER_PIECE;
+        let rows = &self.rows
+            [start.min(self.rows.len())..(start + Self::ROWS_PER_PIECE).min(self.rows.len())];
+        let mut out = String::with_capacity(
+            rows.iter()
+                .map(|row| 80 + row.name.len() + self.windows[row.window].len())
+                .sum::<usize>()
+                * if name == RESPONSES { 3 } else { 1 },
+        );
+        if piece == 0 {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        }
+        for row in rows {
+            let (segment, window) = (&self.names[row.name.clone()], &self.windows[row.window]);
+            let tally = &row.tally;
+            let value = match name {
+                NPS => tally.nps(),
+                CI95 => tally.ci95(),
+                ZSCORE => row.z,
+                INVITATIONS => Some(tally.invitations as f64),
+                RESPONSE_RATE => tally.response_rate(),
                 _ => {
                     for category in Category::ALL {
-                        let count = summary.tally.get(category) as f64;
                         let _ = writeln!(
                             out,
                             "{name}{{category=\"{}\",segment=\"{segment}\",window=\"{window}\"}} {}",
                             category.as_str(),
-                            sample(count)
+                            Sample(tally.get(category) as f64)
                         );
                     }
                     None
@@ -705,10 +786,11 @@ fn render_segments(view: &AggregateView, wall: npsflow_core::Timestamp, out: &mu
                 let _ = writeln!(
                     out,
                     "{name}{{segment=\"{segment}\",window=\"{window}\"}} {}",
-                    sample(value)
+                    Sample(value)
                 );
             }
         }
+        out
     }
 }
 
@@ -727,13 +809,16 @@ fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A sample value as the text format writes it.
-fn sample(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".into()
-    } else if value.is_infinite() {
-        if value > 0.0 { "+Inf" } else { "-Inf" }.into()
-    } else {
-        value.to_string()
+struct Sample(f64);
+
+impl std::fmt::Display for Sample {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            v if v.is_nan() => f.write_str("NaN"),
+            v if v == f64::INFINITY => f.write_str("+Inf"),
+            v if v == f64::NEG_INFINITY => f.write_str("-Inf"),
+            v => write!(f, "{v}"),
+        }
     }
 }
 
@@ -769,9 +854,71 @@ mod tests {
     fn label_values_and_samples_are_written_as_the_text_format_wants() {
         assert_eq!(escape("region=east"), "region=east");
         assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
-        assert_eq!(sample(-50.0), "-50");
-        assert_eq!(sample(3.5), "3.5");
-        assert_eq!(sample(f64::INFINITY), "+Inf");
+        assert_eq!(Sample(-50.0).to_string(), "-50");
+        assert_eq!(Sample(3.5).to_string(), "3.5");
+        assert_eq!(Sample(f64::INFINITY).to_string(), "+Inf");
+        assert_eq!(Sample(f64::NEG_INFINITY).to_string(), "-Inf");
+        assert_eq!(Sample(f64::NAN).to_string(), "NaN");
+    }
+
+    /// With more rows than one piece holds, the segment gauges still come as whole families
+    /// (one header each, all of a family's series together), one series per segment and
+    /// window, with the view's numbers and escaped names.
+    #[test]
+    fn segment_gauges_are_written_in_pieces_each_family_whole() {
+        use npsflow_core::{SegmentDelta, Span, WindowSpecs};
+        let windows = WindowSpecs::new(&["1h", "24h"], 60, Span::minutes(5)).expect("windows");
+        let mut view = AggregateView::new(windows, crate::config::ClockKind::Wall, 1);
+        view.restore(0, &[]);
+        let at = crate::wall_now().millis() - 60_000;
+        // 700 segments x 2 windows: three pieces per family.
+        let mut names: Vec<String> = (0..699).map(|i| format!("region=r{i:03}")).collect();
+        names.push("region=a\"b".to_owned());
+        for (i, segment) in names.iter().enumerate() {
+            let delta = SegmentDelta {
+                segment: segment.clone(),
+                partition: 0,
+                responses: vec![(i as i64, at, (i % 11) as u8)],
+                invitations: vec![],
+            };
+            view.apply(0, &delta).expect("owned");
+        }
+        let metrics = Metrics::new();
+        metrics.register_segments(Arc::new(RwLock::new(view)));
+        let pieces: Vec<String> = metrics.exposition().collect();
+        assert_eq!(pieces.len(), 1 + 6 * 3, "the registry, then 3 pieces per family");
+        let text = pieces.concat();
+
+        let mut families: Vec<&str> = Vec::new();
+        for line in text.lines().filter(|l| l.starts_with("npsflow_segment_")) {
+            let family = line.split('{').next().expect("a name");
+            if families.last() != Some(&family) {
+                families.push(family);
+            }
+        }
+        let mut unique = families.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        assert_eq!(unique.len(), families.len(), "a family split: {families:?}");
+        for (family, _) in SEGMENT_FAMILIES {
+            let header = format!("# TYPE {family} gauge\n");
+            assert_eq!(text.matches(&header).count(), 1, "{family}");
+        }
+        let series = |family: &str| {
+            text.lines()
+                .filter(|l| l.split('{').next() == Some(family))
+                .count()
+        };
+        assert_eq!(series(NPS), 1400);
+        assert_eq!(series(RESPONSES), 1400 * 3);
+        assert_eq!(series(INVITATIONS), 1400);
+        assert_eq!(series(RESPONSE_RATE), 0, "no invitations, no rate");
+        // r009 answered 9, r006 answered 6; the last one's name is escaped.
+        assert!(text.contains("npsflow_segment_nps{segment=\"region=r009\",window=\"24h\"} 100\n"));
+        assert!(text.contains("npsflow_segment_nps{segment=\"region=r006\",window=\"1h\"} -100\n"));
+        assert!(text.contains(
+            "npsflow_segment_responses{category=\"detractor\",segment=\"region=a\\\"b\",window=\"1h\"} 1\n"
+        ));
     }
 
     /// The open-case gauges come from the cases owned at scrape time: counts by state and

@@ -153,16 +153,40 @@ impl AggregateView {
 
     /// Every owned segment in every window, sorted by segment then window order.
     pub fn rows(&self, wall: Timestamp) -> Vec<Row> {
-        let now = self.now(wall);
         let mut rows = Vec::new();
-        for store in self.partitions.values() {
-            let board = store.board();
-            for segment in board.segments() {
-                rows.extend(self.segment_rows(store, segment, now));
+        self.each_summary(wall, |segment, window, summary| {
+            rows.push(Row {
+                segment: segment.to_owned(),
+                window: self.windows.windows()[window].name().to_owned(),
+                significant: summary.change.significant(self.min_responses),
+                summary,
+            });
+        });
+        rows
+    }
+
+    /// Calls `visit` with every owned segment's summary in every window at `wall` (with the
+    /// window's index in [`Self::windows`]), sorted by segment then window order, without
+    /// copying a segment's name.
+    pub fn each_summary<'a>(
+        &'a self,
+        wall: Timestamp,
+        mut visit: impl FnMut(&'a str, usize, WindowSummary),
+    ) {
+        let now = self.now(wall);
+        let mut segments: Vec<(&String, &SegmentStore)> = self
+            .partitions
+            .values()
+            .flat_map(|store| store.board().segments().map(move |s| (s, store)))
+            .collect();
+        segments.sort_by(|a, b| a.0.cmp(b.0));
+        for (segment, store) in segments {
+            for window in 0..self.windows.windows().len() {
+                if let Some(summary) = store.board().summary(segment, window, now) {
+                    visit(segment, window, summary);
+                }
             }
         }
-        rows.sort_by(|a, b| a.segment.cmp(&b.segment));
-        rows
     }
 
     fn segment_rows<'a>(
