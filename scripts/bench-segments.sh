@@ -61,7 +61,10 @@ EOF
 
 gauge() { awk -v name="$1" '$1 == name {print int($2)}' "$work/metrics.txt"; }
 scrape() { curl -sf "http://127.0.0.1:$http_port/metrics" >"$work/metrics.txt" 2>/dev/null || true; }
-rss() { awk '/VmRSS/ {r = $2} /VmHWM/ {h = $2} END {printf "%d MiB now, %d MiB peak", r / 1024, h / 1024}' "/proc/$1/status"; }
+rss() {
+  awk '/VmRSS/ {r = $2} /VmHWM/ {h = $2} /RssAnon/ {a = $2} /RssFile/ {f = $2}
+    END {printf "%d MiB now (%d anonymous, %d file), %d MiB peak", r / 1024, a / 1024, f / 1024, h / 1024}' "/proc/$1/status"
+}
 
 echo "== npsflow run until it owns $((segments + 1)) segments"
 "$bin" run >"$work/run.log" 2>&1 &

@@ -23,13 +23,15 @@
 //! Each window also answers for the window just before it, `[from - length, from)`, so that
 //! its change can be tested ([`crate::nps::Change`]).
 //!
-//! A ring of slots per window and segment holds one tally per step of the window and of the
-//! one before it, plus headroom for responses up to the allowed clock skew ahead of `now`.
-//! Memory per segment is therefore fixed, whatever the traffic, and proportional to the
-//! number of steps: `16 bytes * (2 * length / step + skew / step)` per window (about 8 KiB
-//! for the four default windows at 60 steps each; a slot holds 32-bit counts, saturating).
-//! A finer resolution costs memory in every segment: a 28d window in 1-minute steps needs
-//! 80,640 slots, about 1.3 MiB per segment.
+//! A ring per window and segment holds one tally per step of the window and of the one before
+//! it, plus headroom for responses up to the allowed clock skew ahead of `now`. Memory per
+//! segment is therefore bounded, whatever the traffic, and proportional to the number of
+//! steps: at most `16 bytes * (2 * length / step + skew / step)` per window (about 8 KiB for
+//! the four default windows at 60 steps each; a slot holds 32-bit counts, saturating). A ring
+//! with counts in only a few steps (up to 8) keeps just those (24 bytes each): most segments
+//! of a deployment with many segments see few responses per window. A finer resolution costs
+//! memory in every busy segment: a 28d window in 1-minute steps needs 80,640 slots, about
+//! 1.3 MiB per segment.
 
 use std::fmt;
 
@@ -388,13 +390,34 @@ pub struct SegmentWindows {
     rings: Box<[Ring]>,
 }
 
-/// The recent buckets of one window. Slot `b mod slots` holds bucket `b`, for the buckets
-/// `newest - slots < b <= newest`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The recent buckets of one window: the buckets `newest - len < b <= newest`. A ring starts
+/// sparse (only the buckets that have counts, at most [`Ring::SPARSE_MAX`]) and turns dense
+/// (one slot per bucket, bucket `b` in slot `b mod len`) when more buckets have counts: most
+/// segments of a deployment with many segments see few responses per window, and a dense
+/// ring costs `16 bytes * len` whatever its counts.
+#[derive(Debug, Clone)]
 struct Ring {
     newest: i64,
-    slots: Box<[Slot]>,
+    len: i64,
+    slots: Slots,
 }
+
+#[derive(Debug, Clone)]
+enum Slots {
+    /// `(bucket, counts)` of the buckets with counts, in bucket order.
+    Sparse(Vec<(i64, Slot)>),
+    /// One slot per bucket.
+    Dense(Box<[Slot]>),
+}
+
+/// Two rings are equal when they hold the same counts, however they hold them.
+impl PartialEq for Ring {
+    fn eq(&self, other: &Ring) -> bool {
+        self.len == other.len && self.export() == other.export()
+    }
+}
+
+impl Eq for Ring {}
 
 /// One step's counts in a ring: 32 bits each (saturating), half a [`Tally`]'s size.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -427,37 +450,60 @@ impl Slot {
 }
 
 impl Ring {
-    fn new(slots: i64) -> Ring {
+    /// The most buckets with counts a sparse ring holds (24 bytes each) before it turns dense.
+    const SPARSE_MAX: usize = 8;
+
+    fn new(len: i64) -> Ring {
         Ring {
             newest: i64::MIN,
-            slots: vec![Slot::default(); slots as usize].into_boxed_slice(),
+            len,
+            slots: Slots::Sparse(Vec::new()),
         }
     }
 
-    fn len(&self) -> i64 {
-        self.slots.len() as i64
-    }
-
     fn slot(&self, bucket: i64) -> usize {
-        bucket.rem_euclid(self.len()) as usize
+        bucket.rem_euclid(self.len) as usize
     }
 
     fn add(&mut self, bucket: i64, tally: Tally) {
         if bucket > self.newest {
-            if self.newest == i64::MIN || bucket - self.newest >= self.len() {
-                self.slots.fill(Slot::default());
-            } else {
-                for b in self.newest + 1..=bucket {
-                    let slot = self.slot(b);
-                    self.slots[slot] = Slot::default();
+            let fresh = self.newest == i64::MIN || bucket - self.newest >= self.len;
+            match &mut self.slots {
+                Slots::Sparse(buckets) => buckets.retain(|(b, _)| *b > bucket - self.len),
+                Slots::Dense(slots) if fresh => slots.fill(Slot::default()),
+                Slots::Dense(slots) => {
+                    for b in self.newest + 1..=bucket {
+                        slots[b.rem_euclid(self.len) as usize] = Slot::default();
+                    }
                 }
             }
             self.newest = bucket;
-        } else if bucket <= self.newest - self.len() {
+        } else if bucket <= self.newest - self.len {
             return; // Older than anything any query can still ask for.
         }
+        if tally.is_zero() {
+            return;
+        }
         let slot = self.slot(bucket);
-        self.slots[slot].add(tally);
+        match &mut self.slots {
+            Slots::Dense(slots) => slots[slot].add(tally),
+            Slots::Sparse(buckets) => match buckets.binary_search_by_key(&bucket, |e| e.0) {
+                Ok(i) => buckets[i].1.add(tally),
+                Err(i) if buckets.len() < Self::SPARSE_MAX => {
+                    let mut counts = Slot::default();
+                    counts.add(tally);
+                    buckets.insert(i, (bucket, counts));
+                }
+                Err(_) => {
+                    let mut slots = vec![Slot::default(); self.len as usize].into_boxed_slice();
+                    for (b, counts) in buckets.iter() {
+                        slots[b.rem_euclid(self.len) as usize] = *counts;
+                    }
+                    slots[slot].add(tally);
+                    self.slots = Slots::Dense(slots);
+                }
+            },
+        }
     }
 
     /// The sum of buckets `first..=last` that the ring still holds.
@@ -465,11 +511,17 @@ impl Ring {
         if self.newest == i64::MIN {
             return Tally::default();
         }
-        let first = first.max(self.newest - self.len() + 1);
+        let first = first.max(self.newest - self.len + 1);
         let last = last.min(self.newest);
-        (first..=last).fold(Tally::default(), |sum, b| {
-            sum + self.slots[self.slot(b)].tally()
-        })
+        match &self.slots {
+            Slots::Dense(slots) => {
+                (first..=last).fold(Tally::default(), |sum, b| sum + slots[self.slot(b)].tally())
+            }
+            Slots::Sparse(buckets) => buckets
+                .iter()
+                .filter(|(b, _)| (first..=last).contains(b))
+                .fold(Tally::default(), |sum, (_, counts)| sum + counts.tally()),
+        }
     }
 }
 
@@ -540,17 +592,22 @@ impl<'de> serde::Deserialize<'de> for BucketCounts {
 }
 
 impl Ring {
+    /// The newest bucket and the buckets the ring holds that have counts, in bucket order.
     fn export(&self) -> Option<(i64, Vec<BucketCounts>)> {
         if self.newest == i64::MIN {
             return None;
         }
-        let buckets = (self.newest - self.len() + 1..=self.newest)
-            .map(|b| BucketCounts {
-                bucket: b,
-                tally: self.slots[self.slot(b)].tally(),
-            })
-            .filter(|counts| !counts.tally.is_zero())
-            .collect();
+        let counts = |(bucket, slot): (i64, Slot)| BucketCounts {
+            bucket,
+            tally: slot.tally(),
+        };
+        let buckets = match &self.slots {
+            Slots::Dense(slots) => (self.newest - self.len + 1..=self.newest)
+                .map(|b| counts((b, slots[self.slot(b)])))
+                .filter(|c| !c.tally.is_zero())
+                .collect(),
+            Slots::Sparse(buckets) => buckets.iter().copied().map(counts).collect(),
+        };
         Some((self.newest, buckets))
     }
 }
@@ -859,6 +916,54 @@ mod tests {
                     .collect();
                 assert_recount(&specs, &responses, &nows);
             }
+        }
+    }
+
+    /// A ring holds its first buckets sparsely and turns dense past `Ring::SPARSE_MAX`,
+    /// counting like the definition either way; rings with the same counts are equal however
+    /// they hold them.
+    #[test]
+    fn rings_turn_dense_past_a_few_buckets_and_count_the_same() {
+        let specs = specs();
+        let dense =
+            |w: &SegmentWindows, window: usize| matches!(w.rings[window].slots, Slots::Dense(_));
+        let mut w = SegmentWindows::new(&specs);
+        let mut responses = Vec::new();
+        for i in 0..Ring::SPARSE_MAX as i64 + 3 {
+            // One a minute: a new bucket of the 1h window each time.
+            let t = at(100 + i);
+            w.record(&specs, t, if i % 2 == 0 { Promoter } else { Detractor });
+            responses.push((t, if i % 2 == 0 { Promoter } else { Detractor }));
+            assert_eq!(
+                dense(&w, 0),
+                i >= Ring::SPARSE_MAX as i64,
+                "after {} buckets",
+                i + 1
+            );
+            for now in [t, at(130 + i), at(170 + i), at(300)] {
+                for (index, spec) in specs.windows().iter().enumerate() {
+                    assert_eq!(w.tally(&specs, index, now), recount(&responses, spec, now));
+                }
+            }
+        }
+        assert!(!dense(&w, 1), "11 minutes are one bucket of the 24h window");
+        // The 1h ring holds 125 buckets (the window, the one before, the skew): at minute 230
+        // only minutes 106-110 and 230 are left, and the dense ring stays dense.
+        w.record(&specs, at(230), Passive);
+        responses.push((at(230), Passive));
+        assert!(dense(&w, 0));
+        let back = SegmentWindows::import(&specs, &w.export(&specs));
+        assert!(!dense(&back, 0), "six buckets are imported sparsely");
+        assert_eq!(back, w);
+        for (index, spec) in specs.windows().iter().enumerate() {
+            assert_eq!(
+                back.tally(&specs, index, at(231)),
+                recount(&responses, spec, at(231))
+            );
+            assert_eq!(
+                back.tally(&specs, index, at(231)),
+                w.tally(&specs, index, at(231))
+            );
         }
     }
 

@@ -886,7 +886,11 @@ mod tests {
         let metrics = Metrics::new();
         metrics.register_segments(Arc::new(RwLock::new(view)));
         let pieces: Vec<String> = metrics.exposition().collect();
-        assert_eq!(pieces.len(), 1 + 6 * 3, "the registry, then 3 pieces per family");
+        assert_eq!(
+            pieces.len(),
+            1 + 6 * 3,
+            "the registry, then 3 pieces per family"
+        );
         let text = pieces.concat();
 
         let mut families: Vec<&str> = Vec::new();
