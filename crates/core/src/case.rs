@@ -1309,14 +1309,26 @@ impl CaseBook {
     pub fn restore_case(&mut self, case: FollowupCase, policy: &FollowupPolicy) {
         let due = case.due(policy);
         self.deadlines.set(Due::Case(case.case_id.clone()), due);
+        self.drop_orphans_of(&case.case_id);
         self.cases.insert(case.case_id.clone(), case);
     }
 
-    /// Puts back outcome events kept for an unknown case.
+    /// Puts back outcome events kept for an unknown case. Those of a case that is known (a
+    /// crash came between writing the case, which took them in, and their removal) are
+    /// dropped: the case has them.
     pub fn restore_orphans(&mut self, case_id: String, kept: OrphanOutcomes) {
+        if self.cases.contains_key(&case_id) {
+            return;
+        }
         self.deadlines
             .set(Due::Orphans(case_id.clone()), Some(kept.kept_until));
         self.orphans.insert(case_id, kept);
+    }
+
+    fn drop_orphans_of(&mut self, case_id: &str) {
+        if self.orphans.remove(case_id).is_some() {
+            self.deadlines.set(Due::Orphans(case_id.to_owned()), None);
+        }
     }
 
     /// Puts back a customer's recovery watches.

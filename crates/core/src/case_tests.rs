@@ -330,6 +330,48 @@ fn deadlines_escalate_each_level_once_and_never_a_closed_case() {
     );
 }
 
+/// A crash between writing a case (which took in the outcomes that waited for it) and
+/// removing those outcomes leaves both on the topics: read back in either order, the case
+/// keeps them and they wait no more (no second application, no expiry counted later).
+#[test]
+fn outcomes_read_back_for_a_case_already_written_are_dropped() {
+    let policy = policy();
+    let mut written = CaseBook::new();
+    let mut out = Vec::new();
+    let now = Timestamp(T0);
+    written.apply(
+        event("e1", "early", OutcomeType::Contacted, 1),
+        &policy,
+        now,
+        &mut out,
+    );
+    let waiting = written.orphans("early").expect("waiting").clone();
+    written.open(alert("early", 5), &policy, Timestamp(T0 + HOUR), &mut out);
+    let case = written.case("early").expect("present").clone();
+    assert_eq!(case.state, CaseState::Contacted);
+    for case_first in [true, false] {
+        let mut book = CaseBook::new();
+        if case_first {
+            book.restore_case(case.clone(), &policy);
+            book.restore_orphans("early".to_owned(), waiting.clone());
+        } else {
+            book.restore_orphans("early".to_owned(), waiting.clone());
+            book.restore_case(case.clone(), &policy);
+        }
+        assert!(book.orphans("early").is_none(), "case first: {case_first}");
+        assert_eq!(
+            book.case("early").expect("restored").state,
+            CaseState::Contacted
+        );
+        out.clear();
+        book.handle_timeout(Timestamp(T0 + 8 * 24 * HOUR), &policy, &mut out);
+        assert!(
+            !out.iter().any(|e| matches!(e, Effect::OrphansExpired(_))),
+            "case first: {case_first}: {out:?}"
+        );
+    }
+}
+
 #[test]
 fn outcomes_before_their_alert_wait_for_it_then_expire() {
     let policy = policy();

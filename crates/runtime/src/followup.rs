@@ -22,7 +22,12 @@
 //! assignment all three are read back; the last escalation notices of the partition are read
 //! too, so that an escalation sent just before a crash (whose case record was not written yet)
 //! is never sent again. The engine stores input offsets only after all of a batch's records
-//! are delivered; with `processing.guarantee = exactly_once` they are one transaction.
+//! are delivered, and at least once it delivers the state records (cases, follow-up state)
+//! after the others ([`Outgoing::after_the_rest`]): a crash between them leaves the state as
+//! it was before the batch, so the replay from the last commit decides the batch again with
+//! everything it consumed (an alert's waiting outcomes, a customer's watches). An outcome
+//! record left by a crash between two state records, for a case already written, is dropped
+//! when read back. With `processing.guarantee = exactly_once` a batch is one transaction.
 //!
 //! Deadlines are timers: [`RoleMachine::poll_timeout`] is the earliest deadline of any case,
 //! and the engine fires it on the wall clock with no traffic. With `windows.clock =
@@ -425,8 +430,13 @@ impl FollowupRole {
             }
         }
         let books = self.books.read().unwrap_or_else(|e| e.into_inner());
+        // State records go after the batch's other records (notices, escalations): a crash
+        // in between leaves the state as before the batch, and the replay remakes them. The
+        // other way round, a replay found the orphans an alert had consumed tombstoned and its
+        // case not written, and the case lost its outcome events (chaos --long).
         let record = |topic: &str, partition: i32, key: String, value: Option<Vec<u8>>| {
             Outgoing::new(topic, Some(partition), Some(key.into_bytes()), value, None)
+                .after_the_rest()
         };
         for (partition, id) in cases {
             let value = books

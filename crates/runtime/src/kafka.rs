@@ -832,6 +832,9 @@ pub struct Outgoing {
     /// What to send instead if the broker or the producer rejects this record for good (for
     /// a dead letter: the same without its value). `None`: such a rejection stops the role.
     pub fallback: Option<Box<Outgoing>>,
+    /// Handed to the producer only once every other record of its batch is delivered (see
+    /// [`Outgoing::after_the_rest`]).
+    pub after_the_rest: bool,
 }
 
 impl Outgoing {
@@ -850,7 +853,18 @@ impl Outgoing {
             payload,
             headers,
             fallback: None,
+            after_the_rest: false,
         }
+    }
+
+    /// This record is handed to the producer only once every other record of its batch is
+    /// delivered. For a role's state records, at least once: a crash in between then leaves
+    /// the state as it was before the batch, and the replay from the last commit makes the
+    /// batch's records again, never the reverse (state that says the batch happened, or that
+    /// has forgotten what the batch consumed, while some of the batch's records are lost).
+    pub fn after_the_rest(mut self) -> Outgoing {
+        self.after_the_rest = true;
+        self
     }
 
     fn record(
@@ -916,68 +930,117 @@ pub fn is_permanent(error: &KafkaError) -> bool {
     )
 }
 
-/// Delivers every record: hands them all to the producer now (so a revoke that follows
-/// waits for them, see [`Unsettled`]), and returns the future that waits for their delivery.
-/// Transient failures are retried with backoff until the broker takes the record (a broker
-/// outage pauses the role, it never drops a record). A record rejected for good is replaced
-/// by its fallback; without one, the role gets the error.
+/// Delivers every record: hands them to the producer now (so a revoke that follows waits for
+/// them, see [`Unsettled`]), except those marked [`Outgoing::after_the_rest`], which are
+/// handed over once all the others are delivered (and which a revoke meanwhile waits for
+/// too), and returns the future that waits for their delivery. Transient failures are retried
+/// with backoff until the broker takes the record (a broker outage pauses the role, it never
+/// drops a record). A record rejected for good is replaced by its fallback; without one, the
+/// role gets the error.
 pub fn deliver_all(
     producer: &RoleProducer,
     records: Vec<Outgoing>,
     metrics: &Metrics,
 ) -> impl std::future::Future<Output = Result<(), DeliveryError>> + Send + 'static {
-    let first = hand_over(producer, &records);
+    let (last, first): (Vec<Outgoing>, Vec<Outgoing>) =
+        records.into_iter().partition(|r| r.after_the_rest);
+    let waiting = Reserved::new(&producer.unsettled, last.len());
+    let handed = hand_over(producer, &first);
     let (producer, metrics) = (producer.clone(), metrics.clone());
     async move {
-        let mut round = Some(first);
-        let mut pending: Vec<&Outgoing> = records.iter().collect();
-        let mut backoff = Duration::from_millis(100);
-        while !pending.is_empty() {
-            let batch = match round.take() {
-                Some(batch) => batch,
-                None => hand_over_refs(&producer, &pending),
-            };
-            let failures = batch.all_settled().await;
-            let mut retry = Vec::new();
-            let mut transient = false;
-            for (index, error) in failures {
-                let record = pending[index];
-                if !is_permanent(&error) {
-                    events::DeliveryRetried {
-                        topic: &record.topic,
-                        error: &error,
-                    }
-                    .emit(&metrics);
-                    transient = true;
-                    retry.push(record);
-                    continue;
-                }
-                events::RecordRejected {
-                    topic: &record.topic,
-                    error: &error,
-                    fallback: record.fallback.is_some(),
-                }
-                .emit(&metrics);
-                match &record.fallback {
-                    Some(fallback) => {
-                        retry.push(fallback.as_ref());
-                    }
-                    None => {
-                        return Err(DeliveryError {
-                            topic: record.topic.clone(),
-                            error,
-                        })
-                    }
-                }
-            }
-            if transient {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
-            }
-            pending = retry;
+        deliver_rounds(&producer, &first, Some(handed), &metrics).await?;
+        if !last.is_empty() {
+            let handed = hand_over(&producer, &last);
+            drop(waiting);
+            deliver_rounds(&producer, &last, Some(handed), &metrics).await?;
         }
         Ok(())
     }
+}
+
+/// Records counted as unsettled before they are handed to the producer; the count is given
+/// back when dropped (once they are handed over, and so counted by their own round, or when
+/// their batch failed before).
+struct Reserved {
+    unsettled: Arc<Unsettled>,
+    records: usize,
+}
+
+impl Reserved {
+    fn new(unsettled: &Arc<Unsettled>, records: usize) -> Reserved {
+        unsettled.add(records);
+        Reserved {
+            unsettled: unsettled.clone(),
+            records,
+        }
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        for _ in 0..self.records {
+            self.unsettled.settle_one();
+        }
+    }
+}
+
+/// Waits for `first` (the round `records` were handed over in) and retries what failed
+/// transiently, until every record is delivered or one is rejected for good without a
+/// fallback.
+async fn deliver_rounds(
+    producer: &RoleProducer,
+    records: &[Outgoing],
+    first: Option<Arc<DeliveryBatch>>,
+    metrics: &Metrics,
+) -> Result<(), DeliveryError> {
+    let mut round = first;
+    let mut pending: Vec<&Outgoing> = records.iter().collect();
+    let mut backoff = Duration::from_millis(100);
+    while !pending.is_empty() {
+        let batch = match round.take() {
+            Some(batch) => batch,
+            None => hand_over_refs(producer, &pending),
+        };
+        let failures = batch.all_settled().await;
+        let mut retry = Vec::new();
+        let mut transient = false;
+        for (index, error) in failures {
+            let record = pending[index];
+            if !is_permanent(&error) {
+                events::DeliveryRetried {
+                    topic: &record.topic,
+                    error: &error,
+                }
+                .emit(metrics);
+                transient = true;
+                retry.push(record);
+                continue;
+            }
+            events::RecordRejected {
+                topic: &record.topic,
+                error: &error,
+                fallback: record.fallback.is_some(),
+            }
+            .emit(metrics);
+            match &record.fallback {
+                Some(fallback) => {
+                    retry.push(fallback.as_ref());
+                }
+                None => {
+                    return Err(DeliveryError {
+                        topic: record.topic.clone(),
+                        error,
+                    })
+                }
+            }
+        }
+        if transient {
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(10));
+        }
+        pending = retry;
+    }
+    Ok(())
 }
 
 fn hand_over(producer: &RoleProducer, records: &[Outgoing]) -> Arc<DeliveryBatch> {
@@ -1310,6 +1373,83 @@ mod tests {
         );
         assert_eq!(unsettled.count(), 0);
         settling.join().expect("settled");
+    }
+
+    /// Records marked `after_the_rest` reach the broker only once the batch's other records
+    /// are delivered, and a revoke meanwhile waits for them too: with the broker that leads
+    /// the other records' partition down, the state record stays unsent (and counted as
+    /// unsettled); once it is back, both are delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_records_are_sent_after_the_rest_of_their_batch() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let cluster = rdkafka::mocking::MockCluster::new(2).expect("mock cluster");
+        let brokers = cluster.bootstrap_servers();
+        for (topic, leader) in [("outputs", 2), ("state", 1)] {
+            cluster.create_topic(topic, 1, 1).expect("topic");
+            cluster
+                .partition_leader(topic, 0, Some(leader))
+                .expect("leader");
+        }
+        let env = vec![("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
+        let config = crate::Config::load(None, env).expect("config");
+        let settings = &config.settings;
+        let producer = role_producer(
+            producer_config(&settings.kafka, "test", 1_000_000),
+            "test",
+            Arc::new(Health::default()),
+            Metrics::new(),
+            Arc::new(Unsettled::default()),
+        )
+        .expect("producer");
+        let count = |topic: &str| {
+            let consumer: BaseConsumer = ClientConfig::new()
+                .set("bootstrap.servers", &brokers)
+                .set("group.id", format!("count-{topic}"))
+                .set("enable.auto.commit", "false")
+                .create()
+                .expect("consumer");
+            let (low, high) = consumer
+                .fetch_watermarks(topic, 0, Duration::from_secs(10))
+                .expect("watermarks");
+            high - low
+        };
+        // Warm up: both partitions' leaders known and reachable.
+        deliver_all(
+            &producer,
+            vec![
+                Outgoing::new("outputs", Some(0), None, Some(b"warm".to_vec()), None),
+                Outgoing::new("state", Some(0), None, Some(b"warm".to_vec()), None),
+            ],
+            &Metrics::new(),
+        )
+        .await
+        .expect("delivered");
+        cluster.broker_down(2).expect("down");
+        let delivery = tokio::spawn(deliver_all(
+            &producer,
+            vec![
+                Outgoing::new("state", Some(0), None, Some(b"state".to_vec()), None)
+                    .after_the_rest(),
+                Outgoing::new("outputs", Some(0), None, Some(b"notice".to_vec()), None),
+            ],
+            &Metrics::new(),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!delivery.is_finished(), "delivered with a broker down");
+        assert_eq!(count("state"), 1, "the state record went ahead of the rest");
+        assert_eq!(
+            producer.unsettled.count(),
+            2,
+            "a revoke would not wait for both"
+        );
+        cluster.broker_up(2).expect("up");
+        tokio::time::timeout(Duration::from_secs(60), delivery)
+            .await
+            .expect("delivered once the broker is back")
+            .expect("joined")
+            .expect("delivered");
+        assert_eq!((count("outputs"), count("state")), (2, 2));
+        assert_eq!(producer.unsettled.count(), 0);
     }
 
     /// A partition's end is progress, not a fault, in both forms the client delivers it:
