@@ -622,6 +622,24 @@ impl FollowupCase {
         self.escalations.iter().any(|e| e.level == level)
     }
 
+    /// Records an escalation whose notice was sent (found on the escalations topic); true if
+    /// it was not recorded yet.
+    fn record_sent(&mut self, sent: &EscalationNotice) -> bool {
+        if self.escalated(sent.level) {
+            return false;
+        }
+        self.escalations.push(EscalationRecord {
+            level: sent.level,
+            reason: sent.reason,
+            deadline: sent.deadline,
+            escalated_at: sent.escalated_at,
+            escalate_to: sent.escalate_to.clone(),
+            notified: true,
+        });
+        self.escalation_level = self.escalation_level.max(sent.level);
+        true
+    }
+
     /// True if a deadline it has not met has passed at `now` (first contact while not
     /// contacted, resolve while not resolved).
     pub fn overdue(&self, now: Timestamp) -> bool {
@@ -1025,6 +1043,10 @@ pub struct CaseBook {
     deadlines: Deadlines,
     /// Cases with escalations whose notices were sent but not yet confirmed in their record.
     unconfirmed: BTreeSet<String>,
+    /// Escalation notices read back for cases not known yet: the process that sent them
+    /// stopped before its case record was written, and the replayed alert opens the case
+    /// again with them (at most the notices read back; forgotten with the book).
+    sent_before_case: BTreeMap<String, Vec<EscalationNotice>>,
 }
 
 impl CaseBook {
@@ -1073,6 +1095,9 @@ impl CaseBook {
         }
         let case_id = alert.alert_id.clone();
         let mut case = FollowupCase::new(alert, policy, now);
+        for sent in self.sent_before_case.remove(&case_id).unwrap_or_default() {
+            case.record_sent(&sent);
+        }
         out.push(Effect::Opened);
         let before = Snapshot::of(&case);
         if let Some(kept) = self.orphans.remove(&case_id) {
@@ -1306,7 +1331,16 @@ impl CaseBook {
     }
 
     /// Puts back a case read from the state topic.
-    pub fn restore_case(&mut self, case: FollowupCase, policy: &FollowupPolicy) {
+    pub fn restore_case(&mut self, mut case: FollowupCase, policy: &FollowupPolicy) {
+        for sent in self
+            .sent_before_case
+            .remove(&case.case_id)
+            .unwrap_or_default()
+        {
+            if case.record_sent(&sent) {
+                self.unconfirmed.insert(case.case_id.clone());
+            }
+        }
         let due = case.due(policy);
         self.deadlines.set(Due::Case(case.case_id.clone()), due);
         self.drop_orphans_of(&case.case_id);
@@ -1352,22 +1386,23 @@ impl CaseBook {
     /// Records an escalation found on the escalations topic but not in the case's record (the
     /// process that sent it stopped before writing the case): it never happens twice.
     /// True if the case did not know it.
+    /// A notice of a case not known (its record was never written: the process stopped
+    /// between sending the notice and writing the case) is kept for the case the replayed
+    /// alert opens.
     pub fn restore_escalation(&mut self, sent: &EscalationNotice, policy: &FollowupPolicy) -> bool {
         let Some(case) = self.cases.get_mut(&sent.case_id) else {
+            let kept = self
+                .sent_before_case
+                .entry(sent.case_id.clone())
+                .or_default();
+            if !kept.iter().any(|k| k.level == sent.level) {
+                kept.push(sent.clone());
+            }
             return false;
         };
-        if case.escalated(sent.level) {
+        if !case.record_sent(sent) {
             return false;
         }
-        case.escalations.push(EscalationRecord {
-            level: sent.level,
-            reason: sent.reason,
-            deadline: sent.deadline,
-            escalated_at: sent.escalated_at,
-            escalate_to: sent.escalate_to.clone(),
-            notified: true,
-        });
-        case.escalation_level = case.escalation_level.max(sent.level);
         let due = case.due(policy);
         self.deadlines.set(Due::Case(sent.case_id.clone()), due);
         // Its record is written again, with the escalation.

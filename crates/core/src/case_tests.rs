@@ -539,6 +539,38 @@ fn an_escalation_found_on_the_topic_is_not_repeated_after_a_restore() {
     assert!(escalations(&out).is_empty());
 }
 
+/// A process that sent a case's escalation and stopped before the case's record was
+/// written: after the restore the case is not known, the alert is replayed and opens it again,
+/// and the escalation found on the topic is recorded instead of sent a second time.
+#[test]
+fn an_escalation_sent_before_its_case_was_written_is_not_repeated_after_a_restore() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
+    let sent: Vec<EscalationNotice> = out
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Escalated(n) => Some((**n).clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!sent.is_empty(), "escalated");
+    let mut restored = CaseBook::new();
+    for notice in &sent {
+        assert!(!restored.restore_escalation(notice, &policy), "no case yet");
+    }
+    out.clear();
+    restored.open(alert("c", 5), &policy, Timestamp(T0 + 50 * HOUR), &mut out);
+    restored.handle_timeout(Timestamp(T0 + 50 * HOUR), &policy, &mut out);
+    assert!(escalations(&out).is_empty(), "sent again: {out:?}");
+    let case = restored.case("c").expect("opened");
+    assert_eq!(case.escalations.len(), sent.len());
+    assert!(case.escalations.iter().all(|e| e.notified));
+}
+
 #[test]
 fn an_escalation_recorded_but_never_sent_fires_again_after_a_restore() {
     let policy = policy();
