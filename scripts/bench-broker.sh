@@ -1,6 +1,6 @@
 # Sourced by the benchmarks: starts the broker they run on, $NPSFLOW_BENCH_BROKER (Tansu with
 # sqlite storage, the default, or noida-db), on loopback port $1 with its data under $2.
-#   start_bench_broker PORT WORKDIR; ...; "scripts/$broker.sh" stop PORT
+#   start_bench_broker PORT WORKDIR; seed_bench_input BIN COUNT; ...; "scripts/$broker.sh" stop PORT
 broker="${NPSFLOW_BENCH_BROKER:-tansu}"
 start_bench_broker() { # port workdir
   case "$broker" in
@@ -19,4 +19,12 @@ start_bench_broker() { # port workdir
     exit 2
     ;;
   esac
+}
+
+# Creates npsflow's topics on the broker ($NPSFLOW__KAFKA__BROKERS) and produces COUNT seeded
+# responses to the input before any consumer starts.
+seed_bench_input() { # bin count
+  "$1" topics create >/dev/null
+  echo "== producing $2 seeded messages ($broker)"
+  "$1" loadgen --count "$2" --rate 0 --seed 7 >/dev/null 2>&1
 }

@@ -35,9 +35,7 @@ bin="${NPSFLOW_BENCH_BIN:-target/release/npsflow}"
 start_bench_broker "$port" "$work"
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__LOG__FORMAT=json
-"$bin" topics create >/dev/null
-echo "== producing $count seeded messages ($broker)"
-"$bin" loadgen --count "$count" --rate 0 --seed 7 >/dev/null 2>&1
+seed_bench_input "$bin" "$count"
 
 metric() { # http_port name_regex
   curl -sf "http://127.0.0.1:$1/metrics" 2>/dev/null |

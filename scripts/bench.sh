@@ -36,9 +36,7 @@ start_bench_broker "$port" "$work"
 export NPSFLOW__KAFKA__BROKERS="127.0.0.1:$port"
 export NPSFLOW__HTTP__LISTEN="127.0.0.1:$http_port"
 export NPSFLOW__LOG__FORMAT=json
-"$bin" topics create >/dev/null
-echo "== producing $count seeded messages ($broker)"
-"$bin" loadgen --count "$count" --rate 0 --seed 7 >/dev/null 2>&1
+seed_bench_input "$bin" "$count"
 
 # Prints "wall_ns cpu_ticks rss_kib minor_faults" of a running process.
 measure() { # pid start_ns

@@ -1385,10 +1385,8 @@ impl CaseBook {
 
     /// Records an escalation found on the escalations topic but not in the case's record (the
     /// process that sent it stopped before writing the case): it never happens twice.
-    /// True if the case did not know it.
-    /// A notice of a case not known (its record was never written: the process stopped
-    /// between sending the notice and writing the case) is kept for the case the replayed
-    /// alert opens.
+    /// True if the case did not know it. A notice of a case with no record at all (the
+    /// process stopped before writing it) is kept for the case the replayed alert opens.
     pub fn restore_escalation(&mut self, sent: &EscalationNotice, policy: &FollowupPolicy) -> bool {
         let Some(case) = self.cases.get_mut(&sent.case_id) else {
             let kept = self

@@ -349,8 +349,12 @@ impl Unsettled {
     }
 
     fn settle_one(&self) {
+        self.settle(1);
+    }
+
+    fn settle(&self, records: usize) {
         let mut count = self.count.lock().unwrap_or_else(|e| e.into_inner());
-        *count = count.saturating_sub(1);
+        *count = count.saturating_sub(records);
         if *count == 0 {
             self.drained.notify_all();
         }
@@ -948,11 +952,11 @@ pub fn deliver_all(
     let handed = hand_over(producer, &first);
     let (producer, metrics) = (producer.clone(), metrics.clone());
     async move {
-        deliver_rounds(&producer, &first, Some(handed), &metrics).await?;
+        deliver_rounds(&producer, &first, handed, &metrics).await?;
         if !last.is_empty() {
             let handed = hand_over(&producer, &last);
             drop(waiting);
-            deliver_rounds(&producer, &last, Some(handed), &metrics).await?;
+            deliver_rounds(&producer, &last, handed, &metrics).await?;
         }
         Ok(())
     }
@@ -978,9 +982,7 @@ impl Reserved {
 
 impl Drop for Reserved {
     fn drop(&mut self) {
-        for _ in 0..self.records {
-            self.unsettled.settle_one();
-        }
+        self.unsettled.settle(self.records);
     }
 }
 
@@ -990,10 +992,10 @@ impl Drop for Reserved {
 async fn deliver_rounds(
     producer: &RoleProducer,
     records: &[Outgoing],
-    first: Option<Arc<DeliveryBatch>>,
+    first: Arc<DeliveryBatch>,
     metrics: &Metrics,
 ) -> Result<(), DeliveryError> {
-    let mut round = first;
+    let mut round = Some(first);
     let mut pending: Vec<&Outgoing> = records.iter().collect();
     let mut backoff = Duration::from_millis(100);
     while !pending.is_empty() {
