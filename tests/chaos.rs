@@ -391,15 +391,31 @@ fn count_records(brokers: &str, topic: &str, isolation: &str) -> usize {
     count
 }
 
+/// A time two processes owned the same partition at once, in ms since the epoch.
+#[derive(Debug, Clone, Copy)]
+struct DoubleOwnership {
+    /// When the second owner got the partition.
+    from: i64,
+    /// When one of them lost it (or was killed).
+    to: i64,
+    /// Until when an owner acted on state it read back during the window: an owner that was
+    /// still restoring when the window closed decides its first batch (every deadline that
+    /// passed meanwhile) from state read while the other owner was still writing, which
+    /// misses what that owner sent after the read. `to` if neither was restoring then.
+    stale_until: i64,
+}
+
 /// When two processes owned the same partition of `topic` at once in `role`'s group, from
-/// the processes' logs (their `rebalance` lines name the partitions): per partition, the
-/// windows `(from, to)` in ms since the epoch. A correct group coordinator never does this
-/// (a partition is revoked before it is assigned elsewhere); Tansu 0.6 sometimes does under
-/// churn, and then both owners act on the same cases. Without broker transactions nothing
-/// can keep two owners from both sending, so duplicates within such a window are the
-/// broker's, reported apart from the ones npsflow would be to blame for.
-fn double_ownership(fleet: &Fleet, role: &str, topic: &str) -> BTreeMap<i32, Vec<(i64, i64)>> {
-    let mut owned: BTreeMap<i32, Vec<(i64, i64, usize)>> = BTreeMap::new();
+/// the processes' logs (their `rebalance` lines name the partitions, their `restored` lines
+/// say when a restore ended): per partition. A correct group coordinator never does this
+/// (a partition is revoked, its deliveries done, before it is assigned elsewhere); Tansu 0.6
+/// sometimes does under churn, and then both owners act on the same cases, which without
+/// broker transactions nothing can keep from both sending: duplicates of such a window are
+/// the broker's, reported apart from the ones npsflow would be to blame for.
+fn double_ownership(fleet: &Fleet, role: &str, topic: &str) -> BTreeMap<i32, Vec<DoubleOwnership>> {
+    /// One process's hold on a partition: (assigned, lost, its restore ended, process).
+    type Span = (i64, i64, i64, usize);
+    let mut owned: BTreeMap<i32, Vec<Span>> = BTreeMap::new();
     for number in 1..=fleet.started {
         let Ok(log) = std::fs::read_to_string(fleet.logs.join(format!("npsflow-{number}.log")))
         else {
@@ -407,12 +423,14 @@ fn double_ownership(fleet: &Fleet, role: &str, topic: &str) -> BTreeMap<i32, Vec
         };
         let end = fleet.ended.get(&number).copied().unwrap_or(i64::MAX);
         let mut since: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut spans: Vec<(i32, i64, i64)> = Vec::new();
+        let mut restores_ended: Vec<i64> = Vec::new();
         for line in log.lines() {
             let Ok(v) = serde_json::from_str::<Value>(line) else {
                 continue;
             };
             let fields = &v["fields"];
-            if fields["message"] != "rebalance" || fields["role"] != role {
+            if fields["role"] != role {
                 continue;
             }
             let Some(at) = v["timestamp"]
@@ -421,6 +439,13 @@ fn double_ownership(fleet: &Fleet, role: &str, topic: &str) -> BTreeMap<i32, Vec
             else {
                 continue;
             };
+            if fields["message"] == "restored" {
+                restores_ended.push(at.millis());
+                continue;
+            }
+            if fields["message"] != "rebalance" {
+                continue;
+            }
             let which = fields["which"].as_str().unwrap_or_default();
             for partition in which
                 .split(',')
@@ -429,27 +454,40 @@ fn double_ownership(fleet: &Fleet, role: &str, topic: &str) -> BTreeMap<i32, Vec
                 if fields["event"] == "assign" {
                     since.insert(partition, at.millis());
                 } else if let Some(from) = since.remove(&partition) {
-                    owned
-                        .entry(partition)
-                        .or_default()
-                        .push((from, at.millis(), number));
+                    spans.push((partition, from, at.millis()));
                 }
             }
         }
-        for (partition, from) in since {
+        spans.extend(
+            since
+                .into_iter()
+                .map(|(partition, from)| (partition, from, end)),
+        );
+        for (partition, from, to) in spans {
+            // The first restore to end after the assignment restored it (or it was lost first).
+            let restored = restores_ended
+                .iter()
+                .copied()
+                .find(|t| *t >= from)
+                .unwrap_or(to)
+                .min(to);
             owned
                 .entry(partition)
                 .or_default()
-                .push((from, end, number));
+                .push((from, to, restored, number));
         }
     }
-    let mut windows: BTreeMap<i32, Vec<(i64, i64)>> = BTreeMap::new();
+    let mut windows: BTreeMap<i32, Vec<DoubleOwnership>> = BTreeMap::new();
     for (partition, spans) in owned {
         for (i, a) in spans.iter().enumerate() {
             for b in &spans[i + 1..] {
                 let (from, to) = (a.0.max(b.0), a.1.min(b.1));
-                if a.2 != b.2 && from < to {
-                    windows.entry(partition).or_default().push((from, to));
+                if a.3 != b.3 && from < to {
+                    windows.entry(partition).or_default().push(DoubleOwnership {
+                        from,
+                        to,
+                        stale_until: to.max(a.2).max(b.2),
+                    });
                 }
             }
         }
@@ -860,17 +898,21 @@ async fn verify_strictly(
     } else {
         double_ownership(fleet, "followup", &topics.followup_events)
     };
-    // A duplicate is the broker's when every copy was decided while (or just before: a batch
-    // decided a moment before the second owner came) two processes owned its partition.
+    // A duplicate is the broker's when every copy was decided while two processes owned its
+    // partition, just before (a batch decided a moment before the second owner came), or by an
+    // owner's first batches after a restore that was under way then (from state read while
+    // the other owner still wrote). `true` for the last: excused only as stale.
     const IN_FLIGHT_MS: i64 = 5_000;
-    let during_overlap = |partition: i32, times: &[i64]| {
-        overlaps.get(&partition).is_some_and(|windows| {
-            windows.iter().any(|(from, to)| {
-                times
-                    .iter()
-                    .all(|t| (from - IN_FLIGHT_MS..=*to).contains(t))
-            })
-        })
+    let during_overlap = |partition: i32, times: &[i64]| -> Option<bool> {
+        let windows = overlaps.get(&partition)?;
+        let within = |from: i64, to: i64| times.iter().all(|t| (from..=to).contains(t));
+        if windows.iter().any(|w| within(w.from - IN_FLIGHT_MS, w.to)) {
+            return Some(false);
+        }
+        windows
+            .iter()
+            .any(|w| within(w.from - IN_FLIGHT_MS, w.stale_until + IN_FLIGHT_MS))
+            .then_some(true)
     };
     let mut events_of: BTreeMap<&str, Vec<(String, i64, String)>> = BTreeMap::new();
     for (_, key, payload) in &data.outcomes {
@@ -940,7 +982,12 @@ async fn verify_strictly(
     let (twice_doubly_owned, twice): (Vec<_>, Vec<_>) = notices
         .iter()
         .filter(|(_, (_, copies))| copies.len() > 1)
-        .partition(|(_, (partition, copies))| during_overlap(*partition, copies));
+        .map(|(key, (partition, copies))| (key, during_overlap(*partition, copies)))
+        .partition(|(_, overlap)| overlap.is_some());
+    let twice_from_stale_state = twice_doubly_owned
+        .iter()
+        .filter(|(_, overlap)| *overlap == Some(true))
+        .count();
     let twice: Vec<&(String, u64)> = twice.into_iter().map(|(k, _)| k).collect();
     println!(
         "chaos: cases: {} expected, {} lost, {} unexpected, {} in a wrong state; escalations: {} sent, {} missing, {} sent twice, {} records not matching their notices",
@@ -950,21 +997,26 @@ async fn verify_strictly(
     if !strict {
         let windows: usize = overlaps.values().map(Vec::len).sum();
         println!(
-            "chaos: the broker assigned a followup partition to two processes at once {windows} time(s){}; meanwhile {} notice(s) went out twice and {} record(s) did not match their notices (both owners acted; only transactions can fence that)",
+            "chaos: the broker assigned a followup partition to two processes at once {windows} time(s){}; meanwhile {} notice(s) went out twice ({} of them decided after the window by an owner still restoring in it) and {} record(s) did not match their notices (both owners acted; only transactions can fence that)",
             if windows == 0 {
                 String::new()
             } else {
                 let spans: Vec<String> = overlaps
                     .iter()
-                    .flat_map(|(p, w)| w.iter().map(move |(from, to)| (p, from, to)))
-                    .map(|(p, from, to)| {
-                        let at = npsflow_core::Timestamp(*from).to_rfc3339();
-                        format!("partition {p} from {at} for {} ms", to - from)
+                    .flat_map(|(p, w)| w.iter().map(move |w| (p, w)))
+                    .map(|(p, w)| {
+                        let at = npsflow_core::Timestamp(w.from).to_rfc3339();
+                        format!(
+                            "partition {p} from {at} for {} ms, restores done {} ms later",
+                            w.to - w.from,
+                            w.stale_until - w.to
+                        )
                     })
                     .collect();
                 format!(" ({})", spans.join("; "))
             },
             twice_doubly_owned.len(),
+            twice_from_stale_state,
             record_mismatch_doubly_owned
         );
     }
