@@ -23,7 +23,8 @@
 //! too, so that an escalation sent just before a crash (whose case record was not written yet)
 //! is never sent again. The engine stores input offsets only after all of a batch's records
 //! are delivered, and at least once it delivers the state records (cases, follow-up state)
-//! after the others ([`Outgoing::after_the_rest`]): a crash between them leaves the state as
+//! after the others ([`Outgoing::in_round`]), and outcomes kept for unknown cases after the
+//! cases (which may have taken them in): a crash between them leaves the state as
 //! it was before the batch, so the replay from the last commit decides the batch again with
 //! everything it consumed (an alert's waiting outcomes, a customer's watches). An outcome
 //! record left by a crash between two state records, for a case already written, is dropped
@@ -76,6 +77,13 @@ mod kind {
         }
     }
 }
+
+/// The delivery round ([`Outgoing::in_round`]) of a batch's cases and recovery watches: after
+/// its notices and escalations.
+const STATE_ROUND: u8 = 1;
+/// The delivery round of the outcome events kept for unknown cases: after the cases that may
+/// have taken them in.
+const CONSUMED_ROUND: u8 = 2;
 
 /// Keys on the follow-up state topic.
 const ORPHANS_PREFIX: &str = "orphans/";
@@ -432,18 +440,21 @@ impl FollowupRole {
         let books = self.books.read().unwrap_or_else(|e| e.into_inner());
         // State records go after the batch's other records (notices, escalations): a crash
         // in between leaves the state as before the batch, and the replay remakes them. The
-        // other way round, a replay found the orphans an alert had consumed tombstoned and its
-        // case not written, and the case lost its outcome events (chaos --long).
-        let record = |topic: &str, partition: i32, key: String, value: Option<Vec<u8>>| {
+        // outcome events kept for cases go after the cases (which take them in): a replay
+        // that found them removed, and its case not written, opened the case without them
+        // (chaos --long; the cases of a batch go out in key order, and a SIGKILL during them
+        // left 365 cases open). The other way round, what is read back for a known case is
+        // dropped.
+        let record = |topic: &str, partition: i32, key: String, value: Option<Vec<u8>>, round| {
             Outgoing::new(topic, Some(partition), Some(key.into_bytes()), value, None)
-                .after_the_rest()
+                .in_round(round)
         };
         for (partition, id) in cases {
             let value = books
                 .get(&partition)
                 .and_then(|b| b.case(&id))
                 .map(|case| serde_json::to_vec(case).expect("a case serialises"));
-            out.push(record(&topics.cases, partition, id, value));
+            out.push(record(&topics.cases, partition, id, value, STATE_ROUND));
         }
         for (partition, id) in orphans {
             let value = books
@@ -455,6 +466,7 @@ impl FollowupRole {
                 partition,
                 format!("{ORPHANS_PREFIX}{id}"),
                 value,
+                CONSUMED_ROUND,
             ));
         }
         for (partition, id) in watches {
@@ -467,6 +479,7 @@ impl FollowupRole {
                 partition,
                 format!("{WATCH_PREFIX}{id}"),
                 value,
+                STATE_ROUND,
             ));
         }
     }

@@ -5,6 +5,7 @@
 //! topic, not authorised, ...) are never retried forever: the record's fallback (a dead
 //! letter without its value) is sent instead, or the role stops with the error.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -836,9 +837,9 @@ pub struct Outgoing {
     /// What to send instead if the broker or the producer rejects this record for good (for
     /// a dead letter: the same without its value). `None`: such a rejection stops the role.
     pub fallback: Option<Box<Outgoing>>,
-    /// Handed to the producer only once every other record of its batch is delivered (see
-    /// [`Outgoing::after_the_rest`]).
-    pub after_the_rest: bool,
+    /// The delivery round of its batch: handed to the producer only once every record of the
+    /// batch's earlier rounds is delivered (see [`Outgoing::in_round`]). 0 for most.
+    pub round: u8,
 }
 
 impl Outgoing {
@@ -857,17 +858,19 @@ impl Outgoing {
             payload,
             headers,
             fallback: None,
-            after_the_rest: false,
+            round: 0,
         }
     }
 
-    /// This record is handed to the producer only once every other record of its batch is
-    /// delivered. For a role's state records, at least once: a crash in between then leaves
-    /// the state as it was before the batch, and the replay from the last commit makes the
-    /// batch's records again, never the reverse (state that says the batch happened, or that
-    /// has forgotten what the batch consumed, while some of the batch's records are lost).
-    pub fn after_the_rest(mut self) -> Outgoing {
-        self.after_the_rest = true;
+    /// This record is handed to the producer only once every record of its batch in an
+    /// earlier round is delivered (at least once; a transaction makes a batch one unit
+    /// anyway). For a role's state records: a crash in between leaves the state as it was
+    /// before the batch, and the replay from the last commit makes the batch's records again,
+    /// never the reverse (state that says the batch happened, or that has forgotten what the
+    /// batch consumed, while some of the batch's records are lost). State that records what
+    /// other state consumed goes a round later still.
+    pub fn in_round(mut self, round: u8) -> Outgoing {
+        self.round = round;
         self
     }
 
@@ -934,29 +937,38 @@ pub fn is_permanent(error: &KafkaError) -> bool {
     )
 }
 
-/// Delivers every record: hands them to the producer now (so a revoke that follows waits for
-/// them, see [`Unsettled`]), except those marked [`Outgoing::after_the_rest`], which are
-/// handed over once all the others are delivered (and which a revoke meanwhile waits for
-/// too), and returns the future that waits for their delivery. Transient failures are retried
-/// with backoff until the broker takes the record (a broker outage pauses the role, it never
-/// drops a record). A record rejected for good is replaced by its fallback; without one, the
-/// role gets the error.
+/// Delivers every record: hands those of round 0 to the producer now (so a revoke that
+/// follows waits for them, see [`Unsettled`]), each later round ([`Outgoing::in_round`]) once
+/// every record of the rounds before is delivered (a revoke meanwhile waits for those too),
+/// and returns the future that waits for their delivery. Transient failures are retried with
+/// backoff until the broker takes the record (a broker outage pauses the role, it never drops
+/// a record). A record rejected for good is replaced by its fallback; without one, the role
+/// gets the error (and the later rounds are not sent).
 pub fn deliver_all(
     producer: &RoleProducer,
     records: Vec<Outgoing>,
     metrics: &Metrics,
 ) -> impl std::future::Future<Output = Result<(), DeliveryError>> + Send + 'static {
-    let (last, first): (Vec<Outgoing>, Vec<Outgoing>) =
-        records.into_iter().partition(|r| r.after_the_rest);
-    let waiting = Reserved::new(&producer.unsettled, last.len());
+    let mut rounds: BTreeMap<u8, Vec<Outgoing>> = BTreeMap::new();
+    for record in records {
+        rounds.entry(record.round).or_default().push(record);
+    }
+    let mut rounds = rounds.into_values();
+    let first = rounds.next().unwrap_or_default();
+    let later: Vec<(Vec<Outgoing>, Reserved)> = rounds
+        .map(|records| {
+            let reserved = Reserved::new(&producer.unsettled, records.len());
+            (records, reserved)
+        })
+        .collect();
     let handed = hand_over(producer, &first);
     let (producer, metrics) = (producer.clone(), metrics.clone());
     async move {
         deliver_rounds(&producer, &first, handed, &metrics).await?;
-        if !last.is_empty() {
-            let handed = hand_over(&producer, &last);
-            drop(waiting);
-            deliver_rounds(&producer, &last, handed, &metrics).await?;
+        for (records, reserved) in later {
+            let handed = hand_over(&producer, &records);
+            drop(reserved);
+            deliver_rounds(&producer, &records, handed, &metrics).await?;
         }
         Ok(())
     }
@@ -1377,33 +1389,35 @@ mod tests {
         settling.join().expect("settled");
     }
 
-    /// Records marked `after_the_rest` reach the broker only once the batch's other records
-    /// are delivered, and a revoke meanwhile waits for them too: with the broker that leads
-    /// the other records' partition down, the state record stays unsent (and counted as
-    /// unsettled); once it is back, both are delivered.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn state_records_are_sent_after_the_rest_of_their_batch() {
+    /// A mock cluster of two brokers with one partition per topic, each led by the broker
+    /// given, a producer on it, and a way to count a topic's records.
+    fn two_brokers(
+        leaders: &[(&str, i32)],
+    ) -> (
+        rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        RoleProducer,
+        impl Fn(&str) -> i64,
+    ) {
         use rdkafka::consumer::{BaseConsumer, Consumer};
         let cluster = rdkafka::mocking::MockCluster::new(2).expect("mock cluster");
         let brokers = cluster.bootstrap_servers();
-        for (topic, leader) in [("outputs", 2), ("state", 1)] {
+        for (topic, leader) in leaders {
             cluster.create_topic(topic, 1, 1).expect("topic");
             cluster
-                .partition_leader(topic, 0, Some(leader))
+                .partition_leader(topic, 0, Some(*leader))
                 .expect("leader");
         }
         let env = vec![("NPSFLOW__KAFKA__BROKERS".to_owned(), brokers.clone())];
         let config = crate::Config::load(None, env).expect("config");
-        let settings = &config.settings;
         let producer = role_producer(
-            producer_config(&settings.kafka, "test", 1_000_000),
+            producer_config(&config.settings.kafka, "test", 1_000_000),
             "test",
             Arc::new(Health::default()),
             Metrics::new(),
             Arc::new(Unsettled::default()),
         )
         .expect("producer");
-        let count = |topic: &str| {
+        let count = move |topic: &str| {
             let consumer: BaseConsumer = ClientConfig::new()
                 .set("bootstrap.servers", &brokers)
                 .set("group.id", format!("count-{topic}"))
@@ -1415,23 +1429,33 @@ mod tests {
                 .expect("watermarks");
             high - low
         };
-        // Warm up: both partitions' leaders known and reachable.
-        deliver_all(
-            &producer,
-            vec![
-                Outgoing::new("outputs", Some(0), None, Some(b"warm".to_vec()), None),
-                Outgoing::new("state", Some(0), None, Some(b"warm".to_vec()), None),
-            ],
-            &Metrics::new(),
-        )
-        .await
-        .expect("delivered");
+        (cluster, producer, count)
+    }
+
+    /// Delivers one record to each topic, so that every partition's leader is known.
+    async fn warm_up(producer: &RoleProducer, topics: &[&str]) {
+        let records = topics
+            .iter()
+            .map(|t| Outgoing::new(t, Some(0), None, Some(b"warm".to_vec()), None))
+            .collect();
+        deliver_all(producer, records, &Metrics::new())
+            .await
+            .expect("delivered");
+    }
+
+    /// Records of round 1 reach the broker only once the batch's records of round 0 are
+    /// delivered, and a revoke meanwhile waits for them too: with the broker that leads the
+    /// other records' partition down, the state record stays unsent (and counted as
+    /// unsettled); once it is back, both are delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn state_records_are_sent_after_the_rest_of_their_batch() {
+        let (cluster, producer, count) = two_brokers(&[("outputs", 2), ("state", 1)]);
+        warm_up(&producer, &["outputs", "state"]).await;
         cluster.broker_down(2).expect("down");
         let delivery = tokio::spawn(deliver_all(
             &producer,
             vec![
-                Outgoing::new("state", Some(0), None, Some(b"state".to_vec()), None)
-                    .after_the_rest(),
+                Outgoing::new("state", Some(0), None, Some(b"state".to_vec()), None).in_round(1),
                 Outgoing::new("outputs", Some(0), None, Some(b"notice".to_vec()), None),
             ],
             &Metrics::new(),
@@ -1451,6 +1475,46 @@ mod tests {
             .expect("joined")
             .expect("delivered");
         assert_eq!((count("outputs"), count("state")), (2, 2));
+        assert_eq!(producer.unsettled.count(), 0);
+    }
+
+    /// Round 2 waits for round 1 as round 1 waits for round 0: with the broker leading round
+    /// 1's partition down, round 0 is delivered and round 2 (on the broker that is up) stays
+    /// unsent until round 1 is delivered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn each_round_waits_for_the_one_before() {
+        let (cluster, producer, count) =
+            two_brokers(&[("outputs", 1), ("cases", 2), ("consumed", 1)]);
+        warm_up(&producer, &["outputs", "cases", "consumed"]).await;
+        cluster.broker_down(2).expect("down");
+        let record = |topic: &str, round: u8| {
+            Outgoing::new(topic, Some(0), None, Some(topic.as_bytes().to_vec()), None)
+                .in_round(round)
+        };
+        let delivery = tokio::spawn(deliver_all(
+            &producer,
+            vec![
+                record("consumed", 2),
+                record("cases", 1),
+                record("outputs", 0),
+            ],
+            &Metrics::new(),
+        ));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!delivery.is_finished(), "delivered with a broker down");
+        assert_eq!(count("outputs"), 2, "round 0 is not held back");
+        assert_eq!(count("consumed"), 1, "round 2 went ahead of round 1");
+        assert_eq!(producer.unsettled.count(), 2, "a revoke would not wait");
+        cluster.broker_up(2).expect("up");
+        tokio::time::timeout(Duration::from_secs(60), delivery)
+            .await
+            .expect("delivered once the broker is back")
+            .expect("joined")
+            .expect("delivered");
+        assert_eq!(
+            (count("outputs"), count("cases"), count("consumed")),
+            (2, 2, 2)
+        );
         assert_eq!(producer.unsettled.count(), 0);
     }
 
