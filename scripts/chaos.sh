@@ -4,8 +4,8 @@
 # (tests/chaos.rs).
 #   scripts/chaos.sh          # short form, as CI runs it: 8,000 messages (~5 minutes)
 #   scripts/chaos.sh --long   # 200,000 messages sent over 10 minutes (~14 minutes in all
-#                             # on two cores with Tansu, not yet passing every time: see
-#                             # BENCHMARKS.md; noida-db does not drain it)
+#                             # on two cores with Tansu; four of its last five runs
+#                             # passed, see BENCHMARKS.md; noida-db does not drain it)
 #   NPSFLOW_CHAOS_KEEP=1 scripts/chaos.sh   # keep the broker data and process logs
 # Which broker and guarantee (scripts/eos.sh uses the second):
 #   NPSFLOW_CHAOS_BROKER=tansu NPSFLOW_CHAOS_GUARANTEE=at_least_once   # default: Tansu, sqlite
