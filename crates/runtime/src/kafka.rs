@@ -1443,6 +1443,20 @@ mod tests {
             .expect("delivered");
     }
 
+    /// Brings `broker` back up and waits for `delivery` to finish, delivered.
+    async fn delivered_once_back(
+        cluster: &rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext>,
+        broker: i32,
+        delivery: tokio::task::JoinHandle<Result<(), DeliveryError>>,
+    ) {
+        cluster.broker_up(broker).expect("up");
+        tokio::time::timeout(Duration::from_secs(60), delivery)
+            .await
+            .expect("delivered once the broker is back")
+            .expect("joined")
+            .expect("delivered");
+    }
+
     /// Records of round 1 reach the broker only once the batch's records of round 0 are
     /// delivered, and a revoke meanwhile waits for them too: with the broker that leads the
     /// other records' partition down, the state record stays unsent (and counted as
@@ -1468,12 +1482,7 @@ mod tests {
             2,
             "a revoke would not wait for both"
         );
-        cluster.broker_up(2).expect("up");
-        tokio::time::timeout(Duration::from_secs(60), delivery)
-            .await
-            .expect("delivered once the broker is back")
-            .expect("joined")
-            .expect("delivered");
+        delivered_once_back(&cluster, 2, delivery).await;
         assert_eq!((count("outputs"), count("state")), (2, 2));
         assert_eq!(producer.unsettled.count(), 0);
     }
@@ -1505,12 +1514,7 @@ mod tests {
         assert_eq!(count("outputs"), 2, "round 0 is not held back");
         assert_eq!(count("consumed"), 1, "round 2 went ahead of round 1");
         assert_eq!(producer.unsettled.count(), 2, "a revoke would not wait");
-        cluster.broker_up(2).expect("up");
-        tokio::time::timeout(Duration::from_secs(60), delivery)
-            .await
-            .expect("delivered once the broker is back")
-            .expect("joined")
-            .expect("delivered");
+        delivered_once_back(&cluster, 2, delivery).await;
         assert_eq!(
             (count("outputs"), count("cases"), count("consumed")),
             (2, 2, 2)
