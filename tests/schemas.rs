@@ -1209,7 +1209,7 @@ async fn pipeline_outputs_on_the_in_process_broker_are_written_for_the_schema_ch
         read_to_end(&brokers, escalations).len() >= 4
     })
     .await;
-    // The confirming records (notified: true) follow their notices.
+    // The case records (escalations notified) follow their notices.
     tokio::time::sleep(std::time::Duration::from_secs(2)).await;
 
     let alerts: Vec<Vec<u8>> = read_topic(&brokers, &topics.followups, 4)

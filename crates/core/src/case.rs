@@ -538,9 +538,11 @@ pub struct EscalationRecord {
     pub escalated_at: Timestamp,
     /// To whom.
     pub escalate_to: String,
-    /// False until the notice is known to be delivered (the record is written again then).
-    /// On restore, an escalation not notified whose notice is not on the escalations topic
-    /// never went out: it is forgotten and fires again.
+    /// Whether the notice is known to be delivered. Records are written after their notices
+    /// (see [`Effect::Escalated`]), so an escalation is recorded notified; `false` comes from
+    /// records of earlier versions, which wrote the record with its notice and again, notified,
+    /// in the next batch. On restore, an escalation not notified whose notice is not on the
+    /// escalations topic never went out: it is forgotten and fires again.
     #[serde(default = "delivered")]
     pub notified: bool,
 }
@@ -964,7 +966,9 @@ pub enum Effect {
     OrphansExpired(usize),
     /// The outcome events kept for a case changed: write [`CaseBook::orphans`].
     OrphansChanged(String),
-    /// A case was escalated: send the notice.
+    /// A case was escalated: send the notice. The case's record (a [`Effect::CaseChanged`]
+    /// of the same call) says it was notified, so write that record only once the notice is
+    /// delivered (or in one transaction with it).
     Escalated(Box<EscalationNotice>),
     /// A case was first contacted, this long after the response.
     FirstContact {
@@ -1041,7 +1045,7 @@ pub struct CaseBook {
     orphans: BTreeMap<String, OrphanOutcomes>,
     watches: BTreeMap<String, Vec<RecoveryWatch>>,
     deadlines: Deadlines,
-    /// Cases with escalations whose notices were sent but not yet confirmed in their record.
+    /// Cases whose record a restore found behind its notices: written again, confirming them.
     unconfirmed: BTreeSet<String>,
     /// Escalation notices read back for cases not known yet: the process that sent them
     /// stopped before its case record was written, and the replayed alert opens the case
@@ -1297,10 +1301,9 @@ impl CaseBook {
                             deadline,
                             escalated_at: now,
                             escalate_to: escalate_to.clone(),
-                            notified: false,
+                            notified: true,
                         });
                         case.escalation_level = case.escalation_level.max(level);
-                        self.unconfirmed.insert(case_id.clone());
                         out.push(Effect::Escalated(Box::new(notice(&case, level))));
                     }
                     self.store(case, policy, out);
@@ -1438,7 +1441,8 @@ impl CaseBook {
         !self.unconfirmed.is_empty()
     }
 
-    /// Marks every escalation sent so far as notified and asks for the records to be
+    /// Marks every escalation of the cases a restore changed ([`CaseBook::restore_escalation`],
+    /// [`CaseBook::reconcile_escalations`]) as notified and asks for their records to be
     /// written. Call it only once the notices sent before are delivered (the engine sends a
     /// batch's records only after the previous batch's are delivered).
     pub fn confirm_escalations(&mut self, out: &mut Vec<Effect>) {

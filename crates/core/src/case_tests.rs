@@ -572,7 +572,30 @@ fn an_escalation_sent_before_its_case_was_written_is_not_repeated_after_a_restor
 }
 
 #[test]
-fn an_escalation_recorded_but_never_sent_fires_again_after_a_restore() {
+fn an_escalation_is_recorded_notified_in_the_one_record_it_writes() {
+    let policy = policy();
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
+    assert_eq!(escalations(&out), [("c".to_owned(), 1)]);
+    let written = out
+        .iter()
+        .filter(|e| matches!(e, Effect::CaseChanged(id) if id == "c"))
+        .count();
+    assert_eq!(written, 1, "{out:?}");
+    let case = book.case("c").expect("present");
+    assert!(case.escalations.iter().all(|e| e.notified));
+    // Nothing left to confirm: no second write of the record.
+    assert!(!book.has_unconfirmed());
+    out.clear();
+    book.confirm_escalations(&mut out);
+    assert!(out.is_empty(), "{out:?}");
+}
+
+#[test]
+fn an_escalation_recorded_but_never_sent_of_an_earlier_version_fires_again_after_a_restore() {
     let policy = policy();
     let mut book = CaseBook::new();
     let mut out = Vec::new();
@@ -581,10 +604,12 @@ fn an_escalation_recorded_but_never_sent_fires_again_after_a_restore() {
     out.clear();
     book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
     assert_eq!(escalations(&out).len(), 2);
-    assert!(book.has_unconfirmed());
-    // The records went out saying "not notified yet"; only one notice did.
-    let records: Vec<FollowupCase> = book.cases().cloned().collect();
-    assert!(records.iter().all(|c| !c.escalations[0].notified));
+    // Records of earlier versions went out saying "not notified yet", with their notices in
+    // the same batch; only one notice did.
+    let mut records: Vec<FollowupCase> = book.cases().cloned().collect();
+    for record in &mut records {
+        record.escalations[0].notified = false;
+    }
     let mut restored = CaseBook::new();
     for record in records {
         restored.restore_case(record, &policy);

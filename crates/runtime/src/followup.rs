@@ -338,9 +338,9 @@ impl FollowupRole {
         Ok(())
     }
 
-    /// Escalations sent in an earlier batch are delivered by the time this batch's records
-    /// go out (the engine sends a batch only after the previous one is delivered): their
-    /// cases' records are written again, confirming them.
+    /// Escalations a restore found missing from their case's record (their notice was read
+    /// back), or unconfirmed in a record of an earlier version (whose notice was read back, or
+    /// which fired again): their cases' records are written again, saying so.
     fn confirm_escalations(&mut self) -> Vec<(i32, Effect)> {
         let mut effects = Vec::new();
         for (partition, book) in self.books().iter_mut() {
