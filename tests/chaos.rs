@@ -33,6 +33,11 @@
 //!   run by `scripts/eos.sh` in CI) the successor runs in new consumer groups holding the old
 //!   ones' committed offsets, with the same transactional ids.
 //!
+//! Two more broker faults are told apart and printed, never silently: a Tansu group left with
+//! no live owner ([`drain`]), and noida-db hiding records committed after an aborted
+//! transaction from the consumers that read on from there
+//! ([`hidden_from_a_reader_starting_at`]).
+//!
 //! Run by `scripts/chaos.sh` (short in CI, `--long` for a person) and `scripts/eos.sh`:
 //! `cargo test -p npsflow-tests --test chaos -- --ignored --nocapture`.
 
@@ -789,23 +794,34 @@ fn groups(config: &Config) -> Vec<(String, String)> {
 /// Waits until the survivors have committed every input and delta offset (starting again,
 /// as an orchestrator would, any process that ends by itself meanwhile).
 ///
-/// One broker fault is told apart: Tansu 0.6's group coordinator can leave the deltas
-/// topic's partitions assigned to no live member for good (it does not remove a killed group
-/// leader). If the aggregate group alone has lag, that lag has not moved for two minutes, and
-/// no running process holds any deltas partition (from their rebalance log lines: so no
-/// npsflow process is stalled on them), the drain ends and says so; the verification's fresh
-/// aggregator reads the whole deltas topic in a group of its own, so every segment is still
-/// checked exactly. Any other lag that does not drain fails the test.
+/// One broker fault is told apart: Tansu 0.6's group coordinator can leave a group's
+/// partitions assigned to no live member for good (it does not remove a killed group
+/// leader). When a group's lag has not moved for two minutes and no running process holds
+/// any partition its role reads (from their rebalance log lines: so no npsflow process is
+/// stalled on one):
+/// - the deltas topic's group (the aggregate role): the drain ends and says so; the
+///   verification's fresh aggregator reads the whole deltas topic in a group of its own, so
+///   every segment is still checked exactly;
+/// - any other group: moved the way an operator moves a deployment off a stuck group, its
+///   committed offsets copied into a new group and the fleet restarted in that one (at most
+///   three times), and the drain goes on.
+///
+/// Any other lag that does not drain fails the test.
 async fn drain(s: &Settings, config: &Config, fleet: &mut Fleet, target: usize) {
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let mut deadline = Instant::now() + Duration::from_secs(600);
     let deltas = config.settings.topics.segment_deltas.clone();
     let mut last: (Vec<Option<i64>>, Instant) = (Vec::new(), Instant::now());
+    // Groups moved off a stuck coordinator: a role's group as configured -> the one it runs in.
+    let mut moved: BTreeMap<String, String> = BTreeMap::new();
     loop {
         fleet.reap();
         while fleet.running.len() < target {
             fleet.start(ROLES);
         }
-        let groups = groups(config);
+        let groups: Vec<(String, String)> = groups(config)
+            .into_iter()
+            .map(|(group, topic)| (moved.get(&group).cloned().unwrap_or(group), topic))
+            .collect();
         let lags: Vec<Option<i64>> = groups
             .iter()
             .map(|(group, topic)| lag(&s.brokers, group, topic))
@@ -816,22 +832,76 @@ async fn drain(s: &Settings, config: &Config, fleet: &mut Fleet, target: usize) 
         if lags != last.0 {
             last = (lags.clone(), Instant::now());
         }
+        let still = last.1.elapsed() > Duration::from_secs(120);
+        // The groups with lag whose role's topics no running process holds a partition of.
+        let unowned: BTreeSet<&str> = groups
+            .iter()
+            .zip(&lags)
+            .filter(|(_, lag)| **lag != Some(0))
+            .filter(|((group, _), _)| {
+                let topics: Vec<&String> = groups
+                    .iter()
+                    .filter(|(g, _)| g == group)
+                    .map(|(_, t)| t)
+                    .collect();
+                !fleet.running.iter().any(|(_, _, number)| {
+                    owned_at_end(fleet, *number)
+                        .iter()
+                        .any(|(_, tp)| topics.iter().any(|t| tp.starts_with(&format!("{t}/"))))
+                })
+            })
+            .map(|((group, _), _)| group.as_str())
+            .collect();
         let only_deltas = groups
             .iter()
             .zip(&lags)
             .all(|((_, topic), lag)| *lag == Some(0) || *topic == deltas);
-        let held = fleet.running.iter().any(|(_, _, number)| {
-            owned_at_end(fleet, *number)
-                .iter()
-                .any(|(role, tp)| role == "aggregate" && tp.starts_with(&format!("{deltas}/")))
-        });
-        if only_deltas && !held && last.1.elapsed() > Duration::from_secs(120) {
+        let deltas_group = groups
+            .iter()
+            .find(|(_, topic)| *topic == deltas)
+            .map(|(group, _)| group.as_str());
+        if still && only_deltas && deltas_group.is_some_and(|g| unowned.contains(g)) {
             println!(
                 "chaos: the broker left {deltas} assigned to no live process for 2 minutes \
                  (Tansu's group coordinator; lags {lags:?}); the verification's fresh \
                  aggregator reads it whole"
             );
             break;
+        }
+        let stuck = unowned.iter().find(|g| Some(**g) != deltas_group);
+        if let Some(stuck) = stuck.filter(|_| still && moved.len() < 3) {
+            let stuck = stuck.to_string();
+            let configured = self::groups(config)
+                .into_iter()
+                .map(|(group, _)| group)
+                .find(|group| moved.get(group).unwrap_or(group) == &stuck)
+                .expect("a role's group");
+            let new = format!("{configured}-moved-{}", moved.len() + 1);
+            let mut copied = 0;
+            for (_, topic) in groups.iter().filter(|(g, _)| *g == stuck) {
+                copied += copy_offsets(&s.brokers, &stuck, &new, topic);
+            }
+            let kafka = &config.settings.kafka;
+            let var = [
+                ("NPSFLOW__KAFKA__INGEST_GROUP", &kafka.ingest_group),
+                ("NPSFLOW__KAFKA__AGGREGATE_GROUP", &kafka.aggregate_group),
+                ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", &kafka.followup_group),
+            ]
+            .into_iter()
+            .find(|(_, group)| **group == configured)
+            .map(|(var, _)| var)
+            .expect("a role's group variable");
+            println!(
+                "chaos: the broker left {stuck}'s partitions assigned to no live process for 2 minutes \
+                 (Tansu's group coordinator; lags {lags:?}); {copied} committed offsets copied to \
+                 {new} and the fleet restarted in it, as an operator would"
+            );
+            fleet.env.push((var, new.clone()));
+            moved.insert(configured, new);
+            fleet.stop_all();
+            last = (Vec::new(), Instant::now());
+            deadline = deadline.max(Instant::now() + Duration::from_secs(300));
+            continue;
         }
         assert!(Instant::now() < deadline, "lag did not drain: {lags:?}");
         tokio::time::sleep(Duration::from_secs(1)).await;
