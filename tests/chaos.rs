@@ -877,6 +877,8 @@ async fn drain(s: &Settings, config: &Config, fleet: &mut Fleet, target: usize) 
                 .find(|group| moved.get(group).unwrap_or(group) == &stuck)
                 .expect("a role's group");
             let new = format!("{configured}-moved-{}", moved.len() + 1);
+            // Stopped first, so that nothing commits to the old group after the copy.
+            fleet.stop_all();
             let mut copied = 0;
             for (_, topic) in groups.iter().filter(|(g, _)| *g == stuck) {
                 copied += copy_offsets(&s.brokers, &stuck, &new, topic);
@@ -894,11 +896,10 @@ async fn drain(s: &Settings, config: &Config, fleet: &mut Fleet, target: usize) 
             println!(
                 "chaos: the broker left {stuck}'s partitions assigned to no live process for 2 minutes \
                  (Tansu's group coordinator; lags {lags:?}); {copied} committed offsets copied to \
-                 {new} and the fleet restarted in it, as an operator would"
+                 {new} and the fleet started again in it, as an operator would"
             );
             fleet.env.push((var, new.clone()));
             moved.insert(configured, new);
-            fleet.stop_all();
             last = (Vec::new(), Instant::now());
             deadline = deadline.max(Instant::now() + Duration::from_secs(300));
             continue;
