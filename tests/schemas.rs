@@ -900,7 +900,7 @@ fn core_outputs_are_written_for_the_schema_check() {
         let mut out = Vec::new();
         book.handle_timeout(Timestamp(at), &policy, &mut out);
         flush(&book, &mut out);
-        book.confirm_escalations(&mut out);
+        book.write_repairs(&mut out);
         flush(&book, &mut out);
     }
     let states: BTreeSet<CaseState> = book.cases().map(|c| c.state).collect();

@@ -1047,6 +1047,9 @@ pub struct CaseBook {
     deadlines: Deadlines,
     /// Cases whose record a restore found behind its notices: written again, confirming them.
     unconfirmed: BTreeSet<String>,
+    /// Outcome events kept for a case that a restore found with its record (a crash came
+    /// between the case's record and the tombstone of what it took in): tombstoned.
+    stale_orphans: BTreeSet<String>,
     /// Escalation notices read back for cases not known yet: the process that sent them
     /// stopped before its case record was written, and the replayed alert opens the case
     /// again with them (at most the notices read back; forgotten with the book).
@@ -1346,15 +1349,17 @@ impl CaseBook {
         }
         let due = case.due(policy);
         self.deadlines.set(Due::Case(case.case_id.clone()), due);
-        self.drop_orphans_of(&case.case_id);
+        self.drop_stale_orphans(&case.case_id);
         self.cases.insert(case.case_id.clone(), case);
     }
 
     /// Puts back outcome events kept for an unknown case. Those of a case that is known (a
     /// crash came between writing the case, which took them in, and their removal) are
-    /// dropped: the case has them.
+    /// dropped, and their record is tombstoned with the next writes
+    /// ([`CaseBook::write_repairs`]): the case has them.
     pub fn restore_orphans(&mut self, case_id: String, kept: OrphanOutcomes) {
         if self.cases.contains_key(&case_id) {
+            self.stale_orphans.insert(case_id);
             return;
         }
         self.deadlines
@@ -1362,9 +1367,12 @@ impl CaseBook {
         self.orphans.insert(case_id, kept);
     }
 
-    fn drop_orphans_of(&mut self, case_id: &str) {
+    /// Outcome events kept for a case restored after them: the case has them, so they are
+    /// dropped and their record tombstoned ([`CaseBook::write_repairs`]).
+    fn drop_stale_orphans(&mut self, case_id: &str) {
         if self.orphans.remove(case_id).is_some() {
             self.deadlines.set(Due::Orphans(case_id.to_owned()), None);
+            self.stale_orphans.insert(case_id.to_owned());
         }
     }
 
@@ -1435,23 +1443,29 @@ impl CaseBook {
         }
     }
 
-    /// True if some case's record must be written again to confirm its escalations (see
-    /// [`CaseBook::confirm_escalations`]).
-    pub fn has_unconfirmed(&self) -> bool {
-        !self.unconfirmed.is_empty()
+    /// True if a restore left records to write (see [`CaseBook::write_repairs`]).
+    pub fn has_repairs(&self) -> bool {
+        !self.unconfirmed.is_empty() || !self.stale_orphans.is_empty()
     }
 
-    /// Marks every escalation of the cases a restore changed ([`CaseBook::restore_escalation`],
-    /// [`CaseBook::reconcile_escalations`]) as notified and asks for their records to be
-    /// written. Call it only once the notices sent before are delivered (the engine sends a
-    /// batch's records only after the previous batch's are delivered).
-    pub fn confirm_escalations(&mut self, out: &mut Vec<Effect>) {
+    /// Writes what a restore found behind: the records of the cases it changed
+    /// ([`CaseBook::restore_escalation`], [`CaseBook::reconcile_escalations`]), with every
+    /// escalation marked notified, and tombstones for outcome events kept for cases that have
+    /// their record ([`CaseBook::restore_orphans`]). Call it only once the notices sent before
+    /// are delivered (the engine sends a batch's records only after the previous batch's are
+    /// delivered).
+    pub fn write_repairs(&mut self, out: &mut Vec<Effect>) {
         for case_id in std::mem::take(&mut self.unconfirmed) {
             if let Some(case) = self.cases.get_mut(&case_id) {
                 for escalation in &mut case.escalations {
                     escalation.notified = true;
                 }
                 out.push(Effect::CaseChanged(case_id));
+            }
+        }
+        for case_id in std::mem::take(&mut self.stale_orphans) {
+            if !self.orphans.contains_key(&case_id) {
+                out.push(Effect::OrphansChanged(case_id));
             }
         }
     }

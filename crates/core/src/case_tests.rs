@@ -332,9 +332,10 @@ fn deadlines_escalate_each_level_once_and_never_a_closed_case() {
 
 /// A crash between writing a case (which took in the outcomes that waited for it) and
 /// removing those outcomes leaves both on the topics: read back in either order, the case
-/// keeps them and they wait no more (no second application, no expiry counted later).
+/// keeps them and they wait no more (no second application, no expiry counted later), and
+/// their record is tombstoned.
 #[test]
-fn outcomes_read_back_for_a_case_already_written_are_dropped() {
+fn outcomes_read_back_for_a_case_already_written_are_dropped_and_tombstoned() {
     let policy = policy();
     let mut written = CaseBook::new();
     let mut out = Vec::new();
@@ -363,6 +364,12 @@ fn outcomes_read_back_for_a_case_already_written_are_dropped() {
             book.case("early").expect("restored").state,
             CaseState::Contacted
         );
+        // Their record is tombstoned with the next writes, once.
+        assert!(book.has_repairs(), "case first: {case_first}");
+        out.clear();
+        book.write_repairs(&mut out);
+        assert_eq!(out, [Effect::OrphansChanged("early".into())]);
+        assert!(!book.has_repairs());
         out.clear();
         book.handle_timeout(Timestamp(T0 + 8 * 24 * HOUR), &policy, &mut out);
         assert!(
@@ -588,9 +595,9 @@ fn an_escalation_is_recorded_notified_in_the_one_record_it_writes() {
     let case = book.case("c").expect("present");
     assert!(case.escalations.iter().all(|e| e.notified));
     // Nothing left to confirm: no second write of the record.
-    assert!(!book.has_unconfirmed());
+    assert!(!book.has_repairs());
     out.clear();
-    book.confirm_escalations(&mut out);
+    book.write_repairs(&mut out);
     assert!(out.is_empty(), "{out:?}");
 }
 
@@ -631,10 +638,10 @@ fn an_escalation_recorded_but_never_sent_of_an_earlier_version_fires_again_after
     );
     // Confirming writes the records with the escalations notified.
     out.clear();
-    restored.confirm_escalations(&mut out);
+    restored.write_repairs(&mut out);
     assert!(out.contains(&Effect::CaseChanged("lost".into())));
     assert!(restored.case("lost").expect("present").escalations[0].notified);
-    assert!(!restored.has_unconfirmed());
+    assert!(!restored.has_repairs());
 }
 
 #[test]

@@ -28,7 +28,8 @@
 //! it was before the batch, so the replay from the last commit decides the batch again with
 //! everything it consumed (an alert's waiting outcomes, a customer's watches). An outcome
 //! record left by a crash between two state records, for a case already written, is dropped
-//! when read back. With `processing.guarantee = exactly_once` a batch is one transaction.
+//! when read back and tombstoned. With `processing.guarantee = exactly_once` a batch is one
+//! transaction.
 //!
 //! Deadlines are timers: [`RoleMachine::poll_timeout`] is the earliest deadline of any case,
 //! and the engine fires it on the wall clock with no traffic. With `windows.clock =
@@ -338,14 +339,14 @@ impl FollowupRole {
         Ok(())
     }
 
-    /// Escalations a restore found missing from their case's record (their notice was read
-    /// back), or unconfirmed in a record of an earlier version (whose notice was read back, or
-    /// which fired again): their cases' records are written again, saying so.
-    fn confirm_escalations(&mut self) -> Vec<(i32, Effect)> {
+    /// What restores left to write ([`CaseBook::write_repairs`]): escalations missing from
+    /// their case's record (their notice was read back) or unconfirmed in a record of an
+    /// earlier version, and outcome events kept for cases that have their record.
+    fn write_repairs(&mut self) -> Vec<(i32, Effect)> {
         let mut effects = Vec::new();
         for (partition, book) in self.books().iter_mut() {
             let mut out = Vec::new();
-            book.confirm_escalations(&mut out);
+            book.write_repairs(&mut out);
             effects.extend(out.into_iter().map(|e| (*partition, e)));
         }
         effects
@@ -616,7 +617,7 @@ impl RoleMachine for FollowupRole {
         now: Timestamp,
         out: &mut Vec<Outgoing>,
     ) {
-        let mut effects = self.confirm_escalations();
+        let mut effects = self.write_repairs();
         for message in messages {
             if message.topic() == self.topics.followup_events {
                 self.decide(message, now, &mut effects);
@@ -632,7 +633,7 @@ impl RoleMachine for FollowupRole {
 
     fn poll_timeout(&self) -> Option<Timestamp> {
         let books = self.books.read().unwrap_or_else(|e| e.into_inner());
-        if books.values().any(CaseBook::has_unconfirmed) {
+        if books.values().any(CaseBook::has_repairs) {
             return Some(Timestamp(i64::MIN));
         }
         let due = books.values().filter_map(CaseBook::poll_timeout).min()?;
@@ -645,7 +646,7 @@ impl RoleMachine for FollowupRole {
 
     fn handle_timeout(&mut self, wall: Timestamp, out: &mut Vec<Outgoing>) {
         let now = self.now(wall);
-        let mut effects = self.confirm_escalations();
+        let mut effects = self.write_repairs();
         {
             let policy = &self.policy;
             let mut books = self.books.write().unwrap_or_else(|e| e.into_inner());
@@ -886,6 +887,72 @@ mod tests {
         role.handle_messages(&[legacy], Timestamp(T0), &mut out);
         assert_eq!(role.metrics.cases_opened(), 1);
         assert!(out.iter().any(|r| r.topic == topics.cases));
+    }
+
+    /// A crash between a batch's case round and its kept-outcomes round leaves both records:
+    /// read back, the kept outcomes of a known case are dropped and their record tombstoned
+    /// by the next timer, in the kept-outcomes round.
+    #[test]
+    fn kept_outcomes_read_back_for_a_known_case_are_tombstoned() {
+        let (mut written, topics) = role(&[]);
+        let events = topics.followup_events.clone();
+        let assigned = [(events.clone(), 0)];
+        for read in written.handle_assigned(&assigned) {
+            written.handle_restored(&read, Vec::new(), Timestamp(T0));
+        }
+        let outcome = format!(
+            r#"{{"event_id":"e1","case_id":"det-1","type":"contacted","occurred_at":"{}"}}"#,
+            Timestamp(T0 + HOUR).to_rfc3339()
+        );
+        let mut kept = Vec::new();
+        let item = message(&events, 0, "det-1", outcome.as_bytes(), Some(kind::OUTCOME));
+        written.handle_messages(&[item], Timestamp(T0), &mut kept);
+        let mut opened = Vec::new();
+        let item = message(&events, 0, "det-1", &alert("det-1", T0), Some(kind::ALERT));
+        written.handle_messages(&[item], Timestamp(T0), &mut opened);
+        let stored = |records: &[Outgoing], topic: &str| -> Vec<StoredRecord> {
+            records
+                .iter()
+                .filter(|r| r.topic == topic && r.payload.is_some())
+                .map(|r| StoredRecord {
+                    offset: 0,
+                    key: r.key.clone(),
+                    payload: r.payload.clone(),
+                })
+                .collect()
+        };
+        let cases = stored(&opened, &topics.cases);
+        let orphans = stored(&kept, &topics.followup_state);
+        assert_eq!((cases.len(), orphans.len()), (1, 1));
+
+        let (mut restored, _) = role(&[]);
+        for read in restored.handle_assigned(&assigned) {
+            let records = match read.topic() {
+                t if t == topics.cases => cases.clone(),
+                t if t == topics.followup_state => orphans.clone(),
+                _ => Vec::new(),
+            };
+            restored.handle_restored(&read, records, Timestamp(T0));
+        }
+        assert_eq!(
+            restored.poll_timeout(),
+            Some(Timestamp(i64::MIN)),
+            "due now"
+        );
+        let mut out = Vec::new();
+        restored.handle_timeout(Timestamp(T0 + 2 * HOUR), &mut out);
+        let tombstones: Vec<&Outgoing> = out
+            .iter()
+            .filter(|r| r.topic == topics.followup_state)
+            .collect();
+        assert_eq!(tombstones.len(), 1, "{out:?}");
+        assert_eq!(tombstones[0].key.as_deref(), Some(&b"orphans/det-1"[..]));
+        assert_eq!(tombstones[0].payload, None);
+        assert_eq!(tombstones[0].round, CONSUMED_ROUND);
+        assert_eq!(
+            restored.poll_timeout().map(|t| t > Timestamp(T0)),
+            Some(true)
+        );
     }
 
     /// With `windows.clock = event_time` (a replay), deadlines fire as event time passes them,
