@@ -441,9 +441,9 @@ fn followup_event_records(brokers: &str, topic: &str) -> BTreeMap<String, CaseIn
 /// read_committed consumer that starts reading there (one reading from the start sees it, or
 /// it would not be known). noida-db 0.2.3 does, to every record a producer commits after one
 /// of its transactions was aborted: its fetch responses list that aborted transaction even
-/// when it ended before the fetch offset, and the client (librdkafka, like Kafka's Java
-/// client) then drops that producer id's batches from the transaction's first offset until it
-/// meets an abort marker, which never comes. A successor that initialises a fenced zombie's
+/// when it ended before the fetch offset, and the client (librdkafka) then drops that
+/// producer id's batches from the transaction's first offset until it meets an abort marker,
+/// which never comes. A successor that initialises a fenced zombie's
 /// transactional id aborts the zombie's open transaction and goes on with the same producer
 /// id, so everything it writes to that partition afterwards is lost to the consumers that
 /// read it (Apache Kafka lists only transactions that end at or after the fetch offset).
