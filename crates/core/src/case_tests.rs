@@ -54,6 +54,30 @@ fn event(id: &str, case: &str, kind: OutcomeType, at_hours: i64) -> OutcomeEvent
     }
 }
 
+/// A book with `cases` opened at T0 (score 5: no escalation at opening), and what its timer
+/// 49 hours on caused: each case's first-contact escalation.
+fn escalated(policy: &FollowupPolicy, cases: &[&str]) -> (CaseBook, Vec<Effect>) {
+    let mut book = CaseBook::new();
+    let mut out = Vec::new();
+    for case in cases {
+        book.open(alert(case, 5), policy, Timestamp(T0), &mut out);
+    }
+    out.clear();
+    book.handle_timeout(Timestamp(T0 + 49 * HOUR), policy, &mut out);
+    (book, out)
+}
+
+/// The escalation notices among `effects`.
+fn notices(effects: &[Effect]) -> Vec<EscalationNotice> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Escalated(n) => Some((**n).clone()),
+            _ => None,
+        })
+        .collect()
+}
+
 fn escalations(effects: &[Effect]) -> Vec<(String, u8)> {
     effects
         .iter()
@@ -521,17 +545,8 @@ fn closed_cases_are_tombstoned_after_the_retention() {
 #[test]
 fn an_escalation_found_on_the_topic_is_not_repeated_after_a_restore() {
     let policy = policy();
-    let mut book = CaseBook::new();
-    let mut out = Vec::new();
-    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
-    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
-    let sent = out
-        .iter()
-        .find_map(|e| match e {
-            Effect::Escalated(n) => Some(n.clone()),
-            _ => None,
-        })
-        .expect("escalated");
+    let (_, mut out) = escalated(&policy, &["c"]);
+    let sent = notices(&out).pop().expect("escalated");
     // A process restored the case as it was before the escalation was written.
     let mut restored = CaseBook::new();
     let mut before = Vec::new();
@@ -552,18 +567,8 @@ fn an_escalation_found_on_the_topic_is_not_repeated_after_a_restore() {
 #[test]
 fn an_escalation_sent_before_its_case_was_written_is_not_repeated_after_a_restore() {
     let policy = policy();
-    let mut book = CaseBook::new();
-    let mut out = Vec::new();
-    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
-    out.clear();
-    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
-    let sent: Vec<EscalationNotice> = out
-        .iter()
-        .filter_map(|e| match e {
-            Effect::Escalated(n) => Some((**n).clone()),
-            _ => None,
-        })
-        .collect();
+    let (_, mut out) = escalated(&policy, &["c"]);
+    let sent = notices(&out);
     assert!(!sent.is_empty(), "escalated");
     let mut restored = CaseBook::new();
     for notice in &sent {
@@ -581,11 +586,7 @@ fn an_escalation_sent_before_its_case_was_written_is_not_repeated_after_a_restor
 #[test]
 fn an_escalation_is_recorded_notified_in_the_one_record_it_writes() {
     let policy = policy();
-    let mut book = CaseBook::new();
-    let mut out = Vec::new();
-    book.open(alert("c", 5), &policy, Timestamp(T0), &mut out);
-    out.clear();
-    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
+    let (mut book, mut out) = escalated(&policy, &["c"]);
     assert_eq!(escalations(&out), [("c".to_owned(), 1)]);
     let written = out
         .iter()
@@ -604,12 +605,7 @@ fn an_escalation_is_recorded_notified_in_the_one_record_it_writes() {
 #[test]
 fn an_escalation_recorded_but_never_sent_of_an_earlier_version_fires_again_after_a_restore() {
     let policy = policy();
-    let mut book = CaseBook::new();
-    let mut out = Vec::new();
-    book.open(alert("sent", 5), &policy, Timestamp(T0), &mut out);
-    book.open(alert("lost", 5), &policy, Timestamp(T0), &mut out);
-    out.clear();
-    book.handle_timeout(Timestamp(T0 + 49 * HOUR), &policy, &mut out);
+    let (book, mut out) = escalated(&policy, &["sent", "lost"]);
     assert_eq!(escalations(&out).len(), 2);
     // Records of earlier versions went out saying "not notified yet", with their notices in
     // the same batch; only one notice did.
