@@ -775,19 +775,33 @@ impl Sender {
     }
 }
 
-/// Each role's group with what it reads.
-fn groups(config: &Config) -> Vec<(String, String)> {
+/// One topic a role reads, with the role's consumer group and the variable that names it.
+struct GroupInput {
+    var: &'static str,
+    group: String,
+    topic: String,
+}
+
+/// What each role's group reads.
+fn groups(config: &Config) -> Vec<GroupInput> {
     let (kafka, topics) = (&config.settings.kafka, &config.settings.topics);
+    let ingest = ("NPSFLOW__KAFKA__INGEST_GROUP", &kafka.ingest_group);
+    let aggregate = ("NPSFLOW__KAFKA__AGGREGATE_GROUP", &kafka.aggregate_group);
+    let followup = ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", &kafka.followup_group);
     [
-        (&kafka.ingest_group, &topics.responses),
-        (&kafka.ingest_group, &topics.responses_by_id),
-        (&kafka.aggregate_group, &topics.segment_deltas),
-        (&kafka.followup_group, &topics.followups),
-        (&kafka.followup_group, &topics.followup_outcomes),
-        (&kafka.followup_group, &topics.followup_events),
+        (ingest, &topics.responses),
+        (ingest, &topics.responses_by_id),
+        (aggregate, &topics.segment_deltas),
+        (followup, &topics.followups),
+        (followup, &topics.followup_outcomes),
+        (followup, &topics.followup_events),
     ]
     .into_iter()
-    .map(|(g, t)| (g.clone(), t.clone()))
+    .map(|((var, group), topic)| GroupInput {
+        var,
+        group: group.clone(),
+        topic: topic.clone(),
+    })
     .collect()
 }
 
@@ -809,22 +823,24 @@ fn groups(config: &Config) -> Vec<(String, String)> {
 /// Any other lag that does not drain fails the test.
 async fn drain(s: &Settings, config: &Config, fleet: &mut Fleet, target: usize) {
     let mut deadline = Instant::now() + Duration::from_secs(600);
-    let deltas = config.settings.topics.segment_deltas.clone();
+    let deltas = &config.settings.topics.segment_deltas;
     let mut last: (Vec<Option<i64>>, Instant) = (Vec::new(), Instant::now());
-    // Groups moved off a stuck coordinator: a role's group as configured -> the one it runs in.
-    let mut moved: BTreeMap<String, String> = BTreeMap::new();
+    // Groups moved off a stuck coordinator: a group's variable -> the group it names now.
+    let mut moved: BTreeMap<&str, String> = BTreeMap::new();
     loop {
         fleet.reap();
         while fleet.running.len() < target {
             fleet.start(ROLES);
         }
-        let groups: Vec<(String, String)> = groups(config)
-            .into_iter()
-            .map(|(group, topic)| (moved.get(&group).cloned().unwrap_or(group), topic))
-            .collect();
-        let lags: Vec<Option<i64>> = groups
+        let mut inputs = groups(config);
+        for input in &mut inputs {
+            if let Some(group) = moved.get(input.var) {
+                input.group.clone_from(group);
+            }
+        }
+        let lags: Vec<Option<i64>> = inputs
             .iter()
-            .map(|(group, topic)| lag(&s.brokers, group, topic))
+            .map(|i| lag(&s.brokers, &i.group, &i.topic))
             .collect();
         if lags.iter().all(|l| *l == Some(0)) {
             break;
@@ -832,77 +848,66 @@ async fn drain(s: &Settings, config: &Config, fleet: &mut Fleet, target: usize) 
         if lags != last.0 {
             last = (lags.clone(), Instant::now());
         }
-        let still = last.1.elapsed() > Duration::from_secs(120);
-        // The groups with lag whose role's topics no running process holds a partition of.
-        let unowned: BTreeSet<&str> = groups
-            .iter()
-            .zip(&lags)
-            .filter(|(_, lag)| **lag != Some(0))
-            .filter(|((group, _), _)| {
-                let topics: Vec<&String> = groups
-                    .iter()
-                    .filter(|(g, _)| g == group)
-                    .map(|(_, t)| t)
-                    .collect();
-                !fleet.running.iter().any(|(_, _, number)| {
-                    owned_at_end(fleet, *number)
+        if last.1.elapsed() > Duration::from_secs(120) {
+            // The topics some running process holds a partition of.
+            let held: BTreeSet<String> = fleet
+                .running
+                .iter()
+                .flat_map(|(_, _, number)| owned_at_end(fleet, *number))
+                .filter_map(|(_, tp)| tp.rsplit_once('/').map(|(topic, _)| topic.to_owned()))
+                .collect();
+            let lagging: BTreeSet<&str> = inputs
+                .iter()
+                .zip(&lags)
+                .filter(|(_, lag)| **lag != Some(0))
+                .map(|(input, _)| input.var)
+                .collect();
+            // Groups with lag, none of whose topics a running process holds a partition of.
+            let unowned: Vec<&GroupInput> = inputs
+                .iter()
+                .filter(|i| lagging.contains(i.var))
+                .filter(|i| {
+                    !inputs
                         .iter()
-                        .any(|(_, tp)| topics.iter().any(|t| tp.starts_with(&format!("{t}/"))))
+                        .any(|o| o.var == i.var && held.contains(&o.topic))
                 })
-            })
-            .map(|((group, _), _)| group.as_str())
-            .collect();
-        let only_deltas = groups
-            .iter()
-            .zip(&lags)
-            .all(|((_, topic), lag)| *lag == Some(0) || *topic == deltas);
-        let deltas_group = groups
-            .iter()
-            .find(|(_, topic)| *topic == deltas)
-            .map(|(group, _)| group.as_str());
-        if still && only_deltas && deltas_group.is_some_and(|g| unowned.contains(g)) {
-            println!(
-                "chaos: the broker left {deltas} assigned to no live process for 2 minutes \
-                 (Tansu's group coordinator; lags {lags:?}); the verification's fresh \
-                 aggregator reads it whole"
-            );
-            break;
-        }
-        let stuck = unowned.iter().find(|g| Some(**g) != deltas_group);
-        if let Some(stuck) = stuck.filter(|_| still && moved.len() < 3) {
-            let stuck = stuck.to_string();
-            let configured = self::groups(config)
-                .into_iter()
-                .map(|(group, _)| group)
-                .find(|group| moved.get(group).unwrap_or(group) == &stuck)
-                .expect("a role's group");
-            let new = format!("{configured}-moved-{}", moved.len() + 1);
-            // Stopped first, so that nothing commits to the old group after the copy.
-            fleet.stop_all();
-            let mut copied = 0;
-            for (_, topic) in groups.iter().filter(|(g, _)| *g == stuck) {
-                copied += copy_offsets(&s.brokers, &stuck, &new, topic);
+                .collect();
+            let deltas_input = inputs.iter().find(|i| i.topic == *deltas).expect("deltas");
+            if lagging.len() == 1 && unowned.iter().any(|i| i.var == deltas_input.var) {
+                println!(
+                    "chaos: the broker left {deltas} assigned to no live process for 2 minutes \
+                     (Tansu's group coordinator; lags {lags:?}); the verification's fresh \
+                     aggregator reads it whole"
+                );
+                break;
             }
-            let kafka = &config.settings.kafka;
-            let var = [
-                ("NPSFLOW__KAFKA__INGEST_GROUP", &kafka.ingest_group),
-                ("NPSFLOW__KAFKA__AGGREGATE_GROUP", &kafka.aggregate_group),
-                ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", &kafka.followup_group),
-            ]
-            .into_iter()
-            .find(|(_, group)| **group == configured)
-            .map(|(var, _)| var)
-            .expect("a role's group variable");
-            println!(
-                "chaos: the broker left {stuck}'s partitions assigned to no live process for 2 minutes \
-                 (Tansu's group coordinator; lags {lags:?}); {copied} committed offsets copied to \
-                 {new} and the fleet started again in it, as an operator would"
-            );
-            fleet.env.push((var, new.clone()));
-            moved.insert(configured, new);
-            last = (Vec::new(), Instant::now());
-            deadline = deadline.max(Instant::now() + Duration::from_secs(300));
-            continue;
+            let stuck = unowned.iter().find(|i| i.var != deltas_input.var);
+            if let Some(stuck) = stuck.filter(|_| moved.len() < 3) {
+                let (var, stuck) = (stuck.var, stuck.group.clone());
+                let configured = groups(config).into_iter().find(|i| i.var == var);
+                let new = format!(
+                    "{}-moved-{}",
+                    configured.expect("a role's group").group,
+                    moved.len() + 1
+                );
+                // Stopped first, so that nothing commits to the old group after the copy.
+                fleet.stop_all();
+                let copied: usize = inputs
+                    .iter()
+                    .filter(|i| i.var == var)
+                    .map(|i| copy_offsets(&s.brokers, &stuck, &new, &i.topic))
+                    .sum();
+                println!(
+                    "chaos: the broker left {stuck}'s partitions assigned to no live process for 2 minutes \
+                     (Tansu's group coordinator; lags {lags:?}); {copied} committed offsets copied to \
+                     {new} and the fleet started again in it, as an operator would"
+                );
+                fleet.env.push((var, new.clone()));
+                moved.insert(var, new);
+                last = (Vec::new(), Instant::now());
+                deadline = deadline.max(Instant::now() + Duration::from_secs(300));
+                continue;
+            }
         }
         assert!(Instant::now() < deadline, "lag did not drain: {lags:?}");
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1735,26 +1740,14 @@ async fn a_zombie_is_fenced_by_a_successor_in_groups_of_its_own() {
     }
 
     // New groups with the old ones' committed offsets; the successor runs in them.
-    let kafka = &config.settings.kafka;
-    let renamed: Vec<(&str, String, String)> = [
-        ("NPSFLOW__KAFKA__INGEST_GROUP", &kafka.ingest_group),
-        ("NPSFLOW__KAFKA__AGGREGATE_GROUP", &kafka.aggregate_group),
-        ("NPSFLOW__KAFKA__FOLLOWUP_GROUP", &kafka.followup_group),
-    ]
-    .into_iter()
-    .map(|(var, group)| (var, group.clone(), format!("{group}-successor-{run}")))
-    .collect();
     let mut copied = 0;
-    for (group, topic) in groups(&config) {
-        let (_, _, new) = renamed
-            .iter()
-            .find(|(_, old, _)| *old == group)
-            .expect("a role's group");
-        copied += copy_offsets(&s.brokers, &group, new, &topic);
+    let mut renamed: BTreeMap<&'static str, String> = BTreeMap::new();
+    for input in groups(&config) {
+        let new = format!("{}-successor-{run}", input.group);
+        copied += copy_offsets(&s.brokers, &input.group, &new, &input.topic);
+        renamed.insert(input.var, new);
     }
-    for (var, _, new) in &renamed {
-        fleet.env.push((var, new.clone()));
-    }
+    fleet.env.extend(renamed);
     let extra: Vec<(&str, &str)> = fleet.env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let successor_config = util::config(&s.brokers, &extra);
     fleet.start(ROLES);
