@@ -5,7 +5,7 @@
 //! topic, not authorised, ...) are never retried forever: the record's fallback (a dead
 //! letter without its value) is sent instead, or the role stops with the error.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use crate::config::KafkaSettings;
 use crate::health::Health;
 use crate::metrics::{events, Metrics};
 use crate::repeats::Repeats;
+use crate::waves::{waves, RequestLimits};
 
 /// Client settings common to every client: brokers, client id, stats, then the user's
 /// properties (which win).
@@ -108,6 +109,7 @@ pub struct ProducerHealth {
     role: &'static str,
     health: Arc<Health>,
     metrics: Metrics,
+    partitions: Arc<PartitionCounts>,
 }
 
 impl ProducerHealth {
@@ -117,6 +119,7 @@ impl ProducerHealth {
             role,
             health,
             metrics,
+            partitions: Arc::default(),
         }
     }
 }
@@ -261,6 +264,7 @@ fn publish_stalled(health: &Health, metrics: &Metrics, role: &'static str) {
 impl ClientContext for ProducerHealth {
     fn stats(&self, statistics: Statistics) {
         let up = broker_up(&statistics);
+        self.partitions.learn(&statistics);
         self.health.set_producing(self.role, up);
         publish_stalled(&self.health, &self.metrics, self.role);
         summarise_repeats(&self.metrics);
@@ -306,7 +310,35 @@ pub type DeliveryTicket = Box<(Arc<DeliveryBatch>, usize)>;
 pub struct RoleProducer {
     producer: Arc<BaseProducer<ProducerHealth>>,
     unsettled: Arc<Unsettled>,
+    limits: RequestLimits,
     _polling: Arc<StopPolling>,
+}
+
+/// The partition counts of the topics a producer writes, as its statistics report them
+/// (each second): what [`waves`] needs to place keyed records by partition.
+#[derive(Debug, Default)]
+pub struct PartitionCounts(std::sync::RwLock<HashMap<String, i32>>);
+
+impl PartitionCounts {
+    fn learn(&self, statistics: &Statistics) {
+        let counts = statistics.topics.iter().filter_map(|(name, topic)| {
+            let known = topic.partitions.keys().filter(|&&p| p >= 0).count();
+            (known > 0).then(|| (name.clone(), known as i32))
+        });
+        let mut map = self.0.write().unwrap_or_else(|e| e.into_inner());
+        for (name, count) in counts {
+            map.insert(name, count);
+        }
+    }
+
+    /// The partition count of `topic`, if the producer has reported it.
+    pub fn get(&self, topic: &str) -> Option<i32> {
+        self.0
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(topic)
+            .copied()
+    }
 }
 
 /// Tells the polling thread to stop once the last clone of its producer is dropped.
@@ -484,6 +516,7 @@ fn polled_producer(
     metrics: Metrics,
     unsettled: Arc<Unsettled>,
 ) -> Result<RoleProducer, KafkaError> {
+    let limits = RequestLimits::from_properties(|name| config.get(name).map(str::to_owned));
     let producer: Arc<BaseProducer<ProducerHealth>> =
         Arc::new(config.create_with_context(ProducerHealth::new(role, health, metrics))?);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -499,6 +532,7 @@ fn polled_producer(
     Ok(RoleProducer {
         producer,
         unsettled,
+        limits,
         _polling: Arc::new(StopPolling(stop)),
     })
 }
@@ -940,7 +974,9 @@ pub fn is_permanent(error: &KafkaError) -> bool {
 /// Delivers every record: hands those of round 0 to the producer now (so a revoke that
 /// follows waits for them, see [`Unsettled`]), each later round ([`Outgoing::in_round`]) once
 /// every record of the rounds before is delivered (a revoke meanwhile waits for those too),
-/// and returns the future that waits for their delivery. Transient failures are retried with
+/// and returns the future that waits for their delivery. A round with more for one
+/// partition than a produce request carries goes in [`waves`], each handed over once the
+/// one before is delivered, as rounds are. Transient failures are retried with
 /// backoff until the broker takes the record (a broker outage pauses the role, it never drops
 /// a record). A record rejected for good is replaced by its fallback; without one, the role
 /// gets the error (and the later rounds are not sent).
@@ -953,9 +989,12 @@ pub fn deliver_all(
     for record in records {
         rounds.entry(record.round).or_default().push(record);
     }
-    let mut rounds = rounds.into_values();
-    let first = rounds.next().unwrap_or_default();
-    let later: Vec<(Vec<Outgoing>, Reserved)> = rounds
+    let partitions = |topic: &str| producer.context().partitions.get(topic);
+    let mut steps = rounds
+        .into_values()
+        .flat_map(|round| waves(round, &partitions, producer.limits));
+    let first = steps.next().unwrap_or_default();
+    let later: Vec<(Vec<Outgoing>, Reserved)> = steps
         .map(|records| {
             let reserved = Reserved::new(&producer.unsettled, records.len());
             (records, reserved)
@@ -1520,6 +1559,61 @@ mod tests {
             (2, 2, 2)
         );
         assert_eq!(producer.unsettled.count(), 0);
+    }
+
+    /// A round with more for one partition than a produce request carries goes in waves:
+    /// what does not fit waits for the whole first wave, as a later round would (here the
+    /// first wave cannot finish, its record for the other topic's partition being on a
+    /// broker that is down), and a revoke meanwhile waits for it too. Once the broker is
+    /// back, every record is delivered once, in its partition's order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_partitions_share_beyond_one_request_waits_for_the_wave_before() {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        let (cluster, producer, count) = two_brokers(&[("cases", 1), ("alerts", 2)]);
+        warm_up(&producer, &["cases", "alerts"]).await;
+        cluster.broker_down(2).expect("down");
+        // 12 cases of 100 kB: 9 fit the 1 MB of one request, 3 wait for the next wave.
+        let mut records: Vec<Outgoing> = (0..12u8)
+            .map(|i| Outgoing::new("cases", Some(0), None, Some(vec![i; 100_000]), None))
+            .collect();
+        records.push(Outgoing::new(
+            "alerts",
+            Some(0),
+            None,
+            Some(b"a".to_vec()),
+            None,
+        ));
+        let delivery = tokio::spawn(deliver_all(&producer, records, &Metrics::new()));
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        assert!(!delivery.is_finished(), "delivered with a broker down");
+        assert_eq!(
+            count("cases"),
+            1 + 9,
+            "the second wave went ahead of the first"
+        );
+        assert_eq!(producer.unsettled.count(), 1 + 3, "a revoke would not wait");
+        delivered_once_back(&cluster, 2, delivery).await;
+        assert_eq!((count("cases"), count("alerts")), (1 + 12, 2));
+        assert_eq!(producer.unsettled.count(), 0);
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("group.id", "read-cases")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        let mut assignment = rdkafka::TopicPartitionList::new();
+        assignment
+            .add_partition_offset("cases", 0, rdkafka::Offset::Offset(1))
+            .expect("partition");
+        consumer.assign(&assignment).expect("assign");
+        let mut firsts = Vec::new();
+        while firsts.len() < 12 {
+            if let Some(message) = consumer.poll(Duration::from_secs(10)) {
+                let message = message.expect("message");
+                firsts.push(message.payload().expect("payload")[0]);
+            }
+        }
+        assert_eq!(firsts, (0..12u8).collect::<Vec<_>>());
     }
 
     /// A partition's end is progress, not a fault, in both forms the client delivers it:

@@ -3,7 +3,8 @@
 //!
 //! - [`config`]: layered settings, checked into the core's types.
 //! - [`engine`]: the one driver of every role (receive, restore, deliver, commit, timers).
-//! - [`kafka`]: client configuration, consumer context, reliable delivery.
+//! - [`kafka`]: client configuration, consumer context, reliable delivery; [`waves`]: how a
+//!   delivery round is handed to the producer without making it busy-wait.
 //! - [`ingest`]: the ingest role; [`envelope`]: how it carries messages byte-exact.
 //! - [`aggregate`]: the aggregate role; [`view`]: the segment query model it writes.
 //! - [`metrics`]: the Prometheus registry; [`metrics::events`]: everything reported.
@@ -32,6 +33,7 @@ pub mod state;
 pub mod topics;
 pub mod traffic;
 pub mod view;
+pub mod waves;
 
 use std::sync::{Arc, RwLock};
 
