@@ -19,6 +19,7 @@
 //! whole of a partition's share is queued well within `linger.ms` of its first record.
 //! Pure: no I/O.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use crate::bundle::partition_for_key;
@@ -107,19 +108,20 @@ struct Share {
 /// Cuts `records` (one delivery round) into waves, in the order they are to be handed over:
 /// per partition at most [`FREE_IN_FLIGHT`] records or what one request carries, each
 /// partition's records together and in their order. `partitions` gives a topic's partition
-/// count, if known.
-pub fn waves(
-    records: Vec<Outgoing>,
+/// count, if known. Takes records or references to them.
+pub fn waves<R: Borrow<Outgoing>>(
+    records: Vec<R>,
     partitions: &dyn Fn(&str) -> Option<i32>,
     limits: RequestLimits,
-) -> Vec<Vec<Outgoing>> {
+) -> Vec<Vec<R>> {
     let byte_room = limits.bytes.saturating_sub(REQUEST_MARGIN).max(1);
     let mut shares: HashMap<Destination, Share> = HashMap::new();
     // Per wave: each record with its destination and arrival, to group partitions.
-    let mut placed: Vec<Vec<(Destination, usize, Outgoing)>> = Vec::new();
-    for (arrival, record) in records.into_iter().enumerate() {
-        let key = (record.topic.clone(), partition(&record, partitions));
-        let bytes = request_bytes(&record);
+    let mut placed: Vec<Vec<(Destination, usize, R)>> = Vec::new();
+    for (arrival, held) in records.into_iter().enumerate() {
+        let record = held.borrow();
+        let key = (record.topic.clone(), partition(record, partitions));
+        let bytes = request_bytes(record);
         let share = shares.entry(key.clone()).or_default();
         let fits = share.records < FREE_IN_FLIGHT
             || (share.bytes + bytes <= byte_room && share.records < limits.records);
@@ -134,7 +136,7 @@ pub fn waves(
         if placed.len() <= share.wave {
             placed.resize_with(share.wave + 1, Vec::new);
         }
-        placed[share.wave].push((key, arrival, record));
+        placed[share.wave].push((key, arrival, held));
     }
     placed
         .into_iter()
@@ -324,7 +326,7 @@ mod tests {
 
     #[test]
     fn an_empty_round_has_no_waves() {
-        assert!(waves(Vec::new(), &unknown, SMALL).is_empty());
+        assert!(waves(Vec::<Outgoing>::new(), &unknown, SMALL).is_empty());
     }
 
     #[test]
