@@ -84,18 +84,19 @@ fn request_bytes(record: &Outgoing) -> usize {
 }
 
 /// The partition a record will be written to, as far as it can be known before the
-/// producer's partitioner runs: `None` when the topic's partition count is unknown or the
-/// record has neither key nor partition (the partitioner picks one at random).
-fn partition(record: &Outgoing, partitions: &dyn Fn(&str) -> Option<i32>) -> Option<i32> {
+/// producer's partitioner runs: `None` when its topic's partition count (`count`) is unknown
+/// or the record has neither key nor partition (the partitioner picks one at random).
+fn partition(record: &Outgoing, count: Option<i32>) -> Option<i32> {
     match (record.partition, &record.key) {
         (Some(partition), _) => Some(partition),
-        (None, Some(key)) => partitions(&record.topic).map(|n| partition_for_key(key, n)),
+        (None, Some(key)) => count.map(|n| partition_for_key(key, n)),
         (None, None) => None,
     }
 }
 
-/// A topic and the partition its record goes to, if known.
-type Destination = (String, Option<i32>);
+/// A topic (its place among the round's topics) and the partition its record goes to, if
+/// known.
+type Destination = (usize, Option<i32>);
 
 /// What a wave holds for one partition so far.
 #[derive(Default)]
@@ -116,13 +117,22 @@ pub fn waves<R: Borrow<Outgoing>>(
 ) -> Vec<Vec<R>> {
     let byte_room = limits.bytes.saturating_sub(REQUEST_MARGIN).max(1);
     let mut shares: HashMap<Destination, Share> = HashMap::new();
+    // The round's topics (a handful) with their partition counts, looked up once each.
+    let mut topics: Vec<(String, Option<i32>)> = Vec::new();
     // Per wave: each record with its destination and arrival, to group partitions.
     let mut placed: Vec<Vec<(Destination, usize, R)>> = Vec::new();
     for (arrival, held) in records.into_iter().enumerate() {
         let record = held.borrow();
-        let key = (record.topic.clone(), partition(record, partitions));
+        let topic = match topics.iter().position(|(name, _)| *name == record.topic) {
+            Some(topic) => topic,
+            None => {
+                topics.push((record.topic.clone(), partitions(&record.topic)));
+                topics.len() - 1
+            }
+        };
+        let key = (topic, partition(record, topics[topic].1));
         let bytes = request_bytes(record);
-        let share = shares.entry(key.clone()).or_default();
+        let share = shares.entry(key).or_default();
         let fits = share.records < FREE_IN_FLIGHT
             || (share.bytes + bytes <= byte_room && share.records < limits.records);
         if !fits {
@@ -141,10 +151,8 @@ pub fn waves<R: Borrow<Outgoing>>(
     placed
         .into_iter()
         .map(|mut wave| {
-            // Stable: a partition's records keep their order.
-            wave.sort_by(|(a, a_arrival, _), (b, b_arrival, _)| {
-                a.cmp(b).then(a_arrival.cmp(b_arrival))
-            });
+            // A partition's records keep their order (arrivals are distinct).
+            wave.sort_unstable_by_key(|(destination, arrival, _)| (*destination, *arrival));
             wave.into_iter().map(|(_, _, record)| record).collect()
         })
         .collect()
