@@ -19,7 +19,6 @@
 //! whole of a partition's share is queued well within `linger.ms` of its first record.
 //! Pure: no I/O.
 
-use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use crate::bundle::partition_for_key;
@@ -109,20 +108,19 @@ struct Share {
 /// Cuts `records` (one delivery round) into waves, in the order they are to be handed over:
 /// per partition at most [`FREE_IN_FLIGHT`] records or what one request carries, each
 /// partition's records together and in their order. `partitions` gives a topic's partition
-/// count, if known. Takes records or references to them.
-pub fn waves<R: Borrow<Outgoing>>(
-    records: Vec<R>,
+/// count, if known.
+pub fn waves(
+    records: Vec<Outgoing>,
     partitions: &dyn Fn(&str) -> Option<i32>,
     limits: RequestLimits,
-) -> Vec<Vec<R>> {
+) -> Vec<Vec<Outgoing>> {
     let byte_room = limits.bytes.saturating_sub(REQUEST_MARGIN).max(1);
     let mut shares: HashMap<Destination, Share> = HashMap::new();
     // The round's topics (a handful) with their partition counts, looked up once each.
     let mut topics: Vec<(String, Option<i32>)> = Vec::new();
     // Per wave: each record with its destination and arrival, to group partitions.
-    let mut placed: Vec<Vec<(Destination, usize, R)>> = Vec::new();
-    for (arrival, held) in records.into_iter().enumerate() {
-        let record = held.borrow();
+    let mut placed: Vec<Vec<(Destination, usize, Outgoing)>> = Vec::new();
+    for (arrival, record) in records.into_iter().enumerate() {
         let topic = match topics.iter().position(|(name, _)| *name == record.topic) {
             Some(topic) => topic,
             None => {
@@ -130,8 +128,8 @@ pub fn waves<R: Borrow<Outgoing>>(
                 topics.len() - 1
             }
         };
-        let key = (topic, partition(record, topics[topic].1));
-        let bytes = request_bytes(record);
+        let key = (topic, partition(&record, topics[topic].1));
+        let bytes = request_bytes(&record);
         let share = shares.entry(key).or_default();
         let fits = share.records < FREE_IN_FLIGHT
             || (share.bytes + bytes <= byte_room && share.records < limits.records);
@@ -146,7 +144,7 @@ pub fn waves<R: Borrow<Outgoing>>(
         if placed.len() <= share.wave {
             placed.resize_with(share.wave + 1, Vec::new);
         }
-        placed[share.wave].push((key, arrival, held));
+        placed[share.wave].push((key, arrival, record));
     }
     placed
         .into_iter()
@@ -220,30 +218,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_record_count_of_a_request_bounds_a_wave_too() {
-        let records = (0..250)
-            .map(|_| record("deltas", Some(3), None, 1))
+    /// How many of `count` records of `bytes` each, for one partition, go in each wave.
+    fn wave_sizes(count: usize, bytes: usize) -> Vec<usize> {
+        let records = (0..count)
+            .map(|_| record("topic", Some(0), None, bytes))
             .collect();
-        let sizes: Vec<usize> = waves(records, &unknown, SMALL)
+        waves(records, &unknown, SMALL)
             .iter()
             .map(Vec::len)
-            .collect();
-        assert_eq!(sizes, vec![100, 100, 50]);
+            .collect()
+    }
+
+    #[test]
+    fn the_record_count_of_a_request_bounds_a_wave_too() {
+        assert_eq!(wave_sizes(250, 1), vec![100, 100, 50]);
     }
 
     #[test]
     fn up_to_four_records_of_any_size_share_a_wave() {
         // Four large bundles need four requests, but librdkafka sends them without waiting:
         // only the fifth record in flight holds the rest back.
-        let records = (0..6)
-            .map(|_| record("bundles", Some(0), None, 60_000))
-            .collect();
-        let sizes: Vec<usize> = waves(records, &unknown, SMALL)
-            .iter()
-            .map(Vec::len)
-            .collect();
-        assert_eq!(sizes, vec![4, 2]);
+        assert_eq!(wave_sizes(6, 60_000), vec![4, 2]);
     }
 
     #[test]
@@ -334,7 +329,7 @@ mod tests {
 
     #[test]
     fn an_empty_round_has_no_waves() {
-        assert!(waves(Vec::<Outgoing>::new(), &unknown, SMALL).is_empty());
+        assert!(waves(Vec::new(), &unknown, SMALL).is_empty());
     }
 
     #[test]
