@@ -83,7 +83,7 @@ while :; do
   sleep 1
 done
 run_figures=$(measure "$run_pid" "$start_ns")
-if [ -n "$perf_pid" ]; then kill -INT "$perf_pid"; wait "$perf_pid" || true; fi
+if [ -n "$perf_pid" ]; then kill -INT "$perf_pid" 2>/dev/null || true; wait "$perf_pid" || true; fi
 # Batches per role (each batch is one commit point): events per batch is what the per-batch
 # costs (snapshots, case records, deltas) are spread over.
 awk '/^npsflow_batch_seconds_count/ { sub(/.*role="/, "", $1); sub(/".*/, "", $1); printf "batches %s: %d\n", $1, $2 }' "$work/metrics.txt"

@@ -819,3 +819,152 @@ proptest! {
         }
     }
 }
+
+/// Alert fields with a valid value each, in the order the followups topic has them.
+const ALERT_FIELDS: [(&str, &str); 10] = [
+    ("alert_id", r#""det-1""#),
+    ("response_id", r#""r-1""#),
+    ("customer_id", r#""c-1""#),
+    ("account_id", r#""acme""#),
+    ("survey_id", r#""s""#),
+    ("owner", r#""ann""#),
+    ("score", "3"),
+    ("severity", r#""high""#),
+    ("segments", r#"{"region":"east","plan":"pro"}"#),
+    ("responded_at", r#""2026-11-22T12:00:00+01:00""#),
+];
+
+/// Values an alert's fields may have instead: other types, empty, too long, escaped,
+/// lone surrogates, out of range, nested oddities.
+const ALERT_VALUES: [&str; 27] = [
+    "null",
+    r#""""#,
+    r#""h\u0069gh""#,
+    r#""\ud800""#,
+    r#""é""#,
+    "7",
+    "3.0",
+    "-1",
+    "10",
+    "11",
+    "300",
+    "1e400",
+    "true",
+    "{}",
+    "[]",
+    r#""low""#,
+    r#""urgent""#,
+    r#""2026-11-22T12:00:00Z""#,
+    r#""yesterday""#,
+    r#"{"region":1}"#,
+    r#"{"a":"b","a":"c"}"#,
+    r#"{"deep":[1,{"a":null}],"s":"\ud800"}"#,
+    r#""det-2""#,
+    r#"{"region":null}"#,
+    r#""2026-11-22T12:00:00.123456789Z""#,
+    r#""2026-11-22T12:00:00.000000000000000000000000000000000000000000000001Z""#,
+    "{",
+];
+
+/// Names of fields added: known ones again, written with escapes, unknown ones.
+const ALERT_EXTRA_NAMES: [&str; 8] = [
+    "owner",
+    r"own\u0065r",
+    r"\u0073core",
+    "extra",
+    "comment",
+    "kind",
+    "segments",
+    "responded_at",
+];
+
+#[test]
+fn a_valid_alert_takes_the_one_pass_decoder() {
+    let json = br#"{"alert_id":"det-1","kind":"detractor","response_id":"r","customer_id":"c","account_id":"acme","survey_id":null,"owner":"ann","route":"account","score":3,"severity":"high","segments":{"region":"east"},"comment":"slow","responded_at":"2026-11-22T12:00:00+01:00","emitted_at":"2026-11-22T11:00:01.000Z"}"#;
+    let alert = decode_valid_alert(json).expect("one pass");
+    assert_eq!(Ok(alert), decode_alert_exactly(json));
+    let twice = br#"{"alert_id":"det-1","response_id":"r","customer_id":"c","owner":"ann","score":3,"severity":"high","responded_at":"2026-11-22T12:00:00Z","x":1,"x":2}"#;
+    assert_eq!(decode_valid_alert(twice), None);
+    assert_eq!(
+        decode_alert(twice).expect_err("twice").code(),
+        "duplicate_field"
+    );
+}
+
+#[test]
+fn the_one_pass_alert_decoder_agrees_with_the_exact_one_on_every_single_change() {
+    let object = |pairs: &[(&str, &str)]| {
+        let fields: Vec<String> = pairs.iter().map(|(n, v)| format!(r#""{n}":{v}"#)).collect();
+        format!("{{{}}}", fields.join(",")).into_bytes()
+    };
+    let mut changed = vec![object(&ALERT_FIELDS)];
+    for field in 0..ALERT_FIELDS.len() {
+        let mut without = ALERT_FIELDS.to_vec();
+        without.remove(field);
+        changed.push(object(&without));
+        for value in ALERT_VALUES {
+            let mut with = ALERT_FIELDS.to_vec();
+            with[field].1 = value;
+            changed.push(object(&with));
+        }
+    }
+    for name in ALERT_EXTRA_NAMES {
+        for value in ALERT_VALUES {
+            let mut with = ALERT_FIELDS.to_vec();
+            with.push((name, value));
+            changed.push(object(&with));
+        }
+    }
+    // Bytes that are not UTF-8 inside a field the decoders skip.
+    let mut not_utf8 = object(&ALERT_FIELDS);
+    not_utf8.pop();
+    not_utf8.extend_from_slice(b",\"comment\":\"\xff\"}");
+    changed.push(not_utf8);
+    let mut valid = 0;
+    for bytes in &changed {
+        let exact = decode_alert_exactly(bytes).ok();
+        valid += usize::from(exact.is_some());
+        assert_eq!(
+            decode_valid_alert(bytes),
+            exact,
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    assert!(valid > 50, "only {valid} of {} valid", changed.len());
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(5000))]
+    /// The one-pass alert decoder returns exactly the alerts the exact decoder returns, and
+    /// nothing where the exact one finds a reason: valid alerts with fields changed, dropped,
+    /// given twice, written with escapes, in any order, and with bytes that are not UTF-8.
+    #[test]
+    fn the_one_pass_alert_decoder_agrees_with_the_exact_one(
+        choices in prop::collection::vec(0usize..100, ALERT_FIELDS.len()),
+        extras in prop::collection::vec((0..ALERT_EXTRA_NAMES.len(), 0..ALERT_VALUES.len()), 0..3),
+        order in Just((0..ALERT_FIELDS.len() + 3).collect::<Vec<usize>>()).prop_shuffle(),
+        not_utf8 in prop::option::weighted(0.05, 0usize..400),
+    ) {
+        let mut pairs: Vec<(&str, &str)> = Vec::new();
+        for ((name, valid), choice) in ALERT_FIELDS.iter().zip(&choices) {
+            match choice {
+                0..=84 => pairs.push((name, valid)),
+                85..=89 => {}
+                other => pairs.push((name, ALERT_VALUES[other % ALERT_VALUES.len()])),
+            }
+        }
+        pairs.extend(extras.iter().map(|(n, v)| (ALERT_EXTRA_NAMES[*n], ALERT_VALUES[*v])));
+        let fields: Vec<String> = order
+            .iter()
+            .filter_map(|i| pairs.get(*i))
+            .map(|(name, value)| format!(r#""{name}":{value}"#))
+            .collect();
+        let mut bytes = format!("{{{}}}", fields.join(",")).into_bytes();
+        if let Some(at) = not_utf8 {
+            let at = at % bytes.len();
+            bytes.insert(at, 0xff);
+        }
+        prop_assert_eq!(decode_valid_alert(&bytes), decode_alert_exactly(&bytes).ok(), "{}", String::from_utf8_lossy(&bytes));
+    }
+}
