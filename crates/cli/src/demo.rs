@@ -451,6 +451,7 @@ fn render_cases(process: &Process, now: npsflow_core::Timestamp) -> String {
         return String::new();
     };
     let (cases, _) = directory.find(|_| true, usize::MAX);
+    let cases: Vec<npsflow_core::FollowupCase> = cases.iter().filter_map(|c| c.case()).collect();
     if cases.is_empty() {
         return String::new();
     }

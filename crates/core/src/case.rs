@@ -668,6 +668,20 @@ impl<'de> Deserialize<'de> for ValidAlert {
     }
 }
 
+impl CaseState {
+    /// Whether a case in this state has missed a deadline by `now`: first contact (before
+    /// `contacted`) or resolution (before `resolved`).
+    pub fn overdue(
+        self,
+        first_contact_deadline: Timestamp,
+        resolve_deadline: Timestamp,
+        now: Timestamp,
+    ) -> bool {
+        (self < CaseState::Contacted && now >= first_contact_deadline)
+            || (self < CaseState::Resolved && now >= resolve_deadline)
+    }
+}
+
 /// One escalation of a case.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EscalationRecord {
@@ -788,8 +802,8 @@ impl FollowupCase {
     /// True if a deadline it has not met has passed at `now` (first contact while not
     /// contacted, resolve while not resolved).
     pub fn overdue(&self, now: Timestamp) -> bool {
-        (self.state < CaseState::Contacted && now >= self.first_contact_deadline)
-            || (self.state < CaseState::Resolved && now >= self.resolve_deadline)
+        self.state
+            .overdue(self.first_contact_deadline, self.resolve_deadline, now)
     }
 
     fn knows(&self, event_id: &str) -> bool {

@@ -13,12 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use npsflow_core::{FollowupCase, Timestamp};
+use npsflow_core::{CaseState, FollowupCase, Timestamp};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::config::KafkaSettings;
 use crate::kafka::{client_config, Limited};
@@ -42,7 +44,73 @@ impl<V> Default for Table<V> {
 }
 
 /// Every follow-up case by `case_id`, from the cases topic.
-pub type CaseDirectory = Table<FollowupCase>;
+pub type CaseDirectory = Table<DirectoryCase>;
+
+/// A case as the directory keeps it: the fields `/v1/cases` and `/v1/accounts` select on, and
+/// the record's JSON text, parsed whole only when the case is served. Every instance keeps
+/// every case, and most records are replaced by a newer one before anybody asks for them:
+/// parsing each record whole on arrival was 5 % of an end-to-end run's CPU, and a parsed case
+/// takes about twice the memory of its text (BENCHMARKS.md).
+#[derive(Debug, Clone)]
+pub struct DirectoryCase {
+    /// Where it stands.
+    pub state: CaseState,
+    /// Who owns it now.
+    pub owner: String,
+    /// 0, 1 or 2.
+    pub escalation_level: u8,
+    /// Its alert's account, if known.
+    pub account_id: Option<String>,
+    first_contact_deadline: Timestamp,
+    resolve_deadline: Timestamp,
+    record: Arc<RawValue>,
+}
+
+impl DirectoryCase {
+    /// True if a deadline it has not met has passed at `now` ([`FollowupCase::overdue`]).
+    pub fn overdue(&self, now: Timestamp) -> bool {
+        self.state
+            .overdue(self.first_contact_deadline, self.resolve_deadline, now)
+    }
+
+    /// The whole case, parsed from its record; `None` if the record has what the directory
+    /// selects on but is not a case this version reads.
+    pub fn case(&self) -> Option<FollowupCase> {
+        serde_json::from_str(self.record.get()).ok()
+    }
+}
+
+impl<'de> Deserialize<'de> for DirectoryCase {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<DirectoryCase, D::Error> {
+        /// The fields selected on; serde skips the rest (history, segments, ...).
+        #[derive(Deserialize)]
+        struct Selected {
+            state: CaseState,
+            owner: String,
+            escalation_level: u8,
+            first_contact_deadline: Timestamp,
+            resolve_deadline: Timestamp,
+            alert: SelectedAlert,
+        }
+        #[derive(Deserialize)]
+        struct SelectedAlert {
+            #[serde(default)]
+            account_id: Option<String>,
+        }
+        let record = <Box<RawValue>>::deserialize(d)?;
+        let selected: Selected =
+            serde_json::from_str(record.get()).map_err(serde::de::Error::custom)?;
+        Ok(DirectoryCase {
+            state: selected.state,
+            owner: selected.owner,
+            escalation_level: selected.escalation_level,
+            account_id: selected.alert.account_id,
+            first_contact_deadline: selected.first_contact_deadline,
+            resolve_deadline: selected.resolve_deadline,
+            record: record.into(),
+        })
+    }
+}
 
 /// Every segment summary by `<window>|<segment>`, from the segment view topic, each kept as
 /// its record's JSON text (checked to be JSON when read) and parsed only when served: kept
@@ -111,9 +179,9 @@ impl<V: DeserializeOwned> Table<V> {
 }
 
 impl CaseDirectory {
-    /// A case by id.
+    /// A case by id, parsed whole (`None` also for a record this version cannot read).
     pub fn case(&self, case_id: &str) -> Option<FollowupCase> {
-        self.get(case_id)
+        self.read().get(case_id)?.case()
     }
 }
 
@@ -233,4 +301,74 @@ fn read<V: DeserializeOwned>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The contract's sample case records that are valid, the last of each `case_id`.
+    fn sample_cases() -> Vec<(String, Vec<u8>)> {
+        include_str!("../../../deploy/schemas/samples/case.jsonl")
+            .lines()
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).expect("JSON"))
+            .filter(|sample| sample["valid"] == true)
+            .map(|sample| {
+                let message = &sample["message"];
+                let id = message["case_id"].as_str().expect("case_id").to_owned();
+                (id, serde_json::to_vec(message).expect("bytes"))
+            })
+            .collect::<BTreeMap<_, _>>()
+            .into_iter()
+            .collect()
+    }
+
+    #[test]
+    fn the_directory_selects_on_what_the_whole_case_says_and_serves_the_whole_case() {
+        let directory = CaseDirectory::default();
+        let samples = sample_cases();
+        assert!(samples.len() >= 3, "samples of several states");
+        for (id, bytes) in &samples {
+            directory.apply(id.as_bytes(), Some(bytes)).expect("a case");
+        }
+        assert_eq!(directory.len(), samples.len());
+        for (id, bytes) in &samples {
+            let whole: FollowupCase = serde_json::from_slice(bytes).expect("a case");
+            let kept = directory.read().get(id).cloned().expect("kept");
+            assert_eq!(kept.state, whole.state, "{id}");
+            assert_eq!(kept.owner, whole.owner, "{id}");
+            assert_eq!(kept.escalation_level, whole.escalation_level, "{id}");
+            assert_eq!(kept.account_id, whole.alert.account_id, "{id}");
+            for hours in [0, 24, 48, 24 * 7, 24 * 30] {
+                let now = Timestamp(whole.opened_at.millis() + hours * 3_600_000);
+                assert_eq!(kept.overdue(now), whole.overdue(now), "{id} at +{hours}h");
+            }
+            assert_eq!(directory.case(id), Some(whole), "{id}");
+        }
+        let (id, _) = &samples[0];
+        directory.apply(id.as_bytes(), None).expect("a tombstone");
+        assert_eq!(directory.case(id), None);
+        assert_eq!(directory.len(), samples.len() - 1);
+    }
+
+    #[test]
+    fn a_record_that_is_not_a_case_is_refused_or_not_served() {
+        let directory = CaseDirectory::default();
+        let (id, bytes) = sample_cases().remove(0);
+        let mut case: serde_json::Value = serde_json::from_slice(&bytes).expect("JSON");
+        assert!(directory.apply(b"x", Some(b"{not json")).is_err());
+        let mut stateless = case.clone();
+        stateless.as_object_mut().expect("object").remove("state");
+        let stateless = serde_json::to_vec(&stateless).expect("bytes");
+        assert!(directory.apply(b"x", Some(&stateless)).is_err());
+        assert!(directory.is_empty());
+        // What the directory selects on is there, the rest is not a case: kept, never served.
+        case["history"] = serde_json::json!("not a list");
+        let odd = serde_json::to_vec(&case).expect("bytes");
+        directory
+            .apply(id.as_bytes(), Some(&odd))
+            .expect("selected fields");
+        assert_eq!(directory.len(), 1);
+        assert_eq!(directory.case(&id), None);
+    }
 }

@@ -346,7 +346,13 @@ async fn cases(
         limit,
     );
     Json(json!({
-        "cases": found.iter().map(|c| case_json(c, now)).collect::<Vec<_>>(),
+        // Each listed case parsed whole from its record (one this version cannot read is
+        // left out).
+        "cases": found
+            .iter()
+            .filter_map(|c| c.case())
+            .map(|c| case_json(&c, now))
+            .collect::<Vec<_>>(),
         "count": count,
         "truncated": count > found.len(),
         "as_of": freshness(directory),
@@ -396,7 +402,7 @@ fn cases_by_account(state: &AppState, only: Option<&str>) -> Option<HashMap<Stri
     let directory = state.cases.as_ref()?;
     let mut counts: HashMap<String, (u64, u64)> = HashMap::new();
     for case in directory.read().values() {
-        let Some(account) = case.alert.account_id.as_deref() else {
+        let Some(account) = case.account_id.as_deref() else {
             continue;
         };
         if only.is_some_and(|o| o != account) || case.state == npsflow_core::CaseState::Closed {
