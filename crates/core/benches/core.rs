@@ -172,6 +172,27 @@ fn followup(c: &mut Criterion) {
             assert_eq!(decoded, alerts.len());
         })
     });
+    // The `responded` notice ingest sends the followup role for every accepted response.
+    let notices: Vec<Vec<u8>> = (0..alerts.len())
+        .map(|i| {
+            npsflow_core::FollowupNotice::Responded {
+                customer_id: format!("customer-{i}"),
+                response_id: format!("response-{i}"),
+                score: (i % 11) as u8,
+                responded_at: Timestamp(NOW),
+            }
+            .to_json()
+        })
+        .collect();
+    group.bench_function("decode responded notice", |b| {
+        b.iter(|| {
+            let decoded = notices
+                .iter()
+                .filter(|n| npsflow_core::FollowupNotice::from_json(n).is_ok())
+                .count();
+            assert_eq!(decoded, notices.len());
+        })
+    });
     group.finish();
 }
 

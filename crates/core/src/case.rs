@@ -1066,6 +1066,79 @@ impl FollowupNotice {
     pub fn to_json(&self) -> Vec<u8> {
         serde_json::to_vec(self).expect("a notice always serialises")
     }
+
+    /// A notice from its JSON. The `responded` notice, one per accepted response, is read in
+    /// one pass when it has exactly its own fields, each once (as [`FollowupNotice::to_json`]
+    /// writes it); anything else takes serde's reading of the tagged enum, which first copies
+    /// every field into a buffer to find the tag.
+    pub fn from_json(bytes: &[u8]) -> Result<FollowupNotice, serde_json::Error> {
+        match serde_json::from_slice::<RespondedNotice>(bytes) {
+            Ok(RespondedNotice(Some(notice))) => Ok(notice),
+            _ => serde_json::from_slice(bytes),
+        }
+    }
+}
+
+/// What [`FollowupNotice::from_json`] reads in one pass: a `responded` notice, if the message is
+/// one with its four fields and the tag, each once, and nothing else.
+struct RespondedNotice(Option<FollowupNotice>);
+
+impl<'de> Deserialize<'de> for RespondedNotice {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<RespondedNotice, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = RespondedNotice;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a responded notice")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RespondedNotice, A::Error> {
+                let other = || serde::de::Error::custom("not a plain responded notice");
+                let (mut tag, mut customer_id, mut response_id) = (None, None, None);
+                let (mut score, mut responded_at) = (None, None);
+                while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+                    match &*name {
+                        "notice" if tag.is_none() => tag = Some(map.next_value::<Name<'de>>()?.0),
+                        "customer_id" if customer_id.is_none() => {
+                            customer_id = Some(map.next_value::<String>()?);
+                        }
+                        "response_id" if response_id.is_none() => {
+                            response_id = Some(map.next_value::<String>()?);
+                        }
+                        "score" if score.is_none() => score = Some(map.next_value::<u8>()?),
+                        "responded_at" if responded_at.is_none() => {
+                            responded_at = Some(map.next_value::<Timestamp>()?);
+                        }
+                        _ => return Err(other()),
+                    }
+                }
+                match (
+                    tag.as_deref(),
+                    customer_id,
+                    response_id,
+                    score,
+                    responded_at,
+                ) {
+                    (
+                        Some("responded"),
+                        Some(customer_id),
+                        Some(response_id),
+                        Some(score),
+                        Some(responded_at),
+                    ) => Ok(RespondedNotice(Some(FollowupNotice::Responded {
+                        customer_id,
+                        response_id,
+                        score,
+                        responded_at,
+                    }))),
+                    _ => Err(other()),
+                }
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 /// Outcome events kept for a case not known yet.

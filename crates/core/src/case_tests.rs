@@ -968,3 +968,81 @@ proptest! {
         prop_assert_eq!(decode_valid_alert(&bytes), decode_alert_exactly(&bytes).ok(), "{}", String::from_utf8_lossy(&bytes));
     }
 }
+
+#[test]
+fn notices_read_in_one_pass_are_the_notices_serde_reads() {
+    let responded = FollowupNotice::Responded {
+        customer_id: "c-1".into(),
+        response_id: "r-1".into(),
+        score: 9,
+        responded_at: Timestamp(T0),
+    };
+    let written = responded.to_json();
+    assert!(matches!(
+        serde_json::from_slice::<RespondedNotice>(&written),
+        Ok(RespondedNotice(Some(_)))
+    ));
+    let fields: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&written).expect("an object");
+    let object = |pairs: &[(String, String)]| {
+        let pairs: Vec<String> = pairs.iter().map(|(n, v)| format!(r#""{n}":{v}"#)).collect();
+        format!("{{{}}}", pairs.join(",")).into_bytes()
+    };
+    let valid: Vec<(String, String)> = fields
+        .iter()
+        .map(|(n, v)| (n.clone(), v.to_string()))
+        .collect();
+    let values = [
+        "null",
+        r#""""#,
+        "9",
+        "10",
+        "300",
+        "-1",
+        "9.0",
+        r#""9""#,
+        r#""responded""#,
+        r#""respond\u0065d""#,
+        r#""recovery""#,
+        r#""case_closed""#,
+        r#""2026-11-22T12:00:00Z""#,
+        r#""yesterday""#,
+        r#""\ud800""#,
+        "true",
+        "{}",
+        "[]",
+    ];
+    let mut changed = vec![object(&valid)];
+    for field in 0..valid.len() {
+        let mut without = valid.clone();
+        without.remove(field);
+        changed.push(object(&without));
+        let mut twice = valid.clone();
+        twice.push(valid[field].clone());
+        changed.push(object(&twice));
+        for value in values {
+            let mut with = valid.clone();
+            with[field].1 = value.to_owned();
+            changed.push(object(&with));
+        }
+    }
+    for name in ["case_id", "closed_at", "recovered", "extra"] {
+        for value in values {
+            let mut with = valid.clone();
+            with.push((name.to_owned(), value.to_owned()));
+            changed.push(object(&with));
+        }
+    }
+    let mut read = 0;
+    for bytes in &changed {
+        let serde = serde_json::from_slice::<FollowupNotice>(bytes).ok();
+        read += usize::from(serde.is_some());
+        assert_eq!(
+            FollowupNotice::from_json(bytes).ok(),
+            serde,
+            "{}",
+            String::from_utf8_lossy(bytes)
+        );
+    }
+    assert!(read > 10, "only {read} of {} read", changed.len());
+}

@@ -296,7 +296,7 @@ impl FollowupRole {
             Some(kind::OUTCOME) => decode_outcome(payload)
                 .map(Input::Outcome)
                 .map_err(UnreadableItem::Outcome),
-            Some(kind::NOTICE) => serde_json::from_slice(payload)
+            Some(kind::NOTICE) => FollowupNotice::from_json(payload)
                 .map(Input::Notice)
                 .map_err(UnreadableItem::Notice),
             _ => Err(UnreadableItem::UnknownKind),
