@@ -1271,7 +1271,9 @@ impl Deadlines {
 /// The cases and recovery watches of one partition.
 #[derive(Debug, Default, Clone)]
 pub struct CaseBook {
-    cases: BTreeMap<String, FollowupCase>,
+    /// Boxed: a case is ~400 bytes, and a B-tree moves its neighbours' values on every insert
+    /// and removal (a case changes by removal and insertion).
+    cases: BTreeMap<String, Box<FollowupCase>>,
     orphans: BTreeMap<String, OrphanOutcomes>,
     watches: BTreeMap<String, Vec<RecoveryWatch>>,
     deadlines: Deadlines,
@@ -1294,12 +1296,12 @@ impl CaseBook {
 
     /// A case.
     pub fn case(&self, case_id: &str) -> Option<&FollowupCase> {
-        self.cases.get(case_id)
+        self.cases.get(case_id).map(|case| &**case)
     }
 
     /// Every case.
     pub fn cases(&self) -> impl Iterator<Item = &FollowupCase> {
-        self.cases.values()
+        self.cases.values().map(|case| &**case)
     }
 
     /// The outcome events kept for a case not known yet.
@@ -1331,7 +1333,7 @@ impl CaseBook {
             return;
         }
         let case_id = alert.alert_id.clone();
-        let mut case = FollowupCase::new(alert, policy, now);
+        let mut case = Box::new(FollowupCase::new(alert, policy, now));
         for sent in self.sent_before_case.remove(&case_id).unwrap_or_default() {
             case.record_sent(&sent);
         }
@@ -1580,7 +1582,7 @@ impl CaseBook {
         let due = case.due(policy);
         self.deadlines.set(Due::Case(case.case_id.clone()), due);
         self.drop_stale_orphans(&case.case_id);
-        self.cases.insert(case.case_id.clone(), case);
+        self.cases.insert(case.case_id.clone(), Box::new(case));
     }
 
     /// Puts back outcome events kept for an unknown case. Those of a case that is known (a
@@ -1700,7 +1702,7 @@ impl CaseBook {
         }
     }
 
-    fn store(&mut self, case: FollowupCase, policy: &FollowupPolicy, out: &mut Vec<Effect>) {
+    fn store(&mut self, case: Box<FollowupCase>, policy: &FollowupPolicy, out: &mut Vec<Effect>) {
         let case_id = case.case_id.clone();
         self.deadlines
             .set(Due::Case(case_id.clone()), case.due(policy));
