@@ -34,17 +34,72 @@ impl Timestamp {
 
     /// RFC 3339 in UTC with millisecond precision, e.g. `2026-11-22T12:00:00.000Z`.
     pub fn to_rfc3339(self) -> String {
-        match chrono::DateTime::from_timestamp_millis(self.0) {
-            Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            None => format!("@{}ms", self.0),
+        match self.rfc3339_in_years_0_to_9999() {
+            Some(text) => String::from_utf8_lossy(&text).into_owned(),
+            None => match chrono::DateTime::from_timestamp_millis(self.0) {
+                Some(t) => t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                None => format!("@{}ms", self.0),
+            },
         }
     }
+
+    /// [`Timestamp::to_rfc3339`]'s text for the years 0000-9999, written into a buffer on the
+    /// stack (every instant of every case record, delta and alert is written this way; chrono's
+    /// general formatter was 2.5 % of an end-to-end run's CPU). `None` for other years.
+    fn rfc3339_in_years_0_to_9999(self) -> Option<[u8; 24]> {
+        const DAY_MS: i64 = 86_400_000;
+        let (year, month, day) = civil_date(self.0.div_euclid(DAY_MS));
+        if !(0..=9999).contains(&year) {
+            return None;
+        }
+        let in_day = self.0.rem_euclid(DAY_MS);
+        let (hour, minute) = (in_day / 3_600_000, in_day / 60_000 % 60);
+        let (second, milli) = (in_day / 1000 % 60, in_day % 1000);
+        let mut text = *b"0000-00-00T00:00:00.000Z";
+        let mut put = |at: usize, digits: usize, mut value: i64| {
+            for i in (at..at + digits).rev() {
+                text[i] = b'0' + (value % 10) as u8;
+                value /= 10;
+            }
+        };
+        put(0, 4, year);
+        put(5, 2, month);
+        put(8, 2, day);
+        put(11, 2, hour);
+        put(14, 2, minute);
+        put(17, 2, second);
+        put(20, 3, milli);
+        Some(text)
+    }
+}
+
+/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01 (Howard
+/// Hinnant's `civil_from_days`).
+fn civil_date(days: i64) -> (i64, i64, i64) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let day_of_era = z.rem_euclid(146_097);
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let month_index = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * month_index + 2) / 5 + 1;
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
+    let year = year_of_era + era * 400 + i64::from(month <= 2);
+    (year, month, day)
 }
 
 /// In JSON (case records, escalation notices) an instant is its RFC 3339 text.
 impl serde::Serialize for Timestamp {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_rfc3339())
+        match self.rfc3339_in_years_0_to_9999() {
+            Some(text) => serializer.serialize_str(std::str::from_utf8(&text).unwrap_or("")),
+            None => serializer.serialize_str(&self.to_rfc3339()),
+        }
     }
 }
 
@@ -149,6 +204,57 @@ impl fmt::Display for Span {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// chrono's RFC 3339 text, the reference.
+    fn chrono_text(ms: i64) -> String {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .expect("in range")
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    }
+
+    /// 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
+    const YEAR_0: i64 = -62_167_219_200_000;
+    const YEAR_9999_END: i64 = 253_402_300_799_999;
+
+    #[test]
+    fn instants_are_written_as_chrono_writes_them_at_the_edges() {
+        for ms in [
+            0,
+            -1,
+            1,
+            YEAR_0,
+            YEAR_0 + 1,
+            YEAR_9999_END,
+            951_782_400_000,   // 2000-02-29
+            4_107_542_400_000, // 2100-03-01
+            -2_203_891_200_001,
+            1_800_000_000_000,
+        ] {
+            assert_eq!(Timestamp(ms).to_rfc3339(), chrono_text(ms), "{ms}");
+            let json = serde_json::to_string(&Timestamp(ms)).expect("JSON");
+            assert_eq!(json, format!("\"{}\"", chrono_text(ms)));
+        }
+        assert_eq!(Timestamp(YEAR_0 - 1).rfc3339_in_years_0_to_9999(), None);
+        assert_eq!(
+            Timestamp(YEAR_9999_END + 1).rfc3339_in_years_0_to_9999(),
+            None
+        );
+        assert_eq!(
+            Timestamp(YEAR_9999_END + 1).to_rfc3339(),
+            chrono_text(YEAR_9999_END + 1)
+        );
+        assert_eq!(Timestamp(i64::MAX).to_rfc3339(), format!("@{}ms", i64::MAX));
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(5000))]
+        #[test]
+        fn instants_are_written_as_chrono_writes_them(ms in YEAR_0..=YEAR_9999_END) {
+            prop_assert_eq!(Timestamp(ms).to_rfc3339(), chrono_text(ms));
+            prop_assert_eq!(Timestamp::parse_rfc3339(&Timestamp(ms).to_rfc3339()), Some(Timestamp(ms)));
+        }
+    }
 
     #[test]
     fn spans_parse_and_display_canonically() {
