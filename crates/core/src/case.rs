@@ -562,77 +562,34 @@ impl<'de> Deserialize<'de> for ValidAlert {
                 self,
                 mut map: A,
             ) -> Result<ValidAlert, A::Error> {
-                // Each field once: a name seen twice ends the pass (bit per known field, the
-                // names of the others kept).
-                fn once<E: serde::de::Error>(seen: &mut u16, bit: u16) -> Result<(), E> {
-                    if *seen & bit != 0 {
-                        return Err(E::custom("a field given twice"));
-                    }
-                    *seen |= bit;
-                    Ok(())
-                }
-                let mut seen = 0_u16;
-                let mut others: Vec<Cow<'de, str>> = Vec::new();
-                let (mut alert_id, mut response_id, mut customer_id, mut owner) = (
-                    None::<String>,
-                    None::<String>,
-                    None::<String>,
-                    None::<String>,
-                );
-                let (mut account_id, mut survey_id) = (None::<String>, None::<String>);
+                // Each field once: a name seen twice (known or not) ends the pass.
+                let mut seen: Vec<Cow<'de, str>> = Vec::new();
+                let (mut alert_id, mut response_id, mut customer_id, mut owner) =
+                    (None::<String>, None, None, None);
+                let (mut account_id, mut survey_id) = (None::<String>, None);
                 let (mut score, mut severity) = (None::<u8>, None::<String>);
                 let mut segments = None::<BTreeMap<String, String>>;
                 let mut responded_at = None::<String>;
                 while let Some(Name(name)) = map.next_key::<Name<'de>>()? {
+                    if seen.contains(&name) {
+                        return Err(serde::de::Error::custom("a field given twice"));
+                    }
                     match &*name {
-                        "alert_id" => {
-                            once(&mut seen, 1)?;
-                            alert_id = map.next_value()?;
-                        }
-                        "response_id" => {
-                            once(&mut seen, 1 << 1)?;
-                            response_id = map.next_value()?;
-                        }
-                        "customer_id" => {
-                            once(&mut seen, 1 << 2)?;
-                            customer_id = map.next_value()?;
-                        }
-                        "owner" => {
-                            once(&mut seen, 1 << 3)?;
-                            owner = map.next_value()?;
-                        }
-                        "account_id" => {
-                            once(&mut seen, 1 << 4)?;
-                            account_id = map.next_value()?;
-                        }
-                        "survey_id" => {
-                            once(&mut seen, 1 << 5)?;
-                            survey_id = map.next_value()?;
-                        }
-                        "score" => {
-                            once(&mut seen, 1 << 6)?;
-                            score = map.next_value()?;
-                        }
-                        "severity" => {
-                            once(&mut seen, 1 << 7)?;
-                            severity = map.next_value()?;
-                        }
-                        "segments" => {
-                            once(&mut seen, 1 << 8)?;
-                            segments = map.next_value()?;
-                        }
-                        "responded_at" => {
-                            once(&mut seen, 1 << 9)?;
-                            responded_at = map.next_value()?;
-                        }
+                        "alert_id" => alert_id = map.next_value()?,
+                        "response_id" => response_id = map.next_value()?,
+                        "customer_id" => customer_id = map.next_value()?,
+                        "owner" => owner = map.next_value()?,
+                        "account_id" => account_id = map.next_value()?,
+                        "survey_id" => survey_id = map.next_value()?,
+                        "score" => score = map.next_value()?,
+                        "severity" => severity = map.next_value()?,
+                        "segments" => segments = map.next_value()?,
+                        "responded_at" => responded_at = map.next_value()?,
                         _ => {
-                            if others.contains(&name) {
-                                return Err(serde::de::Error::custom("a field given twice"));
-                            }
                             map.next_value::<serde::de::IgnoredAny>()?;
-                            others.push(name);
                         }
                     }
+                    seen.push(name);
                 }
                 let text = |s: &String, max: usize| !s.is_empty() && s.chars().count() <= max;
                 let severity = severity
@@ -641,24 +598,26 @@ impl<'de> Deserialize<'de> for ValidAlert {
                 let responded_at = responded_at
                     .filter(|s| text(s, 64))
                     .and_then(|s| Timestamp::parse_rfc3339(&s));
-                let alert = match (alert_id, response_id, customer_id, owner) {
-                    (Some(alert_id), Some(response_id), Some(customer_id), Some(owner)) => {
-                        match (score.filter(|s| *s <= 10), severity, responded_at) {
-                            (Some(score), Some(severity), Some(responded_at)) => Some(CaseAlert {
-                                alert_id,
-                                response_id,
-                                customer_id,
-                                account_id,
-                                survey_id,
-                                owner,
-                                score,
-                                severity,
-                                segments: segments.unwrap_or_default(),
-                                responded_at,
-                            }),
-                            _ => None,
-                        }
-                    }
+                let score = score.filter(|s| *s <= 10);
+                let fields = (alert_id, response_id, customer_id, owner);
+                let alert = match (fields, score, severity, responded_at) {
+                    (
+                        (Some(alert_id), Some(response_id), Some(customer_id), Some(owner)),
+                        Some(score),
+                        Some(severity),
+                        Some(responded_at),
+                    ) => Some(CaseAlert {
+                        alert_id,
+                        response_id,
+                        customer_id,
+                        account_id,
+                        survey_id,
+                        owner,
+                        score,
+                        severity,
+                        segments: segments.unwrap_or_default(),
+                        responded_at,
+                    }),
                     _ => None,
                 };
                 Ok(ValidAlert(alert))
