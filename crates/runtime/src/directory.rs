@@ -49,8 +49,8 @@ pub type CaseDirectory = Table<DirectoryCase>;
 /// A case as the directory keeps it: the fields `/v1/cases` and `/v1/accounts` select on, and
 /// the record's JSON text, parsed whole only when the case is served. Every instance keeps
 /// every case, and most records are replaced by a newer one before anybody asks for them:
-/// parsing each record whole on arrival was 5 % of an end-to-end run's CPU, and a parsed case
-/// takes about twice the memory of its text (BENCHMARKS.md).
+/// parsing each record whole on arrival was 5 % of an end-to-end run's CPU (BENCHMARKS.md,
+/// session 11).
 #[derive(Debug, Clone)]
 pub struct DirectoryCase {
     /// Where it stands.
@@ -63,7 +63,7 @@ pub struct DirectoryCase {
     pub account_id: Option<String>,
     first_contact_deadline: Timestamp,
     resolve_deadline: Timestamp,
-    record: Arc<RawValue>,
+    record: Box<RawValue>,
 }
 
 impl DirectoryCase {
@@ -107,7 +107,7 @@ impl<'de> Deserialize<'de> for DirectoryCase {
             account_id: selected.alert.account_id,
             first_contact_deadline: selected.first_contact_deadline,
             resolve_deadline: selected.resolve_deadline,
-            record: record.into(),
+            record,
         })
     }
 }
