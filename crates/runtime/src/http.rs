@@ -378,14 +378,19 @@ async fn case(
     let Some(directory) = &state.cases else {
         return no_directory();
     };
-    match directory.case(&case_id) {
-        Some(case) => {
+    let row = directory.get(&case_id);
+    match row.as_ref().map(|row| row.case()) {
+        Some(Some(case)) => {
             let mut value = case_json(&case, state.clock.now());
             if let Value::Object(fields) = &mut value {
                 fields.insert("as_of".into(), freshness(directory));
             }
             Json(value).into_response()
         }
+        Some(None) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "the case's record on the cases topic is not one this version can read".into(),
+        ),
         None => error(
             StatusCode::NOT_FOUND,
             "no such case (or not read yet: see as_of on /v1/cases)".into(),
@@ -796,5 +801,48 @@ mod tests {
             assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
             assert!(body["error"].as_str().is_some_and(|e| e.contains(" is ")));
         }
+    }
+
+    /// A case is served whole from its record; a record the directory keeps (it has the
+    /// fields it selects on) but this version cannot read as a case is an error, not "no such
+    /// case", and is left out of lists.
+    #[tokio::test]
+    async fn a_case_record_this_version_cannot_read_is_an_error_not_a_missing_case() {
+        let directory: Arc<CaseDirectory> = Arc::default();
+        let sample = include_str!("../../../deploy/schemas/samples/case.jsonl")
+            .lines()
+            .next()
+            .expect("a sample");
+        let sample: Value = serde_json::from_str(sample).expect("JSON");
+        let mut good = sample["message"].clone();
+        good["case_id"] = json!("good");
+        let mut odd = good.clone();
+        odd["case_id"] = json!("odd");
+        odd["history"] = json!("not a list");
+        for (id, case) in [("good", &good), ("odd", &odd)] {
+            let bytes = serde_json::to_vec(case).expect("JSON");
+            directory.apply(id.as_bytes(), Some(&bytes)).expect("kept");
+        }
+        let state = AppState {
+            cases: Some(directory),
+            ..test_state(&["28d"])
+        };
+        let get = |id: &str| case(State(state.clone()), Ok(Path(id.to_owned())));
+        let status = |response: Response| response.status();
+        assert_eq!(status(get("good").await), StatusCode::OK);
+        assert_eq!(status(get("odd").await), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(status(get("none").await), StatusCode::NOT_FOUND);
+        let listed = cases(State(state.clone()), Query(HashMap::new())).await;
+        let body = axum::body::to_bytes(listed.into_body(), usize::MAX)
+            .await
+            .expect("body");
+        let listed: Value = serde_json::from_slice(&body).expect("JSON");
+        let ids: Vec<&str> = listed["cases"]
+            .as_array()
+            .expect("cases")
+            .iter()
+            .filter_map(|c| c["case_id"].as_str())
+            .collect();
+        assert_eq!(ids, ["good"]);
     }
 }
