@@ -249,7 +249,8 @@ impl fmt::Display for InvalidOutcome {
 
 impl std::error::Error for InvalidOutcome {}
 
-/// A field name, borrowed from the message unless it has escapes.
+/// A field name (or a short string value such as a tag), borrowed from the message unless it
+/// has escapes.
 struct Name<'a>(Cow<'a, str>);
 
 impl<'de> Deserialize<'de> for Name<'de> {
